@@ -1,0 +1,1 @@
+"""MLflow runs -> the paper's tables and figures."""
