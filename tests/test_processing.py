@@ -29,7 +29,7 @@ def dense_reference(z: np.ndarray, p: float, k: int):
     for row in z.astype(np.float64):
         log_z = np.log(np.sum(np.exp(row - row.max()))) + row.max()
         lp = row - log_z
-        order = np.argsort(-lp, kind="stable")
+        order = np.argsort(-row, kind="stable")  # by logit: ties after float rounding of lp stay ordered
         q = np.exp(lp[order])
         cum = np.cumsum(q)
         n = int(np.searchsorted(cum >= p, True)) + 1 if np.any(cum >= p) else len(q)
