@@ -101,10 +101,30 @@ def _prefix_counts(logprobs: Tensor, p: float) -> Tensor:
     # float64 cumsum so the p boundary is decided the same way for stored and dense inputs.
     q = logprobs.double().exp()
     before = torch.cumsum(q, -1) - q
-    return (before < p).sum(-1).clamp_min(1)
+    # q = 0 entries (masked vocabulary) are never kept, even at p = 1 where float sums fall short of 1
+    return torch.minimum((before < p).sum(-1), (q > 0).sum(-1)).clamp_min(1)
 
 
-def truncate_top_p_k(logits: Tensor, p: float, k: int, chunk_tokens: int = 2048) -> SparseLogits:
+def _full_stats(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(logZ, entropy, population std) of each row of finite-or--inf logits z [n, V]."""
+    if bool((z.amin(-1) == -math.inf).any()):
+        # -inf marks padded vocabulary rows: slow masked path (0 * -inf would be NaN below)
+        log_z = torch.logsumexp(z, -1)
+        q = torch.exp(z - log_z[:, None])
+        entropy = log_z - torch.where(q > 0, q * z, torch.zeros_like(z)).sum(-1)
+        return log_z, entropy, logit_std(z)
+    # one exp pass and two batched dot products: ~2x faster than logsumexp + softmax + std on CPU
+    m = z.amax(-1, keepdim=True)
+    e = torch.exp(z - m)
+    s = e.sum(-1)
+    log_z = m.squeeze(-1) + torch.log(s)
+    entropy = log_z - (e.unsqueeze(1) @ z.unsqueeze(2)).reshape(-1) / s  # H = logZ - Σ q z
+    torch.sub(z, z.mean(-1, keepdim=True), out=e)
+    std = ((e.unsqueeze(1) @ e.unsqueeze(2)).reshape(-1) / z.shape[-1]).sqrt()
+    return log_z, entropy, std
+
+
+def truncate_top_p_k(logits: Tensor, p: float, k: int, chunk_tokens: int = 256) -> SparseLogits:
     """Top-p-k of dense logits [..., V] -> SparseLogits over the flattened tokens.
 
     q = softmax(z) (τ=1); sort q descending; keep the smallest prefix with Σ q >= p; keep at most k.
@@ -118,12 +138,7 @@ def truncate_top_p_k(logits: Tensor, p: float, k: int, chunk_tokens: int = 2048)
     parts = []
     for start in range(0, max(z_all.shape[0], 1), chunk_tokens):
         z = z_all[start : start + chunk_tokens].float()
-        log_z = torch.logsumexp(z, -1)
-        q = torch.exp(z - log_z[:, None])
-        # where(q > 0) keeps -inf (masked) logits from turning 0 * -inf into NaN
-        entropy = log_z - torch.where(q > 0, q * z, torch.zeros_like(z)).sum(-1)
-        std = logit_std(z)
-        del q
+        log_z, entropy, std = _full_stats(z)
         top, idx = torch.topk(z, kk, dim=-1, largest=True, sorted=True)
         lp = top - log_z[:, None]
         counts = _prefix_counts(lp, p)
