@@ -69,7 +69,7 @@ def wsd_shape(t: float, warmup: float, decay: float, decay_shape: str = "linear"
     start = 1.0 - decay
     if decay == 0.0 or t <= start:
         return 1.0
-    s = min(1.0, (t - start) / decay)
+    s = 1.0 if t >= 1.0 else min(1.0, (t - start) / decay)  # exact end value despite 1 - decay rounding
     f = 1.0 - s if decay_shape == "linear" else 1.0 - math.sqrt(s)
     return floor + (1.0 - floor) * f
 
