@@ -1,0 +1,320 @@
+"""Bit-level encodings of top-p-k entries, vectorised in numpy (no Python loop over tokens).
+
+A batch of S sequences × P positions becomes four per-token columns plus one byte payload:
+
+- `counts` [S·P] uint8/uint16: kept entries per token;
+- `params` [S·P] uint8: per-token code parameters (compressed encoding only);
+- `stats`  [S·P, 2] float16: full-distribution entropy (nats) and logit std;
+- `mass`   [S·P] uint16: kept mass Q = Σ_kept q as round(-log Q · 4096) (compressed encoding only);
+- `chunks` [S·C + 1] uint64: byte offsets of each sequence's C byte-aligned payload chunks.
+
+Encodings (name, version):
+
+`egsqrt` v1 (default, compressed). Per token the kept ids are sorted ascending and their gaps
+`g_0 = id_0, g_j = id_j - id_{j-1} - 1` are Exp-Golomb coded; values are quantised in the
+square-root domain of the support-renormalised probability r = q / Q (q = exp(logprob),
+Q = Σ_kept q): `level = round(sqrt(r) / δ)` (δ = `value_step`), decoded as `sqrt(r') = level·δ`
+(level 0 -> δ/4, so no kept entry decodes to probability 0), hence `|sqrt(r) - sqrt(r')| <= δ/2`
+for every entry; logprob' = log r' + log Q'. Levels are Exp-Golomb coded in id order; the
+descending order is restored at decode by a stable sort on the decoded values (ties by id). The
+sqrt domain spends precision where KL feels it: KL(r || r') ≈ ½ Var_r(Δlog r) with
+Δlog r ≈ 2 ε / sqrt(r), ε ~ U(-δ/2, δ/2), so the expected KL of a token with K kept entries is
+≈ K δ² / 6 whatever the values (renormalising by Q keeps flat, low-mass tokens as exact as
+peaked ones).
+Exp-Golomb of order m codes x as: n = floor(log2(x + 2^m)) - m in unary (n ones, a zero), then the
+low n + m bits of x + 2^m; m is chosen per token (gaps 0..17, values 0..7) to minimise its bits,
+stored as `params = m_gap | m_val << 5`. Unary and fixed-width parts sit in separate chunks
+(sequence chunk order: gap-unary, gap-bits, value-unary, value-bits) so decoding needs only
+cumsum/gather: unary lengths come from the positions of zero bits, field positions from a cumsum.
+Unary chunks are padded with 1 bits, others with 1 bits too (never read).
+
+`fixed` v1 (plain). Entries in descending order; ids as ⌈log2 V⌉-bit fields, values as 16-bit
+`level = round(-logprob · 1024)` (|error| <= 2^-11 nats for logprob >= -64). Chunks: ids, values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pd_lightning.logits.processing import SparseLogits
+
+ENCODINGS = ("egsqrt", "fixed")
+ENCODING_VERSION = 1
+DEFAULT_VALUE_STEP = 1.0 / 384  # expected KL ≈ K δ² / 6 ≈ 5e-5 nats at K = 45 kept entries
+FIXED_VALUE_SCALE = 1024.0
+MASS_SCALE = 4096.0
+MAX_GAP_ORDER = 17
+MAX_VALUE_ORDER = 7
+MAX_FIELD_BITS = 56  # the 8-byte read window holds 64 - 7 bits past any start bit
+
+
+class CorruptChunk(ValueError):
+    """A payload chunk does not decode to the structure the columns promise."""
+
+
+def index_bits(vocab_size: int) -> int:
+    """⌈log2 V⌉, the fixed width of an id field."""
+    return max(1, math.ceil(math.log2(vocab_size)))
+
+
+def chunks_per_sequence(encoding: str) -> int:
+    """Number of byte-aligned payload chunks each sequence owns."""
+    return 4 if encoding == "egsqrt" else 2
+
+
+@dataclass
+class EncodedBatch:
+    """Columns and payload of S whole sequences (see module docstring)."""
+
+    counts: np.ndarray
+    params: np.ndarray | None
+    mass: np.ndarray | None
+    stats: np.ndarray
+    chunk_sizes: np.ndarray  # [S·C] bytes of each chunk
+    payload: np.ndarray  # uint8
+    num_entries: int
+
+
+# ----------------------------------------------------------------------------- bit helpers
+
+
+def _excl_cumsum(x: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(x) + 1, dtype=np.int64)
+    np.cumsum(x, out=out[1:])
+    return out
+
+
+def _floor_log2(x: np.ndarray) -> np.ndarray:
+    """floor(log2 x) for integers x >= 1, exact (frexp, not a float log)."""
+    return np.frexp(x.astype(np.float64))[1].astype(np.int64) - 1
+
+
+def _eg_cost(x: np.ndarray, orders: np.ndarray) -> np.ndarray:
+    """Bits of order-m Exp-Golomb for each x and each m: 2·floor(log2(x + 2^m)) - m + 1, [M, len(orders)]."""
+    return 2 * _floor_log2(x[:, None] + (1 << orders)[None, :]) - orders[None, :] + 1
+
+
+def _best_orders(x: np.ndarray, token_starts: np.ndarray, max_order: int) -> np.ndarray:
+    """Per token (segment of x), the Exp-Golomb order with the fewest total bits."""
+    orders = np.arange(max_order + 1, dtype=np.int64)
+    out = np.empty(len(token_starts), dtype=np.int64)
+    step = 1 << 18  # bound the [M, orders] temporary
+    seg_ends = np.append(token_starts[1:], len(x))
+    t0 = 0
+    while t0 < len(token_starts):
+        t1 = int(np.searchsorted(token_starts, token_starts[t0] + step, side="left"))
+        t1 = max(t1, t0 + 1)
+        a, b = token_starts[t0], seg_ends[t1 - 1]
+        cost = np.add.reduceat(_eg_cost(x[a:b], orders), token_starts[t0:t1] - a, axis=0)
+        out[t0:t1] = np.argmin(cost, axis=1)
+        t0 = t1
+    return out
+
+
+def _place_fields(bits: np.ndarray, pos: np.ndarray, width: np.ndarray, value: np.ndarray) -> None:
+    """Write value's low `width` bits MSB-first at bit positions pos.. into a 0/1 uint8 array."""
+    total = int(width.sum())
+    if total == 0:
+        return
+    starts = _excl_cumsum(width)[:-1]
+    owner = np.repeat(np.arange(len(width)), width)
+    j = np.arange(total, dtype=np.int64) - starts[owner]
+    shift = (width[owner] - 1 - j).astype(np.uint64)
+    bits[pos[owner] + j] = ((value[owner].astype(np.uint64) >> shift) & np.uint64(1)).astype(np.uint8)
+
+
+def _read_fields(buf: np.ndarray, pos: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """Read `width`-bit MSB-first fields at bit positions pos from buf (padded by >= 8 bytes)."""
+    idx = (pos >> 3)[:, None] + np.arange(8)
+    words = np.ascontiguousarray(buf[idx]).view(">u8").ravel().astype(np.uint64)
+    words = (words << (pos & 7).astype(np.uint64)) >> np.uint64(1)
+    return (words >> (63 - width).astype(np.uint64)).astype(np.int64)
+
+
+def _eg_split(x: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exp-Golomb parts of x with per-value order m: (n for unary, field width n+m, field value)."""
+    xp = x + (np.int64(1) << order)
+    nbits = _floor_log2(xp)  # = n + m
+    return nbits - order, nbits, xp
+
+
+# ----------------------------------------------------------------------------- encode
+
+
+def _token_entries(sparse: SparseLogits) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    counts = sparse.counts.cpu().numpy().astype(np.int64)
+    width = sparse.width
+    mask = np.arange(width)[None, :] < counts[:, None]
+    ids = sparse.indices.cpu().numpy()[mask].astype(np.int64)
+    lps = sparse.logprobs.detach().cpu().float().numpy()[mask]
+    return counts, ids, lps
+
+
+def encode(sparse: SparseLogits, positions: int, vocab_size: int, k: int, encoding: str, value_step: float) -> EncodedBatch:
+    """Encode S = len(sparse) / positions whole sequences (rows in sequence-major order)."""
+    n_tok = len(sparse)
+    if n_tok % positions:
+        raise ValueError(f"{n_tok} token rows is not a whole number of sequences of {positions} positions")
+    n_seq = n_tok // positions
+    counts, ids, lps = _token_entries(sparse)
+    if counts.min(initial=1) < 1 or counts.max(initial=1) > k:
+        raise ValueError(f"kept-entry counts must lie in [1, {k}]")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"ids must lie in [0, {vocab_size})")
+    stats = np.stack([sparse.entropy.cpu().float().numpy(), sparse.logit_std.cpu().float().numpy()], 1).astype(np.float16)
+    count_dtype = np.uint8 if k < 256 else np.uint16
+    tok_starts = _excl_cumsum(counts)
+    seq_entry_starts = tok_starts[::positions]  # [S+1]
+    m = len(ids)
+    seq_of_entry = np.repeat(np.arange(n_seq), np.diff(seq_entry_starts))
+    if encoding == "egsqrt":
+        tok_of_entry = np.repeat(np.arange(n_tok), counts)
+        order = np.lexsort((ids, tok_of_entry))
+        ids, lps = ids[order], lps[order]
+        gaps = ids.copy()
+        gaps[1:] -= ids[:-1] + 1
+        gaps[tok_starts[:-1]] = ids[tok_starts[:-1]]
+        lq = np.logaddexp.reduceat(lps.astype(np.float64), tok_starts[:-1]) if m else np.zeros(0)
+        mass = np.clip(np.rint(-lq * MASS_SCALE), 0, 65535).astype(np.uint16)
+        r = lps.astype(np.float64) - np.repeat(lq, counts)
+        levels = np.rint(np.exp(r / 2) / value_step).astype(np.int64)
+        levels = np.clip(levels, 0, int(1.0 / value_step) + 1)
+        m_gap = _best_orders(gaps, tok_starts[:-1], MAX_GAP_ORDER)
+        m_val = _best_orders(levels, tok_starts[:-1], MAX_VALUE_ORDER)
+        params = (m_gap | (m_val << 5)).astype(np.uint8)
+        streams = []
+        for x, mo in ((gaps, m_gap), (levels, m_val)):
+            n, w, xp = _eg_split(x, np.repeat(mo, counts))
+            streams.append(("unary", n + 1, n))
+            streams.append(("field", w, xp))
+    elif encoding == "fixed":
+        params = mass = None
+        levels = np.clip(np.rint(-lps.astype(np.float64) * FIXED_VALUE_SCALE), 0, 65535).astype(np.int64)
+        streams = [("field", np.full(m, index_bits(vocab_size), np.int64), ids),
+                   ("field", np.full(m, 16, np.int64), levels)]
+    else:
+        raise ValueError(f"unknown encoding {encoding!r}")
+    c = len(streams)
+    # bits of each (sequence, chunk), padded to whole bytes; chunks laid out sequence-major
+    chunk_bits = np.stack([np.add.reduceat(s[1], seq_entry_starts[:-1]) if m else np.zeros(n_seq, np.int64)
+                           for s in streams], 1)  # [S, C]
+    chunk_bytes = (chunk_bits + 7) // 8
+    chunk_start_bits = (_excl_cumsum(chunk_bytes.ravel())[:-1] * 8).reshape(n_seq, c)
+    bits = np.ones(int(chunk_bytes.sum()) * 8, dtype=np.uint8)
+    for ci, (kind, length, val) in enumerate(streams):
+        cum = _excl_cumsum(length)
+        pos = chunk_start_bits[seq_of_entry, ci] + cum[:-1] - cum[seq_entry_starts[seq_of_entry]]
+        if kind == "unary":
+            bits[pos + length - 1] = 0  # n ones (already 1) then the terminating zero
+        else:
+            _place_fields(bits, pos, length, val)
+    return EncodedBatch(counts.astype(count_dtype), params, mass, stats, chunk_bytes.ravel().astype(np.uint64),
+                        np.packbits(bits), m)
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def _gather_chunks(payload: np.ndarray, offsets: np.ndarray, chunk_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate the given chunks (+8 zero bytes); return (buffer, start bit of each chunk)."""
+    starts = offsets[chunk_ids].astype(np.int64)
+    lens = offsets[chunk_ids + 1].astype(np.int64) - starts
+    cum = _excl_cumsum(lens)
+    idx = np.repeat(starts - cum[:-1], lens) + np.arange(cum[-1], dtype=np.int64)
+    buf = np.concatenate([np.asarray(payload[idx]), np.zeros(8, np.uint8)])
+    return buf, cum * 8
+
+
+def _decode_unary(buf: np.ndarray, chunk_bits: np.ndarray, per_chunk: np.ndarray) -> np.ndarray:
+    """Unary values (ones then a zero); per_chunk[i] values expected in chunk i."""
+    zeros = np.flatnonzero(np.unpackbits(buf[:-8]) == 0)
+    found = np.diff(np.searchsorted(zeros, chunk_bits))
+    if not np.array_equal(found, per_chunk):
+        raise CorruptChunk("unary stream holds a different number of codes than the counts say")
+    prev = np.empty_like(zeros)
+    prev[1:] = zeros[:-1]
+    firsts = _excl_cumsum(per_chunk)[:-1][per_chunk > 0]
+    prev[firsts] = chunk_bits[:-1][per_chunk > 0] - 1
+    return zeros - prev - 1
+
+
+def _decode_fields(buf: np.ndarray, chunk_bits: np.ndarray, per_chunk: np.ndarray, width: np.ndarray) -> np.ndarray:
+    if width.size and width.max() > MAX_FIELD_BITS:
+        raise CorruptChunk("field wider than any valid code")
+    cum = _excl_cumsum(width)
+    chunk_of = np.repeat(np.arange(len(per_chunk)), per_chunk)
+    first = _excl_cumsum(per_chunk)[:-1]
+    pos = chunk_bits[:-1][chunk_of] + cum[:-1] - cum[first][chunk_of]
+    used = np.add.reduceat(width, first[per_chunk > 0]) if width.size else np.zeros(0, np.int64)
+    if np.any(used > np.diff(chunk_bits)[per_chunk > 0]):
+        raise CorruptChunk("fields run past the end of their chunk")
+    return _read_fields(buf, pos, width)
+
+
+def decode(
+    counts: np.ndarray,
+    params: np.ndarray | None,
+    mass: np.ndarray | None,
+    stats: np.ndarray,
+    chunk_offsets: np.ndarray,
+    payload: np.ndarray,
+    seqs: np.ndarray,
+    positions: int,
+    vocab_size: int,
+    k: int,
+    encoding: str,
+    value_step: float,
+) -> SparseLogits:
+    """Decode local sequences `seqs` of one shard into SparseLogits [len(seqs)·P, k], descending."""
+    seqs = np.asarray(seqs, dtype=np.int64)
+    rows = (seqs[:, None] * positions + np.arange(positions)).ravel()
+    cnt = counts[rows].astype(np.int64)
+    if cnt.size and (cnt.min() < 1 or cnt.max() > k):
+        raise CorruptChunk(f"a kept-entry count lies outside [1, {k}]")
+    n_tok = len(rows)
+    per_seq = cnt.reshape(len(seqs), positions).sum(1)
+    c = chunks_per_sequence(encoding)
+    tok_starts = _excl_cumsum(cnt)
+    bufs = [_gather_chunks(payload, chunk_offsets, seqs * c + ci) for ci in range(c)]
+    if encoding == "egsqrt":
+        prm = params[rows].astype(np.int64)
+        values = []
+        for ci, orders in ((0, prm & 31), (2, prm >> 5)):
+            mo = np.repeat(orders, cnt)
+            n = _decode_unary(bufs[ci][0], bufs[ci][1], per_seq)
+            xp = _decode_fields(bufs[ci + 1][0], bufs[ci + 1][1], per_seq, n + mo)
+            values.append(((np.int64(1) << (n + mo)) | xp) - (np.int64(1) << mo))
+        gaps, levels = values
+        # ids = per-token cumsum of (gap + 1) - 1
+        cs = np.cumsum(gaps + 1)
+        base = np.repeat(np.concatenate([[0], cs])[tok_starts[:-1]], cnt)
+        ids = cs - base - 1
+        u = np.where(levels == 0, value_step / 4, levels * value_step)
+        lq = -np.repeat(mass[rows].astype(np.float64), cnt) / MASS_SCALE
+        lps = (2.0 * np.log(u) + lq).astype(np.float32)
+    else:
+        ib = index_bits(vocab_size)
+        m = int(tok_starts[-1])
+        ids = _decode_fields(bufs[0][0], bufs[0][1], per_seq, np.full(m, ib, np.int64))
+        lev = _decode_fields(bufs[1][0], bufs[1][1], per_seq, np.full(m, 16, np.int64))
+        lps = (-lev / FIXED_VALUE_SCALE).astype(np.float32)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise CorruptChunk(f"a decoded id lies outside [0, {vocab_size})")
+    col = np.arange(len(ids)) - np.repeat(tok_starts[:-1], cnt)
+    row = np.repeat(np.arange(n_tok), cnt)
+    idx_pad = np.zeros((n_tok, k), np.int64)
+    lp_pad = np.full((n_tok, k), -np.inf, np.float32)
+    idx_pad[row, col] = ids
+    lp_pad[row, col] = lps
+    lp_t, idx_t = torch.from_numpy(lp_pad), torch.from_numpy(idx_pad)
+    if encoding == "egsqrt":
+        # stored in id order; the stable sort restores descending values, ties by ascending id
+        lp_t, order = torch.sort(lp_t, dim=1, descending=True, stable=True)
+        idx_t = torch.gather(idx_t, 1, order)
+    st = stats[rows].astype(np.float32)
+    return SparseLogits(idx_t, lp_t, torch.from_numpy(cnt), torch.from_numpy(st[:, 0].copy()),
+                        torch.from_numpy(st[:, 1].copy()))

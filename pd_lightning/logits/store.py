@@ -1,0 +1,659 @@
+"""The logit store: sharded, memory-mapped, random access by sequence; resumable, multi-rank writes.
+
+Layout of a store directory:
+
+    manifest.json          written by `finalize()` once every shard exists (deterministic JSON)
+    shard-000000.bin       sequences [0, S), binary (below)
+    shard-000000.json      sidecar: the shard's manifest entry + the store settings, written after
+    ...                    the .bin; a shard counts as finished only when both agree
+
+Shard s covers sequences [s·S, min((s+1)·S, N)) with S = `sequences_per_shard`; rank r of W writes
+shards s ≡ r (mod W). Files are written as `<name>.tmp` and `os.replace`d, so a torn file never
+carries a final name; a resumed writer deletes its own `.tmp` files and rewrites unfinished shards.
+Everything is a pure function of the inputs: the same logits give byte-identical shards and manifest.
+
+Shard binary (little-endian; sections 8-byte aligned, offsets from the file start):
+
+    b"PDLSHARD" | uint32 header length H | H bytes of JSON header (sorted keys) | zero pad to 8
+    sections named in header["sections"] = {name: [offset, nbytes]}, in this order:
+      counts [S·P] uint8 (uint16 if k >= 256), params [S·P] uint8 (egsqrt), mass [S·P] uint16 (egsqrt),
+      stats [S·P, 2] float16, chunks [S·C + 1] uint64 byte offsets into payload, payload uint8
+    The file ends exactly at the end of payload. Bit layout of the payload: see `codec`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pd_lightning.errors import ConfigError, DataError, choice_error
+from pd_lightning.logits import codec
+from pd_lightning.logits.processing import SparseLogits, truncate_top_p_k
+
+FORMAT = "pd-lightning-logit-store"
+FORMAT_VERSION = 1
+MAGIC = b"PDLSHARD"
+MANIFEST = "manifest.json"
+CHECKSUM = "blake2b-256"
+_SETTINGS = ("vocab_size", "p", "k", "positions_per_sequence", "num_sequences", "sequences_per_shard",
+             "teacher", "teacher_config_hash", "tokenizer_hash", "encoding")
+
+
+def shard_name(index: int) -> str:
+    """File name of shard `index`."""
+    return f"shard-{index:06d}.bin"
+
+
+def shard_range(index: int, sequences_per_shard: int, num_sequences: int) -> range:
+    """Global sequence ids shard `index` covers (a pure function, shared by every rank)."""
+    start = index * sequences_per_shard
+    return range(start, min(start + sequences_per_shard, num_sequences))
+
+
+def num_shards(num_sequences: int, sequences_per_shard: int) -> int:
+    """How many shards a store of `num_sequences` has."""
+    return -(-num_sequences // sequences_per_shard)
+
+
+def file_checksum(path: str | Path, chunk_bytes: int = 1 << 23) -> str:
+    """blake2b-256 hex digest of a file, streamed (no whole-file load)."""
+    h = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _dumps(obj: Any) -> str:
+    # sorted keys, fixed separators: the same content is always the same bytes
+    return json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=True) + "\n"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _encoding_info(encoding: str, value_step: float, vocab_size: int) -> dict[str, Any]:
+    info: dict[str, Any] = {"name": encoding, "version": codec.ENCODING_VERSION, "index_bits": codec.index_bits(vocab_size)}
+    if encoding == "egsqrt":
+        info["value_step"] = value_step
+    else:
+        info["value_scale"] = codec.FIXED_VALUE_SCALE
+    return info
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+class LogitStoreWriter:
+    """Writes one rank's shards of a store; resumes from finished shards; `finalize` writes the manifest.
+
+    Feed it whole sequences in any order with `write_sequences(first_sequence, sparse)`; a shard is
+    encoded batch by batch (only compact bytes are held) and written once all its sequences arrived.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        vocab_size: int,
+        p: float,
+        k: int,
+        positions_per_sequence: int,
+        num_sequences: int,
+        sequences_per_shard: int,
+        teacher: str,
+        teacher_config_hash: str,
+        tokenizer_hash: str,
+        encoding: str = "egsqrt",
+        value_step: float = codec.DEFAULT_VALUE_STEP,
+        rank: int = 0,
+        world_size: int = 1,
+        verify_existing: bool = True,
+    ):
+        if encoding not in codec.ENCODINGS:
+            raise choice_error("logits.encoding", encoding, codec.ENCODINGS)
+        for name, val, lo in (("vocab_size", vocab_size, 2), ("k", k, 1), ("positions_per_sequence", positions_per_sequence, 1),
+                              ("num_sequences", num_sequences, 1), ("sequences_per_shard", sequences_per_shard, 1),
+                              ("world_size", world_size, 1)):
+            if int(val) != val or val < lo:
+                raise ConfigError(f"logits.{name}={val!r} is out of range; expected an integer >= {lo}")
+        if not 0.0 < p <= 1.0:
+            raise ConfigError(f"logits.p={p!r} is out of range; expected 0 < p <= 1")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank={rank!r} is out of range; expected 0 <= rank < {world_size}")
+        if encoding == "egsqrt" and not 0.0 < value_step <= 0.25:
+            raise ConfigError(f"logits.value_step={value_step!r} is out of range; expected 0 < value_step <= 0.25")
+        self.path = Path(path)
+        self.vocab_size, self.p, self.k = int(vocab_size), float(p), int(k)
+        self.positions = int(positions_per_sequence)
+        self.num_sequences, self.sequences_per_shard = int(num_sequences), int(sequences_per_shard)
+        self.encoding, self.value_step = encoding, float(value_step)
+        self.rank, self.world_size = rank, world_size
+        self.settings: dict[str, Any] = {
+            "vocab_size": self.vocab_size, "p": self.p, "k": self.k, "positions_per_sequence": self.positions,
+            "num_sequences": self.num_sequences, "sequences_per_shard": self.sequences_per_shard,
+            "teacher": str(teacher), "teacher_config_hash": str(teacher_config_hash),
+            "tokenizer_hash": str(tokenizer_hash),
+            "encoding": _encoding_info(encoding, self.value_step, self.vocab_size),
+        }
+        self.num_shards = num_shards(self.num_sequences, self.sequences_per_shard)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._parts: dict[int, dict[int, codec.EncodedBatch]] = {}
+        self._received: dict[int, np.ndarray] = {}
+        self.finished: set[int] = set()
+        self._resume(verify_existing)
+
+    # -- resume -------------------------------------------------------------------------------
+
+    def own_shards(self) -> list[int]:
+        """Shard indices this rank writes (s ≡ rank mod world_size)."""
+        return list(range(self.rank, self.num_shards, self.world_size))
+
+    def pending_shards(self) -> list[int]:
+        """This rank's shards still to write, ascending."""
+        return [s for s in self.own_shards() if s not in self.finished]
+
+    def shard_range(self, index: int) -> range:
+        """Global sequence ids of shard `index`."""
+        return shard_range(index, self.sequences_per_shard, self.num_sequences)
+
+    def _check_settings(self, found: dict[str, Any], where: str) -> None:
+        for key in _SETTINGS:
+            if found.get(key) != self.settings[key]:
+                raise DataError(
+                    f"{where} was written with {key}={found.get(key)!r}, but this run has {key}={self.settings[key]!r}; "
+                    "use a new store directory or the original settings")
+
+    def _resume(self, verify: bool) -> None:
+        manifest = self.path / MANIFEST
+        if manifest.exists():
+            self._check_settings(_load_json(manifest, "manifest"), str(manifest))
+        for s in self.own_shards():
+            bin_path, side = self.path / shard_name(s), self.path / shard_name(s).replace(".bin", ".json")
+            for tmp in (bin_path.with_name(bin_path.name + ".tmp"), side.with_name(side.name + ".tmp")):
+                tmp.unlink(missing_ok=True)  # torn writes from a killed run are never trusted
+            if not side.exists():
+                bin_path.unlink(missing_ok=True)  # a .bin without sidecar may predate a crash: redo it
+                continue
+            entry = _load_json(side, "shard sidecar")
+            self._check_settings(entry.get("settings", {}), str(side))
+            ok = bin_path.exists() and bin_path.stat().st_size == entry.get("bytes")
+            if ok and verify:
+                ok = file_checksum(bin_path) == entry.get("checksum")
+            if ok:
+                self.finished.add(s)
+            else:
+                side.unlink()
+                bin_path.unlink(missing_ok=True)
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def write_sequences(self, first_sequence: int, sparse: SparseLogits) -> list[int]:
+        """Add whole sequences [first, first + len(sparse)/P); writes shards that became complete; returns them."""
+        n_rows = len(sparse)
+        if n_rows % self.positions:
+            raise ValueError(f"got {n_rows} token rows, not a multiple of positions_per_sequence={self.positions}")
+        n_seq = n_rows // self.positions
+        if first_sequence < 0 or first_sequence + n_seq > self.num_sequences:
+            raise ValueError(f"sequences [{first_sequence}, {first_sequence + n_seq}) outside [0, {self.num_sequences})")
+        if sparse.width > self.k:
+            sparse = SparseLogits(sparse.indices[:, : self.k], sparse.logprobs[:, : self.k],
+                                  sparse.counts, sparse.entropy, sparse.logit_std)
+        done = []
+        seq = first_sequence
+        while seq < first_sequence + n_seq:
+            shard = seq // self.sequences_per_shard
+            rng = self.shard_range(shard)
+            stop = min(rng.stop, first_sequence + n_seq)
+            if shard % self.world_size != self.rank or shard in self.finished:
+                raise ValueError(f"shard {shard} is not pending on rank {self.rank}; feed only pending_shards()")
+            a, b = (seq - first_sequence) * self.positions, (stop - first_sequence) * self.positions
+            enc = codec.encode(sparse.rows(a, b), self.positions, self.vocab_size, self.k, self.encoding, self.value_step)
+            with self._lock:
+                parts = self._parts.setdefault(shard, {})
+                got = self._received.setdefault(shard, np.zeros(len(rng), bool))
+                if got[seq - rng.start : stop - rng.start].any():
+                    raise ValueError(f"sequences [{seq}, {stop}) were already written to shard {shard}")
+                got[seq - rng.start : stop - rng.start] = True
+                parts[seq - rng.start] = enc
+                complete = bool(got.all())
+                if complete:
+                    del self._parts[shard], self._received[shard]
+            if complete:
+                self._write_shard(shard, [parts[key] for key in sorted(parts)])
+                done.append(shard)
+            seq = stop
+        return done
+
+    def _write_shard(self, index: int, parts: list[codec.EncodedBatch]) -> None:
+        rng = self.shard_range(index)
+        cols = {"counts": np.concatenate([e.counts for e in parts])}
+        if self.encoding == "egsqrt":
+            cols["params"] = np.concatenate([e.params for e in parts])
+            cols["mass"] = np.concatenate([e.mass for e in parts]).astype("<u2")
+        cols["stats"] = np.concatenate([e.stats for e in parts]).astype("<f2")
+        cols["chunks"] = codec._excl_cumsum(np.concatenate([e.chunk_sizes for e in parts]).astype(np.int64)).astype("<u8")
+        cols["payload"] = np.concatenate([e.payload for e in parts])
+        if cols["counts"].dtype == np.uint16:
+            cols["counts"] = cols["counts"].astype("<u2")
+        n_entries = int(sum(e.num_entries for e in parts))
+        header: dict[str, Any] = {
+            "format": FORMAT, "version": FORMAT_VERSION, "shard_index": index, "first_sequence": rng.start,
+            "num_sequences": len(rng), "positions_per_sequence": self.positions, "vocab_size": self.vocab_size,
+            "k": self.k, "encoding": self.settings["encoding"], "num_entries": n_entries,
+            "dtypes": {name: a.dtype.str for name, a in cols.items()},
+        }
+        # section offsets depend on the header length, which depends on the offsets: iterate to a fixed point
+        sections: dict[str, list[int]] = {}
+        for _ in range(4):
+            header["sections"] = sections
+            head = json.dumps(header, sort_keys=True).encode()
+            pos = _align8(12 + len(head))
+            new = {}
+            for name, a in cols.items():
+                new[name] = [pos, int(a.nbytes)]
+                pos = _align8(pos + a.nbytes) if name != "payload" else pos + a.nbytes
+            if new == sections:
+                break
+            sections = new
+        header["sections"] = sections
+        head = json.dumps(header, sort_keys=True).encode()
+        bin_path = self.path / shard_name(index)
+        tmp = bin_path.with_name(bin_path.name + ".tmp")
+        h = hashlib.blake2b(digest_size=32)
+        with open(tmp, "wb") as f:
+            def put(data: bytes | memoryview) -> None:
+                f.write(data)
+                h.update(data)
+            put(MAGIC + np.uint32(len(head)).astype("<u4").tobytes() + head)
+            for name, a in cols.items():
+                pad = sections[name][0] - f.tell()
+                put(b"\0" * pad)
+                put(memoryview(np.ascontiguousarray(a)).cast("B"))
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        os.replace(tmp, bin_path)
+        entry = {
+            "file": bin_path.name, "index": index, "first_sequence": rng.start, "num_sequences": len(rng),
+            "num_tokens": len(rng) * self.positions, "num_entries": n_entries, "bytes": size,
+            "checksum": h.hexdigest(), "settings": self.settings,
+        }
+        _write_atomic(self.path / bin_path.name.replace(".bin", ".json"), _dumps(entry).encode())
+        with self._lock:
+            self.finished.add(index)
+
+    # -- manifest -----------------------------------------------------------------------------
+
+    def finalize(self, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write manifest.json once every shard of every rank is finished (call on one rank after a barrier)."""
+        if self._parts:
+            raise ValueError(f"shards {sorted(self._parts)} have sequences buffered but are incomplete")
+        shards, missing = [], []
+        for s in range(self.num_shards):
+            side = self.path / shard_name(s).replace(".bin", ".json")
+            if not side.exists():
+                missing.append(s)
+                continue
+            entry = _load_json(side, "shard sidecar")
+            self._check_settings(entry.pop("settings", {}), str(side))
+            bin_path = self.path / entry["file"]
+            if not bin_path.exists() or bin_path.stat().st_size != entry["bytes"]:
+                raise DataError(f"logit store shard {entry['file']}: size on disk does not match its sidecar; rerun generation to rewrite it")
+            shards.append(entry)
+        if missing:
+            raise DataError(f"logit store {self.path}: shards {missing[:8]}{'...' if len(missing) > 8 else ''} are not written yet; "
+                            "finish generation on every rank before finalize()")
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "checksum_algorithm": CHECKSUM,
+            **{key: self.settings[key] for key in _SETTINGS},
+            "num_tokens": self.num_sequences * self.positions,
+            "num_entries": int(sum(e["num_entries"] for e in shards)),
+            "total_bytes": int(sum(e["bytes"] for e in shards)),
+            "shards": shards, "meta": dict(meta or {}),
+        }
+        _write_atomic(self.path / MANIFEST, _dumps(manifest).encode())
+        return manifest
+
+
+def _align8(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+def _load_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"logit store {what} {path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"logit store {what} {path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"logit store {what} {path} is not a JSON object")
+    return obj
+
+
+# ----------------------------------------------------------------------------- async writer
+
+
+class AsyncShardWriter:
+    """Runs truncate + encode + write on a background thread, overlapping the next teacher forward.
+
+    `submit(first_sequence, logits)` takes dense logits [B, P, V] (truncated to the writer's top-p-k
+    in the background) or ready SparseLogits; at most `max_pending` batches wait, so memory stays
+    bounded. Errors from the thread are raised by the next submit() or close().
+    """
+
+    def __init__(self, writer: LogitStoreWriter, max_pending: int = 2):
+        self.writer = writer
+        self._q: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="logit-store-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._q.get()) is not None:
+            if self._error is None:
+                try:
+                    first, data = item
+                    if not isinstance(data, SparseLogits):
+                        data = truncate_top_p_k(data.detach(), self.writer.p, self.writer.k)
+                    self.writer.write_sequences(first, data.to("cpu"))
+                except BaseException as e:  # handed to the caller's thread
+                    self._error = e
+            self._q.task_done()
+        self._q.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def submit(self, first_sequence: int, data: torch.Tensor | SparseLogits) -> None:
+        """Queue whole sequences starting at global id `first_sequence` (blocks while the queue is full)."""
+        self._raise()
+        self._q.put((first_sequence, data))
+
+    def flush(self) -> None:
+        """Wait until every submitted batch is written."""
+        self._q.join()
+        self._raise()
+
+    def close(self) -> None:
+        """Flush, stop the thread, re-raise any background error."""
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+        self._raise()
+
+    def __enter__(self) -> "AsyncShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the caller failed: stop quietly, keep only whole shards already written
+            self._error = None
+            self.close()
+
+
+# ----------------------------------------------------------------------------- reader
+
+_REQUIRED = ("format", "format_version", "vocab_size", "p", "k", "positions_per_sequence", "num_sequences",
+             "sequences_per_shard", "encoding", "shards", "num_entries", "tokenizer_hash")
+
+
+def load_manifest(path: str | Path) -> dict[str, Any]:
+    """Read and sanity-check a store's manifest.json; DataError if missing or malformed."""
+    path = Path(path)
+    if not (path / MANIFEST).exists():
+        sidecars = list(path.glob("shard-*.json")) if path.is_dir() else []
+        hint = " (generation unfinished: rerun it to resume and finalize)" if sidecars else ""
+        raise DataError(f"logit store {path}: {MANIFEST} is missing{hint}")
+    m = _load_json(path / MANIFEST, "manifest")
+    missing = [key for key in _REQUIRED if key not in m]
+    if missing:
+        raise DataError(f"logit store manifest {path / MANIFEST} lacks fields {missing}")
+    if m["format"] != FORMAT or m["format_version"] != FORMAT_VERSION:
+        raise DataError(f"logit store {path}: format {m['format']!r} v{m['format_version']} is not supported; expected {FORMAT!r} v{FORMAT_VERSION}")
+    enc = m["encoding"]
+    if enc.get("name") not in codec.ENCODINGS or enc.get("version") != codec.ENCODING_VERSION:
+        raise DataError(f"logit store {path}: encoding {enc.get('name')!r} v{enc.get('version')} is not supported; "
+                        f"expected one of {', '.join(codec.ENCODINGS)} v{codec.ENCODING_VERSION}")
+    expect = 0
+    for e in m["shards"]:
+        if e.get("first_sequence") != expect or e.get("num_sequences", 0) < 1:
+            raise DataError(f"logit store manifest {path / MANIFEST}: shard {e.get('file')!r} does not continue the sequence range at {expect}")
+        expect += e["num_sequences"]
+    if expect != m["num_sequences"]:
+        raise DataError(f"logit store manifest {path / MANIFEST}: shards cover {expect} sequences, manifest says {m['num_sequences']}")
+    return m
+
+
+class _Shard:
+    """One memory-mapped shard with zero-copy views of its sections."""
+
+    def __init__(self, path: Path, entry: dict[str, Any], manifest: dict[str, Any]):
+        self.name = entry["file"]
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        bad = lambda what: DataError(f"logit store shard {self.name}: {what}; the shard is corrupt (run `pdl logits verify`)")  # noqa: E731
+        if mm.size < 12 or bytes(mm[:8]) != MAGIC:
+            raise bad("bad magic bytes")
+        hlen = int(np.frombuffer(mm[8:12], "<u4")[0])
+        try:
+            h = json.loads(bytes(mm[12 : 12 + hlen]).decode())
+        except (ValueError, UnicodeDecodeError):
+            raise bad("unreadable header") from None
+        want = {"first_sequence": entry["first_sequence"], "num_sequences": entry["num_sequences"],
+                "positions_per_sequence": manifest["positions_per_sequence"], "vocab_size": manifest["vocab_size"],
+                "k": manifest["k"], "encoding": manifest["encoding"], "num_entries": entry["num_entries"]}
+        for key, val in want.items():
+            if h.get(key) != val:
+                raise bad(f"header {key}={h.get(key)!r} but the manifest says {val!r}")
+        self.header = h
+        n_tok = h["num_sequences"] * h["positions_per_sequence"]
+        enc = h["encoding"]["name"]
+        c = codec.chunks_per_sequence(enc)
+        shapes = {"counts": (n_tok,), "params": (n_tok,), "mass": (n_tok,), "stats": (n_tok, 2),
+                  "chunks": (h["num_sequences"] * c + 1,), "payload": (-1,)}
+        names = ["counts", "params", "mass", "stats", "chunks", "payload"] if enc == "egsqrt" else ["counts", "stats", "chunks", "payload"]
+        views = {}
+        end = 0
+        for name in names:
+            try:
+                off, nbytes = h["sections"][name]
+                dt = np.dtype(h["dtypes"][name])
+            except (KeyError, TypeError, ValueError):
+                raise bad(f"header lacks section {name}") from None
+            if off < end or off + nbytes > mm.size or nbytes % dt.itemsize:
+                raise bad(f"section {name} [{off}, {off + nbytes}) does not fit the file of {mm.size} bytes")
+            if dt.kind not in "uf" or dt.itemsize > 8:
+                raise bad(f"section {name} has dtype {dt.str}")
+            arr = np.frombuffer(mm, dtype=dt, count=nbytes // dt.itemsize, offset=off)
+            shape = shapes[name]
+            if shape[0] != -1 and arr.size != int(np.prod(shape)):
+                raise bad(f"section {name} holds {arr.size} values, expected {int(np.prod(shape))}")
+            views[name] = arr.reshape(shape)
+            end = off + nbytes
+        if end != mm.size:
+            raise bad(f"file is {mm.size} bytes but its sections end at {end}")
+        ch = views["chunks"]
+        if ch[0] != 0 or ch[-1] != views["payload"].size or np.any(np.diff(ch.astype(np.int64)) < 0):
+            raise bad("chunk offsets are not monotone within the payload")
+        self.views = views
+        self.encoding = enc
+        self.value_step = float(h["encoding"].get("value_step", 0.0))
+        self._mm = mm
+
+    def decode(self, local: np.ndarray, manifest: dict[str, Any]) -> SparseLogits:
+        v = self.views
+        try:
+            return codec.decode(v["counts"], v.get("params"), v.get("mass"), v["stats"], v["chunks"], v["payload"], local,
+                                manifest["positions_per_sequence"], manifest["vocab_size"], manifest["k"],
+                                self.encoding, self.value_step)
+        except codec.CorruptChunk as e:
+            raise DataError(f"logit store shard {self.name}: {e}; the shard is corrupt (run `pdl logits verify`)") from None
+
+
+class LogitStore:
+    """Read-only store: `store.sequence(i)`, `store.sequences(ids)` -> SparseLogits of P positions each.
+
+    Opening reads only the manifest and stats each shard's size (a truncated or missing shard is
+    refused here); shards are memory-mapped lazily on first access and structurally checked then;
+    `verify_checksums=True` also hashes each shard on first access.
+    """
+
+    def __init__(self, path: str | Path, verify_checksums: bool = False):
+        self.path = Path(path)
+        self.verify_checksums = verify_checksums
+        self.manifest = load_manifest(self.path)
+        m = self.manifest
+        for e in m["shards"]:
+            f = self.path / e["file"]
+            if not f.exists():
+                raise DataError(f"logit store shard {e['file']} is missing from {self.path}")
+            size = f.stat().st_size
+            if size != e["bytes"]:
+                raise DataError(f"logit store shard {e['file']}: {size} bytes on disk, manifest says {e['bytes']} (truncated or replaced)")
+        self._starts = np.array([e["first_sequence"] for e in m["shards"]] + [m["num_sequences"]], dtype=np.int64)
+        self._shards: dict[int, _Shard] = {}
+        self._lock = threading.Lock()
+
+    # DataLoader workers get a copy without open memmaps and reopen lazily (no pickled arrays)
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "verify_checksums": self.verify_checksums}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["verify_checksums"])
+
+    def __len__(self) -> int:
+        return int(self.manifest["num_sequences"])
+
+    @property
+    def positions_per_sequence(self) -> int:
+        return int(self.manifest["positions_per_sequence"])
+
+    @property
+    def p(self) -> float:
+        return float(self.manifest["p"])
+
+    @property
+    def k(self) -> int:
+        return int(self.manifest["k"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    def _shard(self, s: int) -> _Shard:
+        with self._lock:
+            shard = self._shards.get(s)
+            if shard is None:
+                entry = self.manifest["shards"][s]
+                f = self.path / entry["file"]
+                if self.verify_checksums and file_checksum(f) != entry["checksum"]:
+                    raise DataError(f"logit store shard {entry['file']}: checksum mismatch (corrupt or modified)")
+                shard = self._shards[s] = _Shard(f, entry, self.manifest)
+            return shard
+
+    def sequence(self, i: int) -> SparseLogits:
+        """Entries of sequence i: SparseLogits with P rows, K = store k columns, descending."""
+        return self.sequences([i])
+
+    def sequences(self, ids: Sequence[int] | np.ndarray) -> SparseLogits:
+        """Entries of several sequences, rows sequence-major in the order of `ids` (len(ids)·P rows)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("no sequence ids given")
+        if ids.min() < 0 or ids.max() >= len(self):
+            raise IndexError(f"sequence ids must lie in [0, {len(self)})")
+        shard_of = np.searchsorted(self._starts, ids, side="right") - 1
+        order = np.argsort(shard_of, kind="stable")
+        parts, P = [], self.positions_per_sequence
+        for s in np.unique(shard_of):
+            sel = order[shard_of[order] == s]
+            parts.append(self._shard(int(s)).decode(ids[sel] - self._starts[s], self.manifest))
+        out = parts[0] if len(parts) == 1 else SparseLogits.cat(parts)
+        if len(parts) > 1 or np.any(order != np.arange(len(ids))):
+            rows = torch.from_numpy((np.argsort(order)[:, None] * P + np.arange(P)).reshape(-1))
+            out = SparseLogits(*(t[rows] for t in out._tensors()))
+        return out
+
+
+# ----------------------------------------------------------------------------- inspect / verify
+
+
+def check_compatible(manifest: dict[str, Any], vocab_size: int, tokenizer_hash: str) -> None:
+    """Refuse a store made with another vocabulary or tokenizer (DataError naming both values)."""
+    if int(manifest.get("vocab_size", -1)) != int(vocab_size):
+        raise DataError(f"logit store vocab_size={manifest.get('vocab_size')!r} does not match the student's vocab_size={vocab_size!r}; "
+                        "regenerate the store with the student's tokenizer")
+    if str(manifest.get("tokenizer_hash")) != str(tokenizer_hash):
+        raise DataError(f"logit store tokenizer_hash={manifest.get('tokenizer_hash')!r} does not match the data's tokenizer_hash={tokenizer_hash!r}; "
+                        "regenerate the store with the same tokenizer")
+
+
+def verify_store(path: str | Path, deep: bool = False) -> dict[str, Any]:
+    """Check every shard's size, checksum and structure; DataError naming the first bad shard.
+
+    deep=True also decodes every sequence (ids in range, codes consistent with counts).
+    """
+    store = LogitStore(path)  # sizes checked here
+    for s, e in enumerate(store.manifest["shards"]):
+        if file_checksum(store.path / e["file"]) != e["checksum"]:
+            raise DataError(f"logit store shard {e['file']}: checksum mismatch (corrupt or modified); regenerate this shard")
+        shard = store._shard(s)
+        cnt = shard.views["counts"].astype(np.int64)
+        if cnt.min() < 1 or cnt.max() > store.k or int(cnt.sum()) != e["num_entries"]:
+            raise DataError(f"logit store shard {e['file']}: kept-entry counts are out of range or do not sum to {e['num_entries']}")
+        if deep:
+            for a in range(0, e["num_sequences"], 64):
+                shard.decode(np.arange(a, min(a + 64, e["num_sequences"])), store.manifest)
+    return inspect_store(path, checksums=False) | {"checksums_ok": True}
+
+
+def inspect_store(path: str | Path, checksums: bool = True) -> dict[str, Any]:
+    """Summary of a store (tokens, entries/token, bytes/token, bytes/entry, p, k, teacher, ...).
+
+    checksums=True hashes every shard: `checksums_ok` is then True/False and `bad_shard` names the
+    first mismatch; with checksums=False `checksums_ok` is None.
+    """
+    m = LogitStore(path).manifest
+    ok, bad = None, None
+    if checksums:
+        ok = True
+        for e in m["shards"]:
+            if file_checksum(Path(path) / e["file"]) != e["checksum"]:
+                ok, bad = False, e["file"]
+                break
+    tokens, entries, nbytes = m["num_tokens"], m["num_entries"], m["total_bytes"]
+    return {
+        "path": str(path), "teacher": m.get("teacher"), "teacher_config_hash": m.get("teacher_config_hash"),
+        "tokenizer_hash": m["tokenizer_hash"], "vocab_size": m["vocab_size"], "p": m["p"], "k": m["k"],
+        "encoding": m["encoding"], "positions_per_sequence": m["positions_per_sequence"],
+        "sequences": m["num_sequences"], "tokens": tokens, "entries": entries,
+        "mean_entries_per_token": entries / max(tokens, 1), "bytes": nbytes,
+        "bytes_per_token": nbytes / max(tokens, 1), "bytes_per_entry": nbytes / max(entries, 1),
+        "shards": len(m["shards"]), "checksums_ok": ok, "bad_shard": bad, "meta": m.get("meta", {}),
+    }
+
+
+__all__ = [
+    "AsyncShardWriter", "LogitStore", "LogitStoreWriter", "check_compatible", "file_checksum", "inspect_store",
+    "load_manifest", "num_shards", "shard_name", "shard_range", "verify_store",
+]
