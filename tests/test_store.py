@@ -1,0 +1,300 @@
+"""Logit store: round trip within the stated bounds, resume, multi-rank, corruption, compatibility."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pd_lightning.errors import DataError
+from pd_lightning.logits import codec
+from pd_lightning.logits.processing import SparseLogits, narrow, teacher_targets, truncate_top_p_k
+from pd_lightning.logits.store import (
+    AsyncShardWriter,
+    LogitStore,
+    LogitStoreWriter,
+    check_compatible,
+    inspect_store,
+    verify_store,
+)
+
+V, P, N = 3000, 16, 11
+
+
+def llm_like_logits(n_tok: int, vocab: int, seed: int, zipf: bool = True) -> torch.Tensor:
+    """Gumbel noise + Zipfian log-popularity, per-token sharpness: peaked and flat tokens, low ids favoured."""
+    g = torch.Generator().manual_seed(seed)
+    gumbel = -torch.log(-torch.log(torch.rand(n_tok, vocab, generator=g).clamp(1e-12, 1 - 1e-7)))
+    base = -1.1 * torch.log(torch.arange(1, vocab + 1, dtype=torch.float32)) if zipf else torch.zeros(vocab)
+    sharp = torch.exp(torch.randn(n_tok, 1, generator=g) * 0.5 + math.log(1.8))
+    return sharp * (gumbel + base)
+
+
+def writer(path, encoding="egsqrt", n=N, per_shard=3, rank=0, world=1, **kw) -> LogitStoreWriter:
+    args = dict(vocab_size=V, p=0.95, k=40, positions_per_sequence=P, num_sequences=n, sequences_per_shard=per_shard,
+                teacher="teachers/tiny", teacher_config_hash="cfg123", tokenizer_hash="tok456", encoding=encoding,
+                rank=rank, world_size=world)
+    args.update(kw)
+    return LogitStoreWriter(path, **args)
+
+
+@pytest.fixture(scope="module")
+def logits() -> torch.Tensor:
+    return llm_like_logits(N * P, V, seed=1).reshape(N, P, V)
+
+
+@pytest.fixture(scope="module")
+def sparse(logits) -> SparseLogits:
+    return truncate_top_p_k(logits, 0.95, 40)
+
+
+def build(path, sparse, encoding="egsqrt", batches=(0, 4, 7, 11), **kw) -> dict:
+    w = writer(path, encoding, **kw)
+    for a, b in zip(batches[:-1], batches[1:]):
+        w.write_sequences(a, sparse.rows(a * P, b * P))
+    return w.finalize(meta={"run": "test"})
+
+
+def by_id(s: SparseLogits) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, logprobs) of each row sorted by id, padding (id V) last."""
+    ids = torch.where(torch.isfinite(s.logprobs), s.indices, V)
+    ids, order = torch.sort(ids, 1)
+    return ids, torch.gather(s.logprobs, 1, order)
+
+
+def support_kl(exact: SparseLogits, decoded: SparseLogits) -> torch.Tensor:
+    """KL(exact truncated || decoded) per token, both renormalised on the (identical) kept set."""
+    ia, la = by_id(exact)
+    ib, lb = by_id(decoded)
+    assert torch.equal(ia, ib)
+    la, lb = torch.log_softmax(la, 1), torch.log_softmax(lb, 1)
+    return torch.where(torch.isfinite(la), la.exp() * (la - lb), torch.zeros_like(la)).sum(1)
+
+
+@pytest.mark.parametrize("encoding", ["egsqrt", "fixed"])
+def test_round_trip_within_bounds(tmp_path, sparse, encoding):
+    build(tmp_path, sparse, encoding)
+    store = LogitStore(tmp_path)
+    assert len(store) == N and store.k == 40 and store.manifest["meta"] == {"run": "test"}
+    ids = [10, 0, 3, 3, 7]
+    got = store.sequences(ids)
+    want = SparseLogits.cat([sparse.rows(i * P, (i + 1) * P) for i in ids])
+    assert got.indices.shape == (len(ids) * P, 40)
+    assert torch.equal(got.counts, want.counts)
+    ia, la = by_id(want)
+    ib, lb = by_id(got)
+    assert torch.equal(ia, ib)  # indices exact
+    fin = torch.isfinite(la)
+    if encoding == "fixed":
+        assert torch.equal(got.indices, want.indices)  # order kept as written
+        assert (la[fin] - lb[fin]).abs().max() <= 2**-11 + 1e-6
+    else:
+        step = store.manifest["encoding"]["value_step"]
+        mass = torch.logsumexp(la, 1, keepdim=True)
+        err = (torch.exp((la - mass) / 2) - torch.exp((lb - mass) / 2))[fin].abs().max()
+        assert err <= step / 2 * 1.01 + 1e-4  # |sqrt(r) - sqrt(r')| <= δ/2 (+ mass rounding)
+        assert support_kl(want, got).mean() <= 1e-4
+    # descending rows, -inf / 0 padding
+    lp = got.logprobs
+    assert torch.all(lp[:, :-1] >= lp[:, 1:])  # -inf >= -inf holds in the padding
+    pad = ~torch.isfinite(lp)
+    assert torch.equal(pad.sum(1), 40 - got.counts) and torch.all(got.indices[pad] == 0)
+    torch.testing.assert_close(got.entropy, want.entropy, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(got.logit_std, want.logit_std, rtol=2e-3, atol=2e-3)
+    one = store.sequence(3)
+    assert torch.equal(one.indices, got.indices[2 * P : 3 * P])
+    # the store feeds teacher_targets: narrower (p, k) and τ from stored entries
+    t = teacher_targets(one, 0.9, 20, tau=2.0, store_p=store.p, store_k=store.k)
+    torch.testing.assert_close(t.probs.sum(1), torch.ones(P))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 300), p=st.floats(0.1, 1.0), zipf=st.booleans(),
+       encoding=st.sampled_from(["egsqrt", "fixed"]))
+def test_codec_round_trip_property(seed, k, p, zipf, encoding):
+    z = llm_like_logits(3 * 5, 700, seed, zipf)
+    s = truncate_top_p_k(z, p, k)
+    kk = min(k, 700)
+    e = codec.encode(s, 5, 700, kk, encoding, 1 / 384)
+    off = codec._excl_cumsum(e.chunk_sizes.astype(np.int64)).astype(np.uint64)
+    d = codec.decode(e.counts, e.params, e.mass, e.stats, off, e.payload, np.array([2, 0]), 5, 700, kk, encoding, 1 / 384)
+    want = SparseLogits.cat([s.rows(10, 15), s.rows(0, 5)]).pad_to(kk)
+    assert torch.equal(d.counts, want.counts)
+    ia, la = by_id(want)
+    ib, lb = by_id(d)
+    assert torch.equal(ia, ib)
+    fin = torch.isfinite(la)
+    assert torch.equal(fin, torch.isfinite(lb))
+    if encoding == "egsqrt":
+        mass = torch.logsumexp(la, 1, keepdim=True)
+        assert (torch.exp((la - mass) / 2) - torch.exp((lb - mass) / 2))[fin].abs().max() <= 1 / 768 * 1.01 + 1e-4
+
+
+def test_compactness_on_llm_like_distribution(tmp_path):
+    z = llm_like_logits(8 * 64, 151_552, seed=3)
+    s = truncate_top_p_k(z, 0.95, 100)
+    w = LogitStoreWriter(tmp_path, vocab_size=151_552, p=0.95, k=100, positions_per_sequence=64, num_sequences=8,
+                         sequences_per_shard=8, teacher="t", teacher_config_hash="c", tokenizer_hash="h")
+    w.write_sequences(0, s)
+    w.finalize()
+    info = inspect_store(tmp_path)
+    assert info["checksums_ok"] is True
+    assert info["bytes_per_entry"] <= 2.5, info
+    assert support_kl(s, LogitStore(tmp_path).sequences(range(8))).mean() <= 1e-4
+
+
+def test_resume_is_byte_identical(tmp_path, sparse):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    build(ref, sparse)
+    w = writer(run)
+    assert w.pending_shards() == [0, 1, 2, 3]
+    w.write_sequences(0, sparse.rows(0, 7 * P))  # shards 0, 1 finished; shard 2 half-buffered, then "killed"
+    assert sorted(w.finished) == [0, 1]
+    (run / "shard-000002.bin.tmp").write_bytes(b"torn half-written shard")
+    (run / "shard-000003.bin").write_bytes(b"renamed but sidecar never written")
+    (run / "shard-000001.json.tmp").write_bytes(b"{")
+    del w
+    w = writer(run)
+    assert w.pending_shards() == [2, 3]
+    assert not (run / "shard-000002.bin.tmp").exists() and not (run / "shard-000003.bin").exists()
+    with pytest.raises(ValueError, match="not pending"):
+        w.write_sequences(0, sparse.rows(0, P))
+    w.write_sequences(6, sparse.rows(6 * P, 11 * P))
+    w.finalize(meta={"run": "test"})
+    names = sorted(os.listdir(ref))
+    assert names == sorted(os.listdir(run))
+    for name in names:
+        assert (ref / name).read_bytes() == (run / name).read_bytes(), name
+
+
+def test_multi_rank_equals_single_rank(tmp_path, sparse):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    build(ref, sparse)
+    ranks = [writer(run, rank=r, world=2) for r in range(2)]
+    assert ranks[0].pending_shards() == [0, 2] and ranks[1].pending_shards() == [1, 3]
+    assert ranks[0].write_sequences(0, sparse.rows(0, 3 * P)) == [0]
+    with pytest.raises(DataError, match=r"shards \[1, 2, 3\] are not written yet"):
+        ranks[0].finalize()
+    for r, w in enumerate(ranks):
+        for s in w.pending_shards():
+            rng = w.shard_range(s)
+            with AsyncShardWriter(w) as aw:
+                aw.submit(rng.start, sparse.rows(rng.start * P, rng.stop * P))
+    ranks[0].finalize(meta={"run": "test"})
+    for name in sorted(os.listdir(ref)):
+        assert (ref / name).read_bytes() == (run / name).read_bytes(), name
+
+
+def test_async_writer_truncates_dense_logits(tmp_path, logits, sparse):
+    w = writer(tmp_path)
+    with AsyncShardWriter(w, max_pending=1) as aw:
+        for a in range(0, N, 2):
+            aw.submit(a, logits[a : a + 2])
+    w.finalize(meta={"run": "test"})
+    build(tmp_path / "ref", sparse)
+    assert (tmp_path / "shard-000003.bin").read_bytes() == (tmp_path / "ref" / "shard-000003.bin").read_bytes()
+    w2 = writer(tmp_path / "err")
+    aw = AsyncShardWriter(w2)
+    aw.submit(N, sparse.rows(0, P))  # out of range: the error surfaces in the caller's thread
+    with pytest.raises(ValueError, match="outside"):
+        aw.close()
+
+
+def test_resume_refuses_other_settings(tmp_path, sparse):
+    w = writer(tmp_path)
+    w.write_sequences(0, sparse.rows(0, 3 * P))
+    with pytest.raises(DataError, match="p=0.95.*p=0.9"):
+        writer(tmp_path, p=0.9)
+    with pytest.raises(DataError, match="tokenizer_hash"):
+        writer(tmp_path, tokenizer_hash="other")
+
+
+def flip_bit(path: Path, byte: int, bit: int = 0) -> None:
+    data = bytearray(path.read_bytes())
+    data[byte] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+def test_truncated_shard_refused_on_open_and_by_verify(tmp_path, sparse):
+    build(tmp_path, sparse)
+    shard = tmp_path / "shard-000001.bin"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-5])
+    with pytest.raises(DataError, match="shard-000001.bin"):
+        LogitStore(tmp_path)
+    with pytest.raises(DataError, match="shard-000001.bin"):
+        verify_store(tmp_path)
+    shard.unlink()
+    with pytest.raises(DataError, match="shard-000001.bin.*missing"):
+        LogitStore(tmp_path)
+
+
+def test_every_bit_flip_detected(tmp_path, sparse):
+    build(tmp_path, sparse)
+    verify_store(tmp_path, deep=True)
+    shard = tmp_path / "shard-000002.bin"
+    clean = shard.read_bytes()
+    rng = np.random.default_rng(0)
+    # header, columns and payload: every single flip must be caught, and the shard named
+    for byte in [0, 9, 20, 100, len(clean) - 1] + rng.integers(0, len(clean), 12).tolist():
+        flip_bit(shard, int(byte), int(rng.integers(0, 8)))
+        with pytest.raises(DataError, match="shard-000002.bin"):
+            verify_store(tmp_path)
+        assert inspect_store(tmp_path)["bad_shard"] == "shard-000002.bin"
+        shard.write_bytes(clean)
+    assert verify_store(tmp_path)["checksums_ok"] is True
+
+
+def test_header_corruption_refused_on_access(tmp_path, sparse):
+    build(tmp_path, sparse)
+    shard = tmp_path / "shard-000000.bin"
+    data = bytearray(shard.read_bytes())
+    i = data.index(b'"num_sequences": 3')
+    data[i + len('"num_sequences": ')] = ord("4")  # same size, wrong structure
+    shard.write_bytes(bytes(data))
+    store = LogitStore(tmp_path)  # sizes agree: open succeeds lazily
+    with pytest.raises(DataError, match="shard-000000.bin.*num_sequences"):
+        store.sequence(0)
+    assert LogitStore(tmp_path).sequence(5).counts.shape == (P,)  # other shards still readable
+    with pytest.raises(DataError, match="checksum"):
+        LogitStore(tmp_path, verify_checksums=True).sequence(1)
+
+
+def test_missing_or_broken_manifest(tmp_path, sparse):
+    w = writer(tmp_path)
+    w.write_sequences(0, sparse.rows(0, 3 * P))
+    with pytest.raises(DataError, match="manifest.json is missing.*resume"):
+        LogitStore(tmp_path)
+    with pytest.raises(DataError, match="not written yet"):
+        w.finalize()
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        LogitStore(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "x"}))
+    with pytest.raises(DataError, match="lacks fields"):
+        LogitStore(tmp_path)
+
+
+def test_check_compatible(tmp_path, sparse):
+    manifest = build(tmp_path, sparse)
+    check_compatible(manifest, V, "tok456")
+    with pytest.raises(DataError, match="vocab_size=3000.*vocab_size=32000"):
+        check_compatible(manifest, 32000, "tok456")
+    with pytest.raises(DataError, match="tokenizer_hash='tok456'.*tokenizer_hash='zzz'"):
+        check_compatible(manifest, V, "zzz")
+
+
+def test_store_serves_narrower_truncations(tmp_path, sparse):
+    build(tmp_path, sparse, "fixed")
+    store = LogitStore(tmp_path)
+    got = narrow(store.sequences(range(N)), 0.8, 10, store_p=0.95, store_k=40)
+    direct = narrow(sparse, 0.8, 10, store_p=0.95, store_k=40)
+    # decoded values differ by <= 2^-11 nats: counts agree except within that of the p boundary
+    assert (got.counts != direct.counts).float().mean() < 0.02
