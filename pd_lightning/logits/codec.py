@@ -293,6 +293,10 @@ def decode(
         cs = np.cumsum(gaps + 1)
         base = np.repeat(np.concatenate([[0], cs])[tok_starts[:-1]], cnt)
         ids = cs - base - 1
+        # descending values, ties by ascending id (the stored order): one stable integer argsort
+        tok = np.repeat(np.arange(n_tok, dtype=np.int64), cnt)
+        order = np.argsort(tok * (int(1.0 / value_step) + 2) - levels, kind="stable")
+        ids, levels = ids[order], levels[order]
         u = np.where(levels == 0, value_step / 4, levels * value_step)
         lq = -np.repeat(mass[rows].astype(np.float64), cnt) / MASS_SCALE
         lps = (2.0 * np.log(u) + lq).astype(np.float32)
@@ -311,10 +315,6 @@ def decode(
     idx_pad[row, col] = ids
     lp_pad[row, col] = lps
     lp_t, idx_t = torch.from_numpy(lp_pad), torch.from_numpy(idx_pad)
-    if encoding == "egsqrt":
-        # stored in id order; the stable sort restores descending values, ties by ascending id
-        lp_t, order = torch.sort(lp_t, dim=1, descending=True, stable=True)
-        idx_t = torch.gather(idx_t, 1, order)
     st = stats[rows].astype(np.float32)
     return SparseLogits(idx_t, lp_t, torch.from_numpy(cnt), torch.from_numpy(st[:, 0].copy()),
                         torch.from_numpy(st[:, 1].copy()))
