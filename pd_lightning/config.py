@@ -1,0 +1,459 @@
+"""One structured config tree for every command: dataclasses + OmegaConf, YAML composition, overrides.
+
+A config file is YAML with the sections below. It may start with `defaults: [other.yaml, ...]`
+(paths relative to the file, or names of the packaged configs in `pd_lightning/configs/`), merged
+first in order, then the file itself, then `key=value` overrides from the command line.
+Every value is type-checked by OmegaConf against the dataclasses and range-checked by `validate`
+before any compute starts; errors are one line naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from pd_lightning.errors import ConfigError, choice_error, did_you_mean
+
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+# Names the config accepts; the modules that implement them are the source of truth and a test
+# checks these stay equal to what losses/schedules/processing export.
+DATA_SOURCES = ("builtin", "text", "jsonl", "parquet", "hf")
+LOSS_KINDS = ("nll", "kld", "mse", "rkl", "jsd", "tvd")
+ALPHA_SCHEDULES = ("constant", "linear_inc", "linear_dec", "period", "wsd_alpha", "wsd_beta")
+LR_SCHEDULES = ("constant", "cosine", "wsd")
+DECAY_SHAPES = ("linear", "1-sqrt")
+TEMPERATURE_METHODS = ("fixed", "normkd", "wttm", "adakd_sd", "adakd_h")
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed", "single_device")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+DISTILL_MODES = ("offline", "online_store", "cotrain")
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from, how it is tokenized, and where the packed shards go."""
+
+    source: str = "builtin"  # builtin | text | jsonl | parquet | hf
+    path: Optional[str] = None  # file, directory or glob for text/jsonl/parquet; dataset name for hf
+    text_field: str = "text"  # jsonl / parquet / hf column holding the document text
+    hf_split: str = "train"
+    heldout_fraction: float = 0.02  # for sources without their own held-out split
+    corpus_seed: int = 0  # builtin corpus: which world and which document streams
+    train_tokens: int = 2_000_000  # tokens to pack into the train split (upper bound for files)
+    heldout_tokens: int = 100_000
+    seq_len: int = 128
+    tokenizer: Optional[str] = None  # an HF tokenizer dir (e.g. the teacher's); None = train a BPE
+    vocab_size: int = 2048  # size of the BPE trained when `tokenizer` is None
+    tokenizer_train_chars: int = 4_000_000  # corpus sample the BPE is trained on
+    sequences_per_shard: int = 8192
+    out: str = "runs/data"
+
+
+@dataclass
+class ModelConfig:
+    """The student: a preset from `pd_lightning.models.PRESETS`."""
+
+    preset: str = "tiny-1m"
+    init_seed: int = 0
+
+
+@dataclass
+class TeacherConfig:
+    """A teacher: an existing HF causal-LM dir, or a preset that `pdl teacher train` pre-trains."""
+
+    path: Optional[str] = None  # HF model dir; when set, it is the teacher and `preset` is unused
+    preset: str = "tiny-5m"
+    max_steps: int = 1500
+    batch_size: int = 32
+    lr: float = 3.0e-3
+    warmup_frac: float = 0.02
+    seed: int = 0
+    out: str = "runs/teacher"
+
+
+@dataclass
+class LogitsConfig:
+    """Teacher logits: what the store keeps (store_p/store_k) and what training derives from it."""
+
+    p: float = 0.95  # top-p on the teacher's tau=1 probabilities ...
+    k: int = 100  # ... then at most k entries (the paper's top-p-k)
+    tau: float = 1.0  # fixed temperature, used when method == "fixed"
+    method: str = "fixed"  # fixed | normkd | wttm | adakd_sd | adakd_h
+    normkd_t: float = 1.5  # NormKD's T_norm
+    wttm_gamma: float = 0.5  # WTTM's power transform exponent
+    adakd_min_tau: float = 0.5  # AdaKD-SD / AdaKD-H: clip range of the per-token temperature
+    adakd_max_tau: float = 2.0
+    store: str = "runs/logits"  # the store directory
+    store_p: float = 0.95  # truncation the store is generated at (the loosest a sweep needs)
+    store_k: int = 100
+    batch_size: int = 16  # sequences per teacher forward during generation
+    sequences_per_shard: int = 1024
+    mode: str = "offline"  # offline | online_store | cotrain
+
+
+@dataclass
+class LossConfig:
+    """L = (1 - alpha) * L_lm + alpha * L_kd (the paper's Eq. 1) and how alpha moves."""
+
+    kind: str = "nll"  # nll | kld | mse | rkl | jsd | tvd
+    alpha: float = 1.0  # peak alpha; 0 is the LM-only baseline
+    alpha_schedule: str = "constant"
+    alpha_warmup_frac: float = 0.1  # WSD on alpha / beta: warmup share of training
+    alpha_decay_frac: float = 0.1  # WSD on alpha / beta: final decay share
+    alpha_periods: int = 4  # periodic alpha: number of full periods over training
+    jsd_beta: float = 0.5
+    tau_sq_scale: bool = False  # multiply the KD term by tau^2 (Hinton); off in the paper's setting
+    chunk_size: int = 1024  # tokens per chunk of the memory-flat loss
+    fused: bool = False  # compute the LM head inside the chunk loop (never store [tokens, vocab])
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the LR schedule (multiplier of `lr` as a function of training progress)."""
+
+    lr: float = 3.0e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1.0e-8
+    grad_clip: float = 1.0
+    lr_schedule: str = "cosine"  # constant | cosine | wsd
+    warmup_frac: float = 0.02
+    decay_frac: float = 0.2  # WSD: final decay share
+    decay_shape: str = "1-sqrt"  # WSD decay: linear | 1-sqrt
+
+
+@dataclass
+class TrainerConfig:
+    """Engineering knobs passed to Lightning's Trainer."""
+
+    max_steps: int = 300
+    batch_size: int = 16  # sequences per device per step
+    accumulate_grad_batches: int = 1
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    strategy: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    num_workers: int = 0
+    seed: int = 0
+    log_every_n_steps: int = 10
+    val_every_n_steps: int = 100
+    val_batches: int = 8
+    checkpoint_every_n_steps: int = 100
+    out: str = "runs/train"
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: an explicit tracking URI always (MLflow 3 refuses the old file store)."""
+
+    config_file: str = "mlflow.yaml"  # read when tracking_uri is None
+    tracking_uri: Optional[str] = None
+    experiment: str = "pd-lightning"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    """lm-eval on the exported model."""
+
+    suite: str = "local"
+    tasks: Optional[str] = None  # comma-separated task names; overrides the suite
+    batch_size: int = 16
+    device: str = "cpu"
+    limit: Optional[int] = None
+
+
+@dataclass
+class PDLConfig:
+    """The whole tree."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    logits: LogitsConfig = field(default_factory=LogitsConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SECTIONS = tuple(PDLConfig.__dataclass_fields__)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """Read one YAML mapping safely, with a one-line error for anything malformed."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def resolve_config_path(name: str | Path, relative_to: Path | None = None) -> Path:
+    """Find a config: a path (relative to `relative_to` first) or the name of a packaged config."""
+    candidate = Path(name)
+    search = []
+    if relative_to is not None and not candidate.is_absolute():
+        search.append(relative_to / candidate)
+    search.append(candidate)
+    stem = candidate.name[:-5] if candidate.name.endswith(".yaml") else candidate.name
+    search.append(PACKAGED_CONFIGS / f"{stem}.yaml")
+    for path in search:
+        if path.is_file():
+            return path
+    packaged = sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+    raise ConfigError(
+        f"config {str(name)!r} is neither a file nor a packaged config; packaged configs are "
+        f"{', '.join(packaged)}{did_you_mean(stem, packaged)}"
+    )
+
+
+def _compose(path: Path, seen: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
+    """Return the chain of raw mappings for a file: its defaults (recursively), then itself."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"config defaults form a cycle: {chain}")
+    raw = _read_yaml(path)
+    defaults = raw.pop("defaults", [])
+    if isinstance(defaults, str):
+        defaults = [defaults]
+    if not isinstance(defaults, list) or not all(isinstance(d, str) for d in defaults):
+        raise ConfigError(f"defaults={defaults!r} in {str(path)!r} must be a list of config files or names")
+    layers: list[dict[str, Any]] = []
+    for name in defaults:
+        layers.extend(_compose(resolve_config_path(name, path.parent), (*seen, path)))
+    layers.append(raw)
+    return layers
+
+
+def _check_keys(raw: dict[str, Any], source: str) -> None:
+    """Refuse unknown sections and keys with a "did you mean" before OmegaConf sees them."""
+    for section, body in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"unknown config section {section!r} in {source}; expected one of "
+                f"{', '.join(SECTIONS)}{did_you_mean(section, SECTIONS)}"
+            )
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"config section {section!r} in {source} must be a mapping, got {body!r}")
+        known = tuple(getattr(PDLConfig(), section).__dataclass_fields__)
+        for key in body:
+            if key not in known:
+                raise ConfigError(
+                    f"unknown config key {section}.{key} in {source}; {section} has "
+                    f"{', '.join(known)}{did_you_mean(key, known)}"
+                )
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    """Split `section.key=value`; the value is parsed as YAML (so 0.9 is a float, null is None)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. loss.alpha=0.9")
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if key.count(".") != 1 or not all(key.split(".")):
+        raise ConfigError(f"override key {key!r} must be section.key, e.g. loss.alpha")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key, parsed
+
+
+def _merge(base: DictConfig, layer: dict[str, Any], source: str) -> DictConfig:
+    """Merge one raw mapping into the structured config, turning OmegaConf errors into one line."""
+    _check_keys(layer, source)
+    try:
+        return OmegaConf.merge(base, layer)  # type: ignore[return-value]
+    except ValidationError as exc:
+        key = exc.full_key or "?"
+        expected = getattr(exc, "ref_type_str", None) or "the declared type"
+        raise ConfigError(
+            f"{key}={_offending_value(layer, key)!r} in {source} has the wrong type; expected {expected}"
+        ) from None
+    except (ConfigKeyError, ConfigAttributeError, OmegaConfBaseException) as exc:
+        raise ConfigError(f"config error in {source}: {str(exc).splitlines()[0]}") from None
+
+
+def _offending_value(layer: dict[str, Any], dotted: str) -> Any:
+    node: Any = layer
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return "?"
+        node = node[part]
+    return node
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PDLConfig:
+    """Compose a config file (or the defaults) with `key=value` overrides and validate it."""
+    cfg: DictConfig = OmegaConf.structured(PDLConfig)
+    if path is not None:
+        file = resolve_config_path(path)
+        for layer in _compose(file):
+            cfg = _merge(cfg, layer, repr(str(file)))
+    for item in overrides:
+        key, value = _parse_override(item)
+        section, name = key.split(".")
+        cfg = _merge(cfg, {section: {name: value}}, f"override {item!r}")
+    obj: PDLConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(obj)
+    return obj
+
+
+def to_dict(cfg: PDLConfig) -> dict[str, Any]:
+    """The resolved config as plain nested dicts (for YAML dumps, hashing and MLflow params)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: PDLConfig) -> str:
+    """The resolved config as YAML text, loadable again with `load_config`."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: PDLConfig) -> dict[str, Any]:
+    """`section.key -> value` for every field (MLflow params)."""
+    return {f"{s}.{k}": v for s, body in to_dict(cfg).items() for k, v in body.items()}
+
+
+def config_hash(*parts: Any) -> str:
+    """A short, stable content hash of JSON-able parts (dataclasses are converted)."""
+    def plain(x: Any) -> Any:
+        if hasattr(x, "__dataclass_fields__"):
+            return OmegaConf.to_container(OmegaConf.structured(x), resolve=True)
+        return x
+
+    blob = json.dumps([plain(p) for p in parts], sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _require(ok: bool, field_name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}={value!r} is out of range; allowed: {allowed}")
+
+
+def _choice(field_name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise choice_error(field_name, value, allowed)
+
+
+def _positive_int(field_name: str, value: int) -> None:
+    _require(isinstance(value, int) and value >= 1, field_name, value, "an integer >= 1")
+
+
+def _fraction(field_name: str, value: float, low_open: bool = False) -> None:
+    ok = math.isfinite(value) and (0 < value <= 1 if low_open else 0 <= value <= 1)
+    _require(ok, field_name, value, "(0, 1]" if low_open else "[0, 1]")
+
+
+def validate(cfg: PDLConfig) -> None:
+    """Range- and name-check every field; raise ConfigError (one line) on the first problem."""
+    from pd_lightning.models import PRESETS  # late import: models imports transformers
+
+    d = cfg.data
+    _choice("data.source", d.source, DATA_SOURCES)
+    if d.source != "builtin" and not d.path:
+        raise ConfigError(f"data.path is required when data.source={d.source!r} (a file, directory, glob or dataset name)")
+    _fraction("data.heldout_fraction", d.heldout_fraction)
+    for name in ("train_tokens", "heldout_tokens", "seq_len", "sequences_per_shard", "tokenizer_train_chars"):
+        _positive_int(f"data.{name}", getattr(d, name))
+    _require(d.seq_len >= 2, "data.seq_len", d.seq_len, "an integer >= 2 (next-token prediction needs two tokens)")
+    _require(256 + 1 <= d.vocab_size <= 2**32 - 1, "data.vocab_size", d.vocab_size, "257 .. 4294967295 (a byte-level BPE needs 256 byte tokens + specials)")
+
+    _choice("model.preset", cfg.model.preset, tuple(PRESETS))
+    t = cfg.teacher
+    _choice("teacher.preset", t.preset, tuple(PRESETS))
+    for name in ("max_steps", "batch_size"):
+        _positive_int(f"teacher.{name}", getattr(t, name))
+    _require(t.lr > 0 and math.isfinite(t.lr), "teacher.lr", t.lr, "a number > 0")
+    _fraction("teacher.warmup_frac", t.warmup_frac)
+
+    lg = cfg.logits
+    _fraction("logits.p", lg.p, low_open=True)
+    _fraction("logits.store_p", lg.store_p, low_open=True)
+    _positive_int("logits.k", lg.k)
+    _positive_int("logits.store_k", lg.store_k)
+    _require(lg.tau > 0 and math.isfinite(lg.tau), "logits.tau", lg.tau, "a number > 0")
+    _choice("logits.method", lg.method, TEMPERATURE_METHODS)
+    _require(lg.normkd_t > 0, "logits.normkd_t", lg.normkd_t, "a number > 0")
+    _require(lg.wttm_gamma > 0, "logits.wttm_gamma", lg.wttm_gamma, "a number > 0")
+    _require(0 < lg.adakd_min_tau <= lg.adakd_max_tau, "logits.adakd_min_tau", lg.adakd_min_tau,
+             f"0 < adakd_min_tau <= adakd_max_tau ({lg.adakd_max_tau})")
+    _positive_int("logits.batch_size", lg.batch_size)
+    _positive_int("logits.sequences_per_shard", lg.sequences_per_shard)
+    _choice("logits.mode", lg.mode, DISTILL_MODES)
+
+    ls = cfg.loss
+    _choice("loss.kind", ls.kind, LOSS_KINDS)
+    _fraction("loss.alpha", ls.alpha)
+    _choice("loss.alpha_schedule", ls.alpha_schedule, ALPHA_SCHEDULES)
+    _fraction("loss.alpha_warmup_frac", ls.alpha_warmup_frac)
+    _fraction("loss.alpha_decay_frac", ls.alpha_decay_frac)
+    _require(ls.alpha_warmup_frac + ls.alpha_decay_frac <= 1, "loss.alpha_decay_frac", ls.alpha_decay_frac,
+             f"alpha_warmup_frac + alpha_decay_frac <= 1 (warmup is {ls.alpha_warmup_frac})")
+    _positive_int("loss.alpha_periods", ls.alpha_periods)
+    _require(0 < ls.jsd_beta < 1, "loss.jsd_beta", ls.jsd_beta, "(0, 1)")
+    _positive_int("loss.chunk_size", ls.chunk_size)
+
+    o = cfg.optim
+    _require(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "a number > 0")
+    _fraction("optim.min_lr_ratio", o.min_lr_ratio)
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
+    _require(0 <= o.beta1 < 1, "optim.beta1", o.beta1, "[0, 1)")
+    _require(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "[0, 1)")
+    _require(o.eps > 0, "optim.eps", o.eps, "a number > 0")
+    _require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "a number >= 0 (0 disables clipping)")
+    _choice("optim.lr_schedule", o.lr_schedule, LR_SCHEDULES)
+    _fraction("optim.warmup_frac", o.warmup_frac)
+    _fraction("optim.decay_frac", o.decay_frac)
+    _require(o.warmup_frac + o.decay_frac <= 1, "optim.decay_frac", o.decay_frac,
+             f"warmup_frac + decay_frac <= 1 (warmup is {o.warmup_frac})")
+    _choice("optim.decay_shape", o.decay_shape, DECAY_SHAPES)
+
+    tr = cfg.trainer
+    for name in ("max_steps", "batch_size", "accumulate_grad_batches", "devices", "num_nodes",
+                 "log_every_n_steps", "val_every_n_steps", "val_batches", "checkpoint_every_n_steps"):
+        _positive_int(f"trainer.{name}", getattr(tr, name))
+    _require(tr.num_workers >= 0, "trainer.num_workers", tr.num_workers, "an integer >= 0")
+    _choice("trainer.precision", tr.precision, PRECISIONS)
+    _choice("trainer.accelerator", tr.accelerator, ACCELERATORS)
+    _choice("trainer.strategy", tr.strategy, STRATEGIES)
+
+    e = cfg.eval
+    _positive_int("eval.batch_size", e.batch_size)
+    if e.limit is not None:
+        _positive_int("eval.limit", e.limit)
