@@ -93,38 +93,57 @@ def _floor_log2(x: np.ndarray) -> np.ndarray:
     return np.frexp(x.astype(np.float64))[1].astype(np.int64) - 1
 
 
-def _eg_cost(x: np.ndarray, orders: np.ndarray) -> np.ndarray:
-    """Bits of order-m Exp-Golomb for each x and each m: 2·floor(log2(x + 2^m)) - m + 1, [M, len(orders)]."""
-    return 2 * _floor_log2(x[:, None] + (1 << orders)[None, :]) - orders[None, :] + 1
+def _best_orders(x: np.ndarray, token_starts: np.ndarray, counts: np.ndarray, max_order: int) -> np.ndarray:
+    """Per token (segment of x), the Exp-Golomb order with the fewest total bits among 4 candidates.
+
+    The best order is close to log2 of the token's mean value, so only floor(log2(mean + 1)) - 2 .. + 1
+    (clipped to [0, max_order]) are tried -- 4 columns instead of max_order + 1.
+    """
+    if x.size == 0:
+        return np.zeros(len(counts), np.int64)
+    mean = np.add.reduceat(x, token_starts) // counts
+    cand = np.clip(_floor_log2(mean + 1)[:, None] + np.arange(-2, 2), 0, max_order)  # [T, 4]
+    cost = np.add.reduceat(_eg_cost_per(x[:, None], np.repeat(cand, counts, axis=0)), token_starts, axis=0)
+    return cand[np.arange(len(counts)), np.argmin(cost, axis=1)]
 
 
-def _best_orders(x: np.ndarray, token_starts: np.ndarray, max_order: int) -> np.ndarray:
-    """Per token (segment of x), the Exp-Golomb order with the fewest total bits."""
-    orders = np.arange(max_order + 1, dtype=np.int64)
-    out = np.empty(len(token_starts), dtype=np.int64)
-    step = 1 << 18  # bound the [M, orders] temporary
-    seg_ends = np.append(token_starts[1:], len(x))
-    t0 = 0
-    while t0 < len(token_starts):
-        t1 = int(np.searchsorted(token_starts, token_starts[t0] + step, side="left"))
-        t1 = max(t1, t0 + 1)
-        a, b = token_starts[t0], seg_ends[t1 - 1]
-        cost = np.add.reduceat(_eg_cost(x[a:b], orders), token_starts[t0:t1] - a, axis=0)
-        out[t0:t1] = np.argmin(cost, axis=1)
-        t0 = t1
-    return out
+def _eg_cost_per(x: np.ndarray, orders: np.ndarray) -> np.ndarray:
+    """Bits of order-m Exp-Golomb, elementwise: 2·floor(log2(x + 2^m)) - m + 1."""
+    return 2 * _floor_log2(x + (np.int64(1) << orders)) - orders + 1
 
 
-def _place_fields(bits: np.ndarray, pos: np.ndarray, width: np.ndarray, value: np.ndarray) -> None:
-    """Write value's low `width` bits MSB-first at bit positions pos.. into a 0/1 uint8 array."""
-    total = int(width.sum())
-    if total == 0:
-        return
-    starts = _excl_cumsum(width)[:-1]
-    owner = np.repeat(np.arange(len(width)), width)
-    j = np.arange(total, dtype=np.int64) - starts[owner]
-    shift = (width[owner] - 1 - j).astype(np.uint64)
-    bits[pos[owner] + j] = ((value[owner].astype(np.uint64) >> shift) & np.uint64(1)).astype(np.uint8)
+def _build_payload(streams: list[tuple[np.ndarray, np.ndarray]], seq_entry_starts: np.ndarray, n_seq: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lay out (width, value) fields as per-sequence, byte-padded chunks; return (payload bytes, chunk bytes [S, C]).
+
+    Every field (unary codes included) is <= 32 bits, so the stream is the row-major selection of
+    the low `width` bits of each value's 32-bit big-endian form: one unpackbits, one boolean mask.
+    """
+    c = len(streams)
+    per_seq = np.diff(seq_entry_starts)
+    m = int(seq_entry_starts[-1])
+    chunk_bits = np.zeros((n_seq, c), np.int64)
+    for ci, (w, _) in enumerate(streams):
+        if m:
+            chunk_bits[:, ci] = np.add.reduceat(w, seq_entry_starts[:-1])
+    pad = (-chunk_bits) % 8  # a pad field of 1 bits closes every chunk (possibly 0 wide)
+    # final order: sequence-major, then chunk, then entry, then the chunk's pad field
+    block = (per_seq + 1)[:, None].repeat(c, 1).ravel()  # fields per (sequence, chunk) block
+    block_start = _excl_cumsum(block)[:-1].reshape(n_seq, c)
+    seq_of = np.repeat(np.arange(n_seq), per_seq)
+    within = np.arange(m) - seq_entry_starts[:-1][seq_of]
+    total = int(block.sum())
+    width = np.empty(total, np.int64)
+    value = np.empty(total, np.int64)
+    for ci, (w, x) in enumerate(streams):
+        if w.size and w.max() > 32:
+            raise ValueError("a code is wider than 32 bits")
+        dest = block_start[seq_of, ci] + within
+        width[dest], value[dest] = w, x
+        pads = block_start[:, ci] + per_seq
+        width[pads], value[pads] = pad[:, ci], (np.int64(1) << pad[:, ci]) - 1
+    bits32 = np.unpackbits(value.astype(">u4").view(np.uint8)).reshape(total, 32)
+    keep = np.arange(32)[None, :] >= (32 - width)[:, None]
+    return np.packbits(bits32[keep]), (chunk_bits + pad) // 8
 
 
 def _read_fields(buf: np.ndarray, pos: np.ndarray, width: np.ndarray) -> np.ndarray:
@@ -145,13 +164,20 @@ def _eg_split(x: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray,
 # ----------------------------------------------------------------------------- encode
 
 
-def _token_entries(sparse: SparseLogits) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _token_entries(sparse: SparseLogits, by_id: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Flat kept (ids, logprobs), token-major; by_id sorts each token's entries by id. Also log Q per token."""
     counts = sparse.counts.cpu().numpy().astype(np.int64)
-    width = sparse.width
-    mask = np.arange(width)[None, :] < counts[:, None]
-    ids = sparse.indices.cpu().numpy()[mask].astype(np.int64)
-    lps = sparse.logprobs.detach().cpu().float().numpy()[mask]
-    return counts, ids, lps
+    mask = np.arange(sparse.width)[None, :] < counts[:, None]
+    ids = sparse.indices.cpu().numpy().astype(np.int64, copy=False)
+    lps = sparse.logprobs.detach().cpu().float().numpy()
+    lp64 = np.where(mask, lps, -np.inf).astype(np.float64)
+    top = lp64.max(1, keepdims=True, initial=-np.inf)
+    top = np.where(np.isfinite(top), top, 0.0)
+    log_mass = (top[:, 0] + np.log(np.exp(lp64 - top).sum(1))) if len(counts) else np.zeros(0)
+    if by_id:
+        order = np.argsort(np.where(mask, ids, np.iinfo(np.int64).max), axis=1, kind="stable")
+        ids, lps = np.take_along_axis(ids, order, 1), np.take_along_axis(lps, order, 1)
+    return counts, ids[mask], lps[mask], log_mass
 
 
 def encode(sparse: SparseLogits, positions: int, vocab_size: int, k: int, encoding: str, value_step: float) -> EncodedBatch:
@@ -160,7 +186,7 @@ def encode(sparse: SparseLogits, positions: int, vocab_size: int, k: int, encodi
     if n_tok % positions:
         raise ValueError(f"{n_tok} token rows is not a whole number of sequences of {positions} positions")
     n_seq = n_tok // positions
-    counts, ids, lps = _token_entries(sparse)
+    counts, ids, lps, lq = _token_entries(sparse, by_id=encoding == "egsqrt")
     if counts.min(initial=1) < 1 or counts.max(initial=1) > k:
         raise ValueError(f"kept-entry counts must lie in [1, {k}]")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
@@ -172,48 +198,29 @@ def encode(sparse: SparseLogits, positions: int, vocab_size: int, k: int, encodi
     m = len(ids)
     seq_of_entry = np.repeat(np.arange(n_seq), np.diff(seq_entry_starts))
     if encoding == "egsqrt":
-        tok_of_entry = np.repeat(np.arange(n_tok), counts)
-        order = np.lexsort((ids, tok_of_entry))
-        ids, lps = ids[order], lps[order]
         gaps = ids.copy()
         gaps[1:] -= ids[:-1] + 1
         gaps[tok_starts[:-1]] = ids[tok_starts[:-1]]
-        lq = np.logaddexp.reduceat(lps.astype(np.float64), tok_starts[:-1]) if m else np.zeros(0)
         mass = np.clip(np.rint(-lq * MASS_SCALE), 0, 65535).astype(np.uint16)
         r = lps.astype(np.float64) - np.repeat(lq, counts)
         levels = np.rint(np.exp(r / 2) / value_step).astype(np.int64)
         levels = np.clip(levels, 0, int(1.0 / value_step) + 1)
-        m_gap = _best_orders(gaps, tok_starts[:-1], MAX_GAP_ORDER)
-        m_val = _best_orders(levels, tok_starts[:-1], MAX_VALUE_ORDER)
+        m_gap = _best_orders(gaps, tok_starts[:-1], counts, MAX_GAP_ORDER)
+        m_val = _best_orders(levels, tok_starts[:-1], counts, MAX_VALUE_ORDER)
         params = (m_gap | (m_val << 5)).astype(np.uint8)
         streams = []
         for x, mo in ((gaps, m_gap), (levels, m_val)):
             n, w, xp = _eg_split(x, np.repeat(mo, counts))
-            streams.append(("unary", n + 1, n))
-            streams.append(("field", w, xp))
+            streams.append((n + 1, (np.int64(2) << n) - 2))  # unary: n ones, then a zero
+            streams.append((w, xp))
     elif encoding == "fixed":
         params = mass = None
         levels = np.clip(np.rint(-lps.astype(np.float64) * FIXED_VALUE_SCALE), 0, 65535).astype(np.int64)
-        streams = [("field", np.full(m, index_bits(vocab_size), np.int64), ids),
-                   ("field", np.full(m, 16, np.int64), levels)]
+        streams = [(np.full(m, index_bits(vocab_size), np.int64), ids), (np.full(m, 16, np.int64), levels)]
     else:
         raise ValueError(f"unknown encoding {encoding!r}")
-    c = len(streams)
-    # bits of each (sequence, chunk), padded to whole bytes; chunks laid out sequence-major
-    chunk_bits = np.stack([np.add.reduceat(s[1], seq_entry_starts[:-1]) if m else np.zeros(n_seq, np.int64)
-                           for s in streams], 1)  # [S, C]
-    chunk_bytes = (chunk_bits + 7) // 8
-    chunk_start_bits = (_excl_cumsum(chunk_bytes.ravel())[:-1] * 8).reshape(n_seq, c)
-    bits = np.ones(int(chunk_bytes.sum()) * 8, dtype=np.uint8)
-    for ci, (kind, length, val) in enumerate(streams):
-        cum = _excl_cumsum(length)
-        pos = chunk_start_bits[seq_of_entry, ci] + cum[:-1] - cum[seq_entry_starts[seq_of_entry]]
-        if kind == "unary":
-            bits[pos + length - 1] = 0  # n ones (already 1) then the terminating zero
-        else:
-            _place_fields(bits, pos, length, val)
-    return EncodedBatch(counts.astype(count_dtype), params, mass, stats, chunk_bytes.ravel().astype(np.uint64),
-                        np.packbits(bits), m)
+    payload, chunk_bytes = _build_payload(streams, seq_entry_starts, n_seq)
+    return EncodedBatch(counts.astype(count_dtype), params, mass, stats, chunk_bytes.ravel().astype(np.uint64), payload, m)
 
 
 # ----------------------------------------------------------------------------- decode
