@@ -262,7 +262,7 @@ def _decode_fields(buf: np.ndarray, chunk_bits: np.ndarray, per_chunk: np.ndarra
     return _read_fields(buf, pos, width)
 
 
-def decode(
+def decode_arrays(
     counts: np.ndarray,
     params: np.ndarray | None,
     mass: np.ndarray | None,
@@ -275,8 +275,8 @@ def decode(
     k: int,
     encoding: str,
     value_step: float,
-) -> SparseLogits:
-    """Decode local sequences `seqs` of one shard into SparseLogits [len(seqs)·P, k], descending."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Decode local sequences `seqs` of one shard: (ids [n·P, k], logprobs [n·P, k] descending, counts, entropy, std)."""
     seqs = np.asarray(seqs, dtype=np.int64)
     rows = (seqs[:, None] * positions + np.arange(positions)).ravel()
     cnt = counts[rows].astype(np.int64)
@@ -321,7 +321,10 @@ def decode(
     lp_pad = np.full((n_tok, k), -np.inf, np.float32)
     idx_pad[row, col] = ids
     lp_pad[row, col] = lps
-    lp_t, idx_t = torch.from_numpy(lp_pad), torch.from_numpy(idx_pad)
     st = stats[rows].astype(np.float32)
-    return SparseLogits(idx_t, lp_t, torch.from_numpy(cnt), torch.from_numpy(st[:, 0].copy()),
-                        torch.from_numpy(st[:, 1].copy()))
+    return idx_pad, lp_pad, cnt, st[:, 0].copy(), st[:, 1].copy()
+
+
+def decode(*args: object, **kwargs: object) -> SparseLogits:
+    """`decode_arrays` wrapped as SparseLogits (torch tensors sharing the numpy memory)."""
+    return SparseLogits(*(torch.from_numpy(a) for a in decode_arrays(*args, **kwargs)))

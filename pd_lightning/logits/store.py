@@ -500,10 +500,10 @@ class _Shard:
         self.value_step = float(h["encoding"].get("value_step", 0.0))
         self._mm = mm
 
-    def decode(self, local: np.ndarray, manifest: dict[str, Any]) -> SparseLogits:
+    def decode(self, local: np.ndarray, manifest: dict[str, Any]) -> tuple[np.ndarray, ...]:
         v = self.views
         try:
-            return codec.decode(v["counts"], v.get("params"), v.get("mass"), v["stats"], v["chunks"], v["payload"], local,
+            return codec.decode_arrays(v["counts"], v.get("params"), v.get("mass"), v["stats"], v["chunks"], v["payload"], local,
                                 manifest["positions_per_sequence"], manifest["vocab_size"], manifest["k"],
                                 self.encoding, self.value_step)
         except codec.CorruptChunk as e:
@@ -583,16 +583,17 @@ class LogitStore:
         if ids.min() < 0 or ids.max() >= len(self):
             raise IndexError(f"sequence ids must lie in [0, {len(self)})")
         shard_of = np.searchsorted(self._starts, ids, side="right") - 1
-        order = np.argsort(shard_of, kind="stable")
-        parts, P = [], self.positions_per_sequence
+        P, k = self.positions_per_sequence, self.k
+        n = len(ids) * P
+        # numpy all the way (torch ops on tiny tensors cost more than the decode), one torch view at the end
+        out = [np.zeros((n, k), np.int64), np.full((n, k), -np.inf, np.float32), np.zeros(n, np.int64),
+               np.zeros(n, np.float32), np.zeros(n, np.float32)]
         for s in np.unique(shard_of):
-            sel = order[shard_of[order] == s]
-            parts.append(self._shard(int(s)).decode(ids[sel] - self._starts[s], self.manifest))
-        out = parts[0] if len(parts) == 1 else SparseLogits.cat(parts)
-        if len(parts) > 1 or np.any(order != np.arange(len(ids))):
-            rows = torch.from_numpy((np.argsort(order)[:, None] * P + np.arange(P)).reshape(-1))
-            out = SparseLogits(*(t[rows] for t in out._tensors()))
-        return out
+            sel = np.flatnonzero(shard_of == s)
+            rows = (sel[:, None] * P + np.arange(P)).reshape(-1)
+            for dst, src in zip(out, self._shard(int(s)).decode(ids[sel] - self._starts[s], self.manifest)):
+                dst[rows] = src
+        return SparseLogits(*(torch.from_numpy(a) for a in out))
 
 
 # ----------------------------------------------------------------------------- inspect / verify
