@@ -29,9 +29,11 @@ def test_world_is_deterministic_and_seed_dependent():
     assert len(list(a.facts())) == 6 * len(a.people) + 3 * len(a.cities) + 2 * len(a.species)
 
 
-def test_world_sizes_are_honoured():
+def test_world_sizes_are_honoured_and_checked():
     w = World.build(3, n_people=50, n_cities=7, n_pet_names=9, max_operand=12)
     assert (len(w.people), len(w.cities), len(w.pet_names), w.max_operand) == (50, 7, 9, 12)
+    with pytest.raises(ConfigError, match="n_cities"):
+        World.build(0, n_cities=1)
 
 
 def test_documents_are_deterministic_and_independent_of_start():
@@ -158,3 +160,12 @@ def test_generation_speed_is_sane():
         if n >= 2_000_000:
             break
     assert time.perf_counter() - t0 < 30
+
+
+@pytest.mark.parametrize("task", EVAL_TASKS)
+def test_length_only_scorers_are_at_chance(task):
+    # A random-init model scores by length (shorter = likelier); the items must not reward that.
+    items = make_eval_items(task, 600, seed=0)
+    for pick in (min, max):
+        acc = sum(pick(range(4), key=lambda i: len(it["choices"][i])) == it["label"] for it in items) / len(items)
+        assert 0.15 < acc < 0.35, (pick.__name__, acc)

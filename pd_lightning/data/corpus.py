@@ -27,7 +27,7 @@ import bisect
 import hashlib
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
 
@@ -76,6 +76,7 @@ class Rng:
     def sample(self, seq: Sequence, k: int) -> list:
         """k distinct elements (partial Fisher-Yates)."""
         out = list(seq)
+        k = min(k, len(out))
         for i in range(k):
             j = i + int(self.random() * (len(out) - i))
             out[i], out[j] = out[j], out[i]
@@ -86,13 +87,22 @@ class Options:
     """A weighted list of fillers for one grammar slot, written compactly as "word:weight ..."."""
 
     def __init__(self, spec: str):
-        self.items: list[str] = []
+        pairs = [tok.partition(":") for tok in spec.split()]
+        self._set([w.replace("_", " ") for w, _, _ in pairs], [float(x or 1) for _, _, x in pairs])
+
+    @classmethod
+    def from_weights(cls, items: Sequence[str], weights: Sequence[float]) -> Options:
+        """Options from parallel lists of fillers and weights."""
+        self = cls.__new__(cls)
+        self._set(list(items), list(weights))
+        return self
+
+    def _set(self, items: list[str], weights: list[float]) -> None:
+        self.items = items
         self.cum: list[float] = []
         total = 0.0
-        for tok in spec.split():
-            word, _, w = tok.partition(":")
-            total += float(w or 1)
-            self.items.append(word.replace("_", " "))
+        for w in weights:
+            total += w
             self.cum.append(total)
 
 
@@ -126,6 +136,7 @@ _ONSETS = "b d f g k l m n p r s t v z br tr st kl sh th dr gr".split()
 _VOWELS = "a e i o u a e i o ai ea oo".split()
 _CODAS = ["", "", "", "n", "r", "l", "s", "m", "th", "k", "nd"]
 _CITY_SUFFIX = "ton ford by holm wick dale mere stead".split()
+_PET_ENDS = "p x ky ty bo zz sy".split()  # short, toy-like names, unlike people's
 
 
 @dataclass(frozen=True)
@@ -172,12 +183,32 @@ class World:
     species: tuple[Species, ...]
     pet_names: tuple[str, ...]
     max_operand: int
-    popularity: Options  # weighted person names: a few people are famous, most are rare
+    popularity: Options = field(compare=False)  # person names weighted: few famous, most rare
+    _people: dict[str, Person] = field(init=False, repr=False, compare=False)
+    _cities: dict[str, City] = field(init=False, repr=False, compare=False)
+    _residents: dict[str, list[str]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        # Name lookups are on the hot path of generation; build them once (frozen, so setattr).
+        residents: dict[str, list[str]] = {}
+        for p in self.people:
+            residents.setdefault(p.city, []).append(p.name)
+        object.__setattr__(self, "_people", {p.name: p for p in self.people})
+        object.__setattr__(self, "_cities", {c.name: c for c in self.cities})
+        object.__setattr__(self, "_residents", residents)
 
     @classmethod
     def build(cls, seed: int = 0, *, n_people: int = 200, n_cities: int = 24,
               n_pet_names: int = 60, max_operand: int = 30, zipf_offset: float = 10.0) -> World:
         """Build the world of a seed; sizes trade how much there is to memorise for learnability."""
+        from pd_lightning.errors import ConfigError
+
+        sizes = dict(n_people=n_people, n_cities=n_cities, n_pet_names=n_pet_names, max_operand=max_operand)
+        limits = dict(n_people=(8, 20000), n_cities=(4, 500), n_pet_names=(4, 300), max_operand=(4, 1000))
+        for k, v in sizes.items():
+            lo, hi = limits[k]
+            if not isinstance(v, int) or not lo <= v <= hi:
+                raise ConfigError(f"synthworld {k}={v!r} is out of range; expected an integer in [{lo}, {hi}]")
         rng = Rng("pdl-synthworld-world", seed)
         taken = {w.lower() for w in (*JOBS, *FOODS, *COLOURS, *OBJECTS, *SPECIES, *HABITATS,
                                      *DIETS, *REGIONS, *PLACES, *_LEXICON)}
@@ -197,7 +228,7 @@ class World:
                       for _ in range(n_cities)]
         rivers = [fresh(lambda: (syllable() + rng.pick(["a", "e", "o"])).capitalize())
                   for _ in range(max(4, n_cities // 3))]
-        pet_names = [fresh(lambda: (rng.pick(_ONSETS) + rng.pick(_VOWELS) + rng.pick(["p", "x", "ky", "ty", "bo", "zz", "sy"])).capitalize())
+        pet_names = [fresh(lambda: (rng.pick(_ONSETS) + rng.pick(_VOWELS) + rng.pick(_PET_ENDS)).capitalize())
                      for _ in range(n_pet_names)]
         cities = tuple(City(c, rng.pick(REGIONS), rng.pick(rivers), rng.pick(FOODS + OBJECTS))
                        for c in city_names)
@@ -208,21 +239,20 @@ class World:
                                  rng.pick(FOODS), rng.pick(COLOURS), 20 + rng.below(50), friend))
         species = tuple(Species(s, snd, rng.pick(HABITATS), rng.pick(DIETS)) for s, snd in SPECIES.items())
         # Zipf-like popularity: person r has weight 1/(r + offset); the offset keeps the head flat.
-        pop = Options(" ".join(f"{p}:{1.0 / (r + zipf_offset):.6f}" for r, p in enumerate(person_names)))
+        pop = Options.from_weights(person_names, [1.0 / (r + zipf_offset) for r in range(n_people)])
         return cls(seed, tuple(people), cities, species, tuple(pet_names), max_operand, pop)
 
-    # lookups (dicts are built lazily once per world; the dataclass is frozen)
     def person(self, name: str) -> Person:
         """The person of a name."""
-        return _index(self)[0][name]
+        return self._people[name]
 
     def city(self, name: str) -> City:
         """The city of a name."""
-        return _index(self)[1][name]
+        return self._cities[name]
 
     def residents(self, city: str) -> list[str]:
         """Names of the people who live in a city, in world order."""
-        return _index(self)[2].get(city, [])
+        return self._residents.get(city, [])
 
     def famous_person(self, rng: Rng) -> Person:
         """A person drawn by popularity."""
@@ -240,16 +270,6 @@ class World:
         for s in self.species:
             yield s.name, "habitat", s.habitat
             yield s.name, "diet", s.diet
-
-
-@lru_cache(maxsize=8)
-def _index(world: World) -> tuple[dict[str, Person], dict[str, City], dict[str, list[str]]]:
-    people = {p.name: p for p in world.people}
-    cities = {c.name: c for c in world.cities}
-    residents: dict[str, list[str]] = {}
-    for p in world.people:
-        residents.setdefault(p.city, []).append(p.name)
-    return people, cities, residents
 
 
 @lru_cache(maxsize=8)
@@ -539,24 +559,23 @@ def heldout_texts(n: int, seed: int = 0) -> list[str]:
 
 def _item_continuation(rng: Rng, world: World) -> dict:
     body, _, s = _story(rng, world)
-    pools = {"hero": [p.name for p in world.people], "pet": list(world.pet_names),
-             "city": [c.name for c in world.cities], "obj": OBJECTS, "friend": [p.name for p in world.people]}
     mentioned = set(" ".join(body).replace(".", " ").replace(",", " ").replace("!", " ").replace('"', " ").split())
     slots = {"home": ["hero", "pet", "city"], "give": ["hero", "pet", "obj"], "tell": ["hero", "friend", "obj"]}[s["kind"]]
-    choices = [_ending(**s)]
-    order = rng.shuffled(slots)
-    k = 0
-    while len(choices) < 4:
-        slot = order[k % len(order)]
-        k += 1
-        # A distractor swaps one entity for one the story never mentioned: fluent, but inconsistent.
-        alt = rng.pick(pools[slot])
-        if alt in mentioned or alt == s[slot]:
-            continue
-        cand = _ending(**{**s, slot: alt})
-        if cand not in choices:
-            choices.append(cand)
-    return _mc(rng, " ".join(body), [" " + c for c in choices])
+    slot = rng.pick(slots)
+    # Distractors swap the same entity slot for one the story never mentioned (fluent, but
+    # inconsistent with the story), drawn from the same distribution as the true filler, so a
+    # model with only a length or frequency bias (e.g. a random one) stays at chance.
+    draw = {"hero": lambda: world.famous_person(rng).name, "friend": lambda: world.famous_person(rng).name,
+            "pet": lambda: rng.pick(world.pet_names), "city": lambda: world.famous_person(rng).city,
+            "obj": lambda: rng.pick(OBJECTS)}[slot]
+    fillers = [s[slot]]
+    for _ in range(1000):  # the world's minimum sizes leave enough alternatives
+        alt = draw()
+        if alt not in mentioned and alt not in fillers:
+            fillers.append(alt)
+            if len(fillers) == 4:
+                break
+    return _mc(rng, " ".join(body), [" " + _ending(**{**s, slot: f}) for f in fillers])
 
 
 # Cloze forms of the first paraphrase of each person fact: (context, answer); the article of a
