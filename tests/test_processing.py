@@ -121,10 +121,10 @@ def test_per_token_tau_and_wttm():
 def test_normkd_and_adakd_temperatures():
     z = torch.randn(64, 200) * torch.linspace(0.5, 5, 64)[:, None]
     s = truncate_top_p_k(z, 0.95, 50)
-    torch.testing.assert_close(std_temperature(s.logit_std, 1.5), 1.5 * z.std(-1, correction=0))
+    torch.testing.assert_close(std_temperature(s.logit_std, 1.5), 1.5 * z.std(-1, correction=0), rtol=1e-5, atol=1e-5)
     t = teacher_targets(s, 0.95, 50, method="NormKD", t_norm=2.0)
     tau_t = 2.0 * z.std(-1, correction=0)
-    torch.testing.assert_close(t.token_weights, tau_t**2)
+    torch.testing.assert_close(t.token_weights, tau_t**2, rtol=2e-5, atol=1e-5)
     ref = torch.softmax(torch.where(torch.isneginf(s.logprobs), -math.inf, s.logprobs) / tau_t[:, None], -1)
     torch.testing.assert_close(t.probs, ref)
     sd = adakd_temperature(s.logit_std, "sd", tau=2.0, beta=1.0, tau_min=0.1, tau_max=100)
