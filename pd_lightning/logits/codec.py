@@ -22,11 +22,11 @@ sqrt domain spends precision where KL feels it: KL(r || r') ≈ ½ Var_r(Δlog r
 ≈ K δ² / 6 whatever the values (renormalising by Q keeps flat, low-mass tokens as exact as
 peaked ones).
 Exp-Golomb of order m codes x as: n = floor(log2(x + 2^m)) - m in unary (n ones, a zero), then the
-low n + m bits of x + 2^m; m is chosen per token (gaps 0..17, values 0..7) to minimise its bits,
-stored as `params = m_gap | m_val << 5`. Unary and fixed-width parts sit in separate chunks
+low n + m bits of x + 2^m; m is chosen per token (gaps 0..17, values 0..7) as the cheapest of four
+orders around log2 of the token's mean, stored as `params = m_gap | m_val << 5`. Unary and fixed-width parts sit in separate chunks
 (sequence chunk order: gap-unary, gap-bits, value-unary, value-bits) so decoding needs only
 cumsum/gather: unary lengths come from the positions of zero bits, field positions from a cumsum.
-Unary chunks are padded with 1 bits, others with 1 bits too (never read).
+Chunks are padded to whole bytes with 1 bits (so padding never reads as a unary terminator).
 
 `fixed` v1 (plain). Entries in descending order; ids as ⌈log2 V⌉-bit fields, values as 16-bit
 `level = round(-logprob · 1024)` (|error| <= 2^-11 nats for logprob >= -64). Chunks: ids, values.

@@ -356,7 +356,9 @@ class AsyncShardWriter:
 
     `submit(first_sequence, logits)` takes dense logits [B, P, V] (truncated to the writer's top-p-k
     in the background) or ready SparseLogits; at most `max_pending` batches wait, so memory stays
-    bounded. Errors from the thread are raised by the next submit() or close().
+    bounded. Errors from the thread are raised by the next submit() or close(). With a GPU teacher
+    at V ≈ 150k, dense [B, P, V] batches are large: truncate on the GPU in the forward's thread
+    (`truncate_top_p_k` is cheap there) and submit the SparseLogits, leaving encode + write here.
     """
 
     def __init__(self, writer: LogitStoreWriter, max_pending: int = 2):
