@@ -41,6 +41,7 @@ and W are accumulated chunk by chunk: no [N, V] tensor is ever stored.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -106,15 +107,11 @@ def sparse_kd_distance(logp_s: Tensor, q: Tensor, kind: str, *, sum_p2: Tensor |
         if kind == "rkl":
             return (pt * torch.where(on, log_pt - log_q, 0.0)).sum(-1)
         b = jsd_beta
-        log_m = torch.logaddexp(log_q + _log(b), log_pt + _log(1.0 - b))
+        log_m = torch.logaddexp(log_q + math.log(b), log_pt + math.log(1.0 - b))
         kl_qm = (q * torch.where(on, log_q - log_m, 0.0)).sum(-1)
         kl_pm = (pt * torch.where(on, log_pt - log_m, 0.0)).sum(-1)
         return b * kl_qm + (1.0 - b) * kl_pm
     raise choice_error("loss.kind", kind, LOSS_KINDS)
-
-
-def _log(x: float) -> float:
-    return float(torch.log(torch.tensor(x, dtype=torch.float64)))
 
 
 def _chunk(z: Tensor, labels: Tensor, lm_coef: Tensor, idx: Tensor | None, q: Tensor | None,
