@@ -252,6 +252,25 @@ def test_every_bit_flip_detected(tmp_path, sparse):
     assert verify_store(tmp_path)["checksums_ok"] is True
 
 
+@pytest.mark.parametrize("encoding", ["egsqrt", "fixed"])
+def test_reader_fails_only_with_data_error_on_random_flips(tmp_path, sparse, encoding):
+    build(tmp_path, sparse, encoding)
+    shard = tmp_path / "shard-000001.bin"
+    clean = shard.read_bytes()
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        data = bytearray(clean)
+        for i in rng.integers(0, len(data), 3):
+            data[int(i)] ^= 1 << int(rng.integers(0, 8))
+        shard.write_bytes(bytes(data))
+        try:  # without checksums a flip may decode silently, but must never crash another way
+            LogitStore(tmp_path).sequences(range(3, 6))
+        except DataError as e:
+            assert "shard-000001.bin" in str(e)
+        with pytest.raises(DataError, match="shard-000001.bin"):
+            LogitStore(tmp_path, verify_checksums=True).sequences(range(3, 6))
+
+
 def test_header_corruption_refused_on_access(tmp_path, sparse):
     build(tmp_path, sparse)
     shard = tmp_path / "shard-000000.bin"

@@ -452,6 +452,15 @@ class _Shard:
 
     def __init__(self, path: Path, entry: dict[str, Any], manifest: dict[str, Any]):
         self.name = entry["file"]
+        try:
+            self._open(path, entry, manifest)
+        except DataError:
+            raise
+        except Exception as e:  # a corrupt header can fail in many ways; all of them mean the same to the user
+            raise DataError(f"logit store shard {self.name}: malformed header ({type(e).__name__}); "
+                            "the shard is corrupt (run `pdl logits verify`)") from None
+
+    def _open(self, path: Path, entry: dict[str, Any], manifest: dict[str, Any]) -> None:
         mm = np.memmap(path, dtype=np.uint8, mode="r")
         bad = lambda what: DataError(f"logit store shard {self.name}: {what}; the shard is corrupt (run `pdl logits verify`)")  # noqa: E731
         if mm.size < 12 or bytes(mm[:8]) != MAGIC:
@@ -508,7 +517,7 @@ class _Shard:
             return codec.decode_arrays(v["counts"], v.get("params"), v.get("mass"), v["stats"], v["chunks"], v["payload"], local,
                                 manifest["positions_per_sequence"], manifest["vocab_size"], manifest["k"],
                                 self.encoding, self.value_step)
-        except codec.CorruptChunk as e:
+        except (codec.CorruptChunk, IndexError, ValueError, OverflowError) as e:
             raise DataError(f"logit store shard {self.name}: {e}; the shard is corrupt (run `pdl logits verify`)") from None
 
 
