@@ -60,6 +60,51 @@ def cmd_teacher_train(args: argparse.Namespace) -> None:
     train_teacher(cfg)
 
 
+def cmd_logits_generate(args: argparse.Namespace) -> None:
+    from pd_lightning.logits.generate import generate_store
+
+    generate_store(_load(args))
+
+
+def _store_summary_lines(info: dict) -> list[str]:
+    meta = info.get("meta") or {}
+    checks = {True: "ok", False: f"BAD ({info.get('bad_shard')})", None: "not checked"}[info["checksums_ok"]]
+    lines = [
+        f"store          {info['path']}",
+        f"teacher        {info['teacher']}",
+        f"truncation     top-{info['p']}-{info['k']} (every p' <= p, k' <= k and any tau derive from it)",
+        f"vocab size     {info['vocab_size']:,}   tokenizer {info['tokenizer_hash']}",
+        f"tokens         {info['tokens']:,} in {info['sequences']:,} sequences x {info['positions_per_sequence']} positions",
+        f"entries/token  {info['mean_entries_per_token']:.2f}",
+        f"bytes          {info['bytes']:,} ({info['bytes_per_token']:.2f} bytes/token, {info['bytes_per_entry']:.3f} bytes/entry)",
+        f"encoding       {info['encoding'].get('name', info['encoding']) if isinstance(info['encoding'], dict) else info['encoding']}",
+        f"shards         {info['shards']}   checksums {checks}",
+    ]
+    if "generation_flops" in meta:
+        lines.append(f"generation     {meta['generation_flops']:.3e} FLOPs ({meta.get('teacher_params', 0) / 1e6:.1f}M-param teacher)")
+    return lines
+
+
+def cmd_logits_inspect(args: argparse.Namespace) -> None:
+    from pd_lightning.logits.store import inspect_store
+
+    info = inspect_store(args.store, checksums=not args.no_checksums)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+    else:
+        print("\n".join(_store_summary_lines(info)))
+    if info["checksums_ok"] is False:
+        raise UserError(f"logit store shard {info['bad_shard']} fails its checksum; run `pdl logits verify {args.store}`")
+
+
+def cmd_logits_verify(args: argparse.Namespace) -> None:
+    from pd_lightning.logits.store import verify_store
+
+    info = verify_store(args.store, deep=args.deep)
+    print(f"ok: {info['shards']} shards, {info['tokens']:,} tokens, checksums and structure verified"
+          + (", every sequence decoded" if args.deep else ""))
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     from pd_lightning.models import preset_table
 
@@ -90,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
             examples:
               pdl data prepare tiny                     # built-in corpus -> BPE -> packed token shards
               pdl teacher train tiny                    # pre-train the tiny teacher on those shards
+              pdl logits generate tiny                  # its top-0.95-100 logits into a compact store
+              pdl logits inspect runs/tiny/logits       # entries/token, bytes/token, checksums
               pdl config show tiny loss.alpha=0.9       # print the resolved config
               pdl models                                # the model presets and their sizes
             """),
@@ -138,6 +185,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(tt)
     tt.set_defaults(func=cmd_teacher_train)
+
+    p = sub.add_parser("logits", help="teacher logits: generate, inspect and verify a top-p-k logit store")
+    logits_sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    gen = logits_sub.add_parser(
+        "generate", formatter_class=fmt,
+        help="run the teacher over the token shards and write its top-p-k logits into a store (resumable)",
+        description="One teacher forward pass over the train shards of data.out; keeps the top-logits.store_p-"
+                    "logits.store_k entries of every position as tau=1 log-probabilities in a compact, checksummed "
+                    "store at logits.store. The teacher is teacher.path, or teacher.out when teacher.path is unset. "
+                    "Kill it at any time and re-run: it resumes from the last whole shard. Under torchrun every "
+                    "rank writes its own shards.",
+        epilog=textwrap.dedent("""\
+            examples:
+              pdl logits generate tiny
+              pdl logits generate tiny logits.store_p=1.0 logits.store_k=200 logits.store=runs/logits-p1-k200
+              torchrun --nproc-per-node 8 -m pd_lightning.cli logits generate paper.yaml teacher.path=/models/glm-4-9b
+            """),
+    )
+    _add_config_args(gen)
+    gen.set_defaults(func=cmd_logits_generate)
+    ins = logits_sub.add_parser("inspect", help="store statistics: tokens, entries/token, bytes/token, p, k, teacher",
+                                formatter_class=fmt, epilog="examples:\n  pdl logits inspect runs/tiny/logits\n"
+                                                           "  pdl logits inspect runs/tiny/logits --json")
+    ins.add_argument("store", metavar="STORE", help="a logit store directory")
+    ins.add_argument("--json", action="store_true", help="print one JSON object")
+    ins.add_argument("--no-checksums", action="store_true", help="skip hashing the shards (instant on huge stores)")
+    ins.set_defaults(func=cmd_logits_inspect)
+    ver = logits_sub.add_parser("verify", help="check every shard's checksum and structure; names the first bad shard",
+                                formatter_class=fmt, epilog="example:\n  pdl logits verify runs/tiny/logits --deep")
+    ver.add_argument("store", metavar="STORE", help="a logit store directory")
+    ver.add_argument("--deep", action="store_true", help="also decode every sequence")
+    ver.set_defaults(func=cmd_logits_verify)
 
     p = sub.add_parser("models", help="list the model presets (paper Table 7 + tiny CPU sizes)")
     p.add_argument("--json", action="store_true", help="print JSON")

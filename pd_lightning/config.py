@@ -21,17 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from pd_lightning.errors import ConfigError, choice_error, did_you_mean
+from pd_lightning.logits.processing import METHODS as TEMPERATURE_METHODS
+from pd_lightning.losses import LOSS_KINDS
+from pd_lightning.schedules import ALPHA_SCHEDULES, DECAY_SHAPES, LR_SCHEDULES
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
-# Names the config accepts; the modules that implement them are the source of truth and a test
-# checks these stay equal to what losses/schedules/processing export.
+# Names the config accepts come from the modules that implement them.
 DATA_SOURCES = ("builtin", "text", "jsonl", "parquet", "hf")
-LOSS_KINDS = ("nll", "kld", "mse", "rkl", "jsd", "tvd")
-ALPHA_SCHEDULES = ("constant", "linear_inc", "linear_dec", "period", "wsd_alpha", "wsd_beta")
-LR_SCHEDULES = ("constant", "cosine", "wsd")
-DECAY_SHAPES = ("linear", "1-sqrt")
-TEMPERATURE_METHODS = ("fixed", "normkd", "wttm", "adakd_sd", "adakd_h")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed", "single_device")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
@@ -86,12 +83,13 @@ class LogitsConfig:
 
     p: float = 0.95  # top-p on the teacher's tau=1 probabilities ...
     k: int = 100  # ... then at most k entries (the paper's top-p-k)
-    tau: float = 1.0  # fixed temperature, used when method == "fixed"
-    method: str = "fixed"  # fixed | normkd | wttm | adakd_sd | adakd_h
+    tau: float = 1.0  # the temperature (method none), or the base temperature of AdaKD
+    method: str = "none"  # none (fixed tau) | normkd | wttm | adakd_sd | adakd_h
     normkd_t: float = 1.5  # NormKD's T_norm
     wttm_gamma: float = 0.5  # WTTM's power transform exponent
-    adakd_min_tau: float = 0.5  # AdaKD-SD / AdaKD-H: clip range of the per-token temperature
-    adakd_max_tau: float = 2.0
+    adakd_beta: float = 1.0  # AdaKD: exponent of the statistic's ratio to its batch mean
+    adakd_min_tau: Optional[float] = None  # AdaKD clip range; None = tau / 2 and 2 * tau
+    adakd_max_tau: Optional[float] = None
     store: str = "runs/logits"  # the store directory
     store_p: float = 0.95  # truncation the store is generated at (the loosest a sweep needs)
     store_k: int = 100
@@ -411,8 +409,15 @@ def validate(cfg: PDLConfig) -> None:
     _choice("logits.method", lg.method, TEMPERATURE_METHODS)
     _require(lg.normkd_t > 0, "logits.normkd_t", lg.normkd_t, "a number > 0")
     _require(lg.wttm_gamma > 0, "logits.wttm_gamma", lg.wttm_gamma, "a number > 0")
-    _require(0 < lg.adakd_min_tau <= lg.adakd_max_tau, "logits.adakd_min_tau", lg.adakd_min_tau,
-             f"0 < adakd_min_tau <= adakd_max_tau ({lg.adakd_max_tau})")
+    _require(lg.adakd_beta > 0, "logits.adakd_beta", lg.adakd_beta, "a number > 0")
+    lo = lg.tau / 2 if lg.adakd_min_tau is None else lg.adakd_min_tau
+    hi = 2 * lg.tau if lg.adakd_max_tau is None else lg.adakd_max_tau
+    _require(0 < lo <= hi, "logits.adakd_min_tau", lg.adakd_min_tau, f"0 < adakd_min_tau <= adakd_max_tau ({hi})")
+    if lg.method == "normkd" and lg.tau != 1.0:
+        raise ConfigError(f"logits.tau={lg.tau!r} is not used by logits.method='normkd' (its temperature is "
+                          "normkd_t * logit std); leave tau at 1.0")
+    _require(lg.p <= lg.store_p, "logits.p", lg.p, f"<= logits.store_p ({lg.store_p}): a store serves only narrower truncations")
+    _require(lg.k <= lg.store_k, "logits.k", lg.k, f"<= logits.store_k ({lg.store_k}): a store serves only narrower truncations")
     _positive_int("logits.batch_size", lg.batch_size)
     _positive_int("logits.sequences_per_shard", lg.sequences_per_shard)
     _choice("logits.mode", lg.mode, DISTILL_MODES)

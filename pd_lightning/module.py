@@ -6,7 +6,6 @@ teacher's pre-training and the paper's LLM-LM baseline.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,12 +132,3 @@ def train_dataloader(root: str | Path, batch_size: int, seed: int, *, start_step
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       persistent_workers=num_workers > 0, drop_last=True)
 
-
-def cosine_with_warmup(warmup_frac: float, min_ratio: float = 0.1):
-    """LR multiplier of progress t: linear warmup then cosine decay to `min_ratio` (teacher default)."""
-    def f(t: float) -> float:
-        if warmup_frac > 0 and t < warmup_frac:
-            return t / warmup_frac
-        x = (t - warmup_frac) / max(1 - warmup_frac, 1e-12)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(x, 1.0)))
-    return f

@@ -18,7 +18,8 @@ from pd_lightning.data.shards import read_manifest
 from pd_lightning.data.tokenizer import load_tokenizer
 from pd_lightning.errors import ConfigError
 from pd_lightning.models import build_model
-from pd_lightning.module import CausalLMModule, cosine_with_warmup, heldout_loss, train_dataloader
+from pd_lightning.module import CausalLMModule, heldout_loss, train_dataloader
+from pd_lightning.schedules import lr_multiplier
 
 TEACHER_INFO = "pdl_teacher.json"
 
@@ -71,9 +72,11 @@ def train_teacher(cfg: PDLConfig, *, quiet: bool = False) -> Path:
                         max_seq_len=max(seq_len, 1024))
     params = sum(p.numel() for p in model.parameters())
     before = heldout_loss(model, data_dir)
+    def lr_lambda(progress: float) -> float:
+        return lr_multiplier(progress, "cosine", warmup=t.warmup_frac, min_ratio=cfg.optim.min_lr_ratio)
+
     module = CausalLMModule(model, lr=t.lr, weight_decay=cfg.optim.weight_decay, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                            eps=cfg.optim.eps, lr_lambda=cosine_with_warmup(t.warmup_frac, cfg.optim.min_lr_ratio),
-                            max_steps=t.max_steps)
+                            eps=cfg.optim.eps, lr_lambda=lr_lambda, max_steps=t.max_steps)
     loader = train_dataloader(data_dir, t.batch_size, t.seed, num_workers=cfg.trainer.num_workers)
     if not quiet:
         print(f"teacher: pre-training {t.preset} ({params / 1e6:.2f}M params) for {t.max_steps} steps x "

@@ -69,6 +69,9 @@ BAD_OVERRIDES = [
     ("logits.store_k=-3", "logits.store_k"),
     ("logits.mode=onlin", "logits.mode"),
     ("logits.adakd_min_tau=3", "adakd_min_tau"),
+    ("logits.k=200", "<= logits.store_k"),
+    ("logits.p=0.99", "<= logits.store_p"),
+    ("logits.method=normkd logits.tau=2", "not used by"),
     ("loss.alpha=1.2", "[0, 1]"),
     ("loss.alpha=-0.1", "loss.alpha"),
     ("loss.alpha=abc", "loss.alpha"),
@@ -104,7 +107,7 @@ BAD_OVERRIDES = [
 @pytest.mark.parametrize("override,needle", BAD_OVERRIDES)
 def test_every_validation_error_is_one_line_naming_the_field(override, needle):
     with pytest.raises(ConfigError) as info:
-        load_config(None, [override])
+        load_config(None, override.split(" "))
     message = str(info.value)
     assert "\n" not in message
     assert needle in message
