@@ -136,8 +136,8 @@ class LogitStoreWriter:
             raise ConfigError(f"logits.p={p!r} is out of range; expected 0 < p <= 1")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank={rank!r} is out of range; expected 0 <= rank < {world_size}")
-        if encoding == "egsqrt" and not 0.0 < value_step <= 0.25:
-            raise ConfigError(f"logits.value_step={value_step!r} is out of range; expected 0 < value_step <= 0.25")
+        if encoding == "egsqrt" and not 2.0**-16 <= value_step <= 0.25:
+            raise ConfigError(f"logits.value_step={value_step!r} is out of range; expected 2^-16 <= value_step <= 0.25")
         self.path = Path(path)
         self.vocab_size, self.p, self.k = int(vocab_size), float(p), int(k)
         self.positions = int(positions_per_sequence)
