@@ -317,3 +317,13 @@ def test_store_serves_narrower_truncations(tmp_path, sparse):
     direct = narrow(sparse, 0.8, 10, store_p=0.95, store_k=40)
     # decoded values differ by <= 2^-11 nats: counts agree except within that of the p boundary
     assert (got.counts != direct.counts).float().mean() < 0.02
+
+
+def test_writer_rejects_bad_settings(tmp_path):
+    from pd_lightning.errors import ConfigError
+
+    for kw, field in ((dict(encoding="zstd"), "logits.encoding='zstd'"), (dict(p=0.0), "logits.p=0.0"),
+                      (dict(k=0), "logits.k=0"), (dict(value_step=1e-9), "logits.value_step"),
+                      (dict(rank=2, world=2), "rank=2")):
+        with pytest.raises(ConfigError, match=field):
+            writer(tmp_path / "w", **kw)
