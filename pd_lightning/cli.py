@@ -60,6 +60,12 @@ def cmd_teacher_train(args: argparse.Namespace) -> None:
     train_teacher(cfg)
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from pd_lightning.train import train
+
+    train(_load(args))
+
+
 def cmd_logits_generate(args: argparse.Namespace) -> None:
     from pd_lightning.logits.generate import generate_store
 
@@ -218,16 +224,48 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--deep", action="store_true", help="also decode every sequence")
     ver.set_defaults(func=cmd_logits_verify)
 
+    tr = sub.add_parser(
+        "train", formatter_class=fmt,
+        help="one training run: LM-only (loss.alpha=0) or distilled from the logit store; tracked in MLflow",
+        description="Train model.preset on data.out with L = (1-alpha) L_lm + alpha L_kd, the KD targets derived from "
+                    "logits.store at logits.p/k/tau/method. Logs params, design-space tags, metrics and the exported "
+                    "student (trainer.out/model, an HF dir) to MLflow (mlflow.yaml: sqlite:///mlflow.db by default). "
+                    "Checkpoints every trainer.checkpoint_every_n_steps; the same command after a kill resumes.",
+        epilog=textwrap.dedent("""\
+            examples:
+              pdl train tiny loss.alpha=0 trainer.out=runs/tiny/lm            # the LM-only baseline
+              pdl train tiny loss.alpha=0.9 trainer.out=runs/tiny/pd          # vanilla PD at alpha 0.9
+              pdl train tiny loss.alpha_schedule=wsd_alpha optim.lr_schedule=wsd trainer.out=runs/tiny/wsd
+              pdl train paper.yaml model.preset=1.9B trainer.strategy=fsdp trainer.precision=bf16-mixed trainer.devices=8
+            """),
+    )
+    _add_config_args(tr)
+    tr.set_defaults(func=cmd_train)
+
     p = sub.add_parser("models", help="list the model presets (paper Table 7 + tiny CPU sizes)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_models)
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Our own progress lines are enough; silence per-file bars and tips from the libraries we call."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `pdl` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()
     try:
         args.func(args)
     except UserError as exc:

@@ -1,12 +1,17 @@
-"""Lightning modules: the science lives here (model, loss, optimiser); the Trainer holds the engineering.
+"""Lightning modules: the science lives here (model, loss, schedules); the Trainer holds the engineering.
 
-`CausalLMModule` pre-trains a causal LM on packed token shards with the plain LM loss — the
-teacher's pre-training and the paper's LLM-LM baseline.
+`DistillationModule` trains a causal LM with the paper's Eq. 1, `L = (1-α)·L_lm + α·L_kd`, where the
+KD term is a sparse distance to the teacher's top-p-k distribution decoded from the logit store.
+α = 0 (no store) is plain LM pre-training: the paper's LLM-LM baseline, and the teacher's own
+pre-training. `DistillationDataModule` aligns token shards and the store by sequence index and
+decodes, truncates and tempers the teacher entries in DataLoader workers, so the step never waits.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -15,33 +20,36 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pd_lightning.config import LogitsConfig, LossConfig, OptimConfig
 from pd_lightning.data.shards import TokenShards
+from pd_lightning.logits.processing import logit_std, std_temperature, teacher_targets
+from pd_lightning.losses import distillation_loss
+from pd_lightning.schedules import alpha_at, lr_multiplier
 
 
-class SequenceDataset(Dataset):
-    """Sequence i of a token-shard split as a LongTensor [seq_len]."""
+@dataclass(frozen=True)
+class TargetSpec:
+    """How stored teacher entries become KD targets: truncation, temperature or adaptive method."""
 
-    def __init__(self, root: str | Path, split: str):
-        self.root, self.split = Path(root), split
-        self._shards: TokenShards | None = None  # opened lazily so DataLoader workers memmap their own
-        self._len = len(TokenShards(root, split))
+    p: float
+    k: int
+    tau: float
+    method: str
+    store_p: float
+    store_k: int
+    params: dict = field(default_factory=dict)
 
-    @property
-    def shards(self) -> TokenShards:
-        if self._shards is None:
-            self._shards = TokenShards(self.root, self.split)
-        return self._shards
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"index": torch.tensor(index), "input_ids": torch.from_numpy(self.shards[index])}
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_shards"] = None  # memmaps are reopened in each worker process
-        return state
+    @staticmethod
+    def from_config(lg: LogitsConfig, store_p: float, store_k: int) -> TargetSpec:
+        """Targets for a config, given the truncation the store was generated at."""
+        params: dict = {}
+        if lg.method == "normkd":
+            params = {"t_norm": lg.normkd_t}
+        elif lg.method == "wttm":
+            params = {"gamma": lg.wttm_gamma}
+        elif lg.method in ("adakd_sd", "adakd_h"):
+            params = {"beta": lg.adakd_beta, "tau_min": lg.adakd_min_tau, "tau_max": lg.adakd_max_tau}
+        return TargetSpec(lg.p, lg.k, lg.tau, lg.method, store_p, store_k, params)
 
 
 class StepSampler(Sampler[int]):
@@ -58,13 +66,62 @@ class StepSampler(Sampler[int]):
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_sequences)
 
     def __iter__(self) -> Iterator[int]:
-        n = self.start
-        epoch, offset = divmod(n, self.num_sequences)
+        epoch, offset = divmod(self.start, self.num_sequences)
         while True:
-            perm = self._permutation(epoch)
-            for i in perm[offset:]:
+            for i in self._permutation(epoch)[offset:]:
                 yield int(i)
             epoch, offset = epoch + 1, 0
+
+
+class BatchStepSampler(Sampler[list[int]]):
+    """Groups a StepSampler stream into batches of sequence indices (one dataset call per batch)."""
+
+    def __init__(self, num_sequences: int, batch_size: int, seed: int, start_batch: int = 0):
+        self.stream = StepSampler(num_sequences, seed, start=start_batch * batch_size)
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        it = iter(self.stream)
+        while True:
+            yield [next(it) for _ in range(self.batch_size)]
+
+
+class DistillationBatches(Dataset):
+    """Batch = token ids [B, L] plus, with a store, KD targets for the B·(L-1) predicting positions."""
+
+    def __init__(self, data_root: str | Path, split: str, store_root: str | Path | None = None,
+                 targets: TargetSpec | None = None):
+        self.data_root, self.split = Path(data_root), split
+        self.store_root = Path(store_root) if store_root else None
+        self.targets = targets
+        self._shards: TokenShards | None = None
+        self._store = None  # opened lazily: each DataLoader worker memory-maps its own files
+        self.num_sequences = len(TokenShards(self.data_root, split))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_shards": None, "_store": None}
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        if self._shards is None:
+            self._shards = TokenShards(self.data_root, self.split)
+        batch = {"input_ids": torch.from_numpy(self._shards.batch(indices))}
+        if self.store_root is not None and self.targets is not None:
+            if self._store is None:
+                from pd_lightning.logits.store import LogitStore
+
+                self._store = LogitStore(self.store_root)
+            t = self.targets
+            sparse = self._store.sequences(indices)
+            target = teacher_targets(sparse, t.p, t.k, t.tau, t.method, t.store_p, t.store_k, **t.params)
+            batch["teacher_indices"] = target.indices
+            batch["teacher_probs"] = target.probs
+            if target.token_weights is not None:
+                batch["token_weights"] = target.token_weights
+            batch["support"] = (target.probs > 0).sum(-1).float().mean()
+        return batch
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -83,52 +140,118 @@ def heldout_loss(model: torch.nn.Module, root: str | Path, *, max_sequences: int
     total, count = 0.0, 0
     for start in range(0, n, batch_size):
         ids = torch.from_numpy(shards.batch(range(start, min(start + batch_size, n)))).to(device)
-        logits = model(input_ids=ids).logits
         tokens = ids[:, 1:].numel()
-        total += lm_loss(logits, ids).item() * tokens
+        total += lm_loss(model(input_ids=ids).logits, ids).item() * tokens
         count += tokens
     model.train(was_training)
     return total / count
 
 
-class CausalLMModule(pl.LightningModule):
-    """Plain LM pre-training of a transformers causal LM (the teacher, or the LM-only baseline)."""
+class DistillationDataModule(pl.LightningDataModule):
+    """Train batches from the shards (+ store), seeded and resumable by step; fixed held-out batches."""
 
-    def __init__(self, model: torch.nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
-                 eps: float, lr_lambda, max_steps: int):
+    def __init__(self, data_root: str | Path, batch_size: int, seed: int, *, store_root: str | Path | None = None,
+                 targets: TargetSpec | None = None, num_workers: int = 0, val_batches: int = 8,
+                 accumulate_grad_batches: int = 1):
+        super().__init__()
+        self.data_root, self.store_root, self.targets = Path(data_root), store_root, targets
+        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+        self.val_batches, self.accumulate = val_batches, accumulate_grad_batches
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = DistillationBatches(self.data_root, "train", self.store_root, self.targets)
+        # Lightning restores the checkpoint before asking for the loader, so global_step is the
+        # resumed step and the stream continues exactly where the interrupted run stopped.
+        start = self.trainer.global_step * self.accumulate if self.trainer is not None else 0
+        sampler = BatchStepSampler(len(dataset), self.batch_size, self.seed, start_batch=start)
+        return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, prefetch_factor=4 if self.num_workers else None)
+
+    def val_dataloader(self) -> DataLoader:
+        dataset = DistillationBatches(self.data_root, "heldout")
+        n = min(len(dataset), self.val_batches * self.batch_size)
+        batches = [list(range(i, min(i + self.batch_size, n))) for i in range(0, n, self.batch_size)]
+        return DataLoader(dataset, batch_size=None, sampler=batches, num_workers=0)
+
+
+class DistillationModule(pl.LightningModule):
+    """Eq. 1 on a transformers causal LM; α and the LR follow their schedules over `max_steps`."""
+
+    def __init__(self, model: torch.nn.Module, *, loss: LossConfig, optim: OptimConfig, max_steps: int,
+                 normkd_t: float | None = None, tau_sq: float | None = None):
         super().__init__()
         self.model = model
-        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
-        self.lr_lambda = lr_lambda
-        self.max_steps = max_steps
+        self.loss_cfg, self.optim_cfg, self.max_steps = loss, optim, max_steps
+        self.normkd_t = normkd_t  # set when the teacher targets use NormKD: the student is tempered too
+        self.tau_sq = tau_sq  # Hinton's τ² factor on the KD term (NormKD carries its τ_t² in the weights)
+        self._last_time: float | None = None
+
+    def progress(self) -> float:
+        """Fraction of training done, t ∈ [0, 1], the argument of every schedule."""
+        return min(self.global_step / self.max_steps, 1.0)
+
+    def alpha(self) -> float:
+        """α at the current step."""
+        c = self.loss_cfg
+        return alpha_at(self.progress(), c.alpha_schedule, c.alpha, periods=c.alpha_periods,
+                        warmup=c.alpha_warmup_frac, decay=c.alpha_decay_frac)
+
+    def compute_loss(self, batch: dict[str, torch.Tensor], alpha: float):
+        """LossOutput of Eq. 1 for one batch (position t of every sequence predicts token t+1)."""
+        c = self.loss_cfg
+        ids = batch["input_ids"]
+        labels = ids[:, 1:].reshape(-1)
+        kd = alpha > 0 and "teacher_indices" in batch
+        teacher = (batch["teacher_indices"], batch["teacher_probs"]) if kd else (None, None)
+        weights = batch.get("token_weights") if kd else None
+        tau_sq = self.tau_sq if kd else None
+        if c.fused and kd:
+            hidden = self.model.model(input_ids=ids).last_hidden_state[:, :-1]
+            return distillation_loss(None, labels, *teacher, alpha=alpha, kind=c.kind, hidden=hidden,
+                                     lm_head_weight=self.model.lm_head.weight, fused=True, chunk_size=c.chunk_size,
+                                     token_weights=weights, jsd_beta=c.jsd_beta, tau_sq_scale=tau_sq)
+        logits = self.model(input_ids=ids).logits[:, :-1]
+        student_tau = None
+        if kd and self.normkd_t is not None:
+            student_tau = std_temperature(logit_std(logits.detach().reshape(-1, logits.size(-1))), self.normkd_t)
+        return distillation_loss(logits, labels, *teacher, alpha=alpha if kd else 0.0, kind=c.kind,
+                                 chunk_size=c.chunk_size, token_weights=weights, student_tau=student_tau,
+                                 jsd_beta=c.jsd_beta, tau_sq_scale=tau_sq)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        alpha = self.alpha()
+        out = self.compute_loss(batch, alpha)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(f"non-finite training loss ({out.loss.item()}) at step {self.global_step}")
+        now = time.perf_counter()
+        tokens = batch["input_ids"].numel()
+        metrics = {"train/loss": out.loss.detach(), "train/lm_loss": out.lm_loss, "train/kd_loss": out.kd_loss,
+                   "train/alpha": alpha, "train/lr": self.optimizers().param_groups[0]["lr"]}
+        if self._last_time is not None:
+            metrics["train/tokens_per_s"] = tokens / max(now - self._last_time, 1e-9)
+        if "support" in batch:
+            metrics["train/teacher_support"] = batch["support"]
+        self._last_time = now
+        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, batch_size=batch["input_ids"].shape[0])
+        self.log("loss", out.loss.detach(), prog_bar=True, logger=False, batch_size=batch["input_ids"].shape[0])
+        return out.loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         ids = batch["input_ids"]
-        loss = lm_loss(self.model(input_ids=ids).logits, ids)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}")
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
-        return loss
+        self.log("val/loss", lm_loss(self.model(input_ids=ids).logits, ids), prog_bar=True, batch_size=ids.shape[0])
 
     def configure_optimizers(self):
-        # No weight decay on norms and biases (1-D tensors), as in every modern LM recipe.
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.lr, betas=self.betas, eps=self.eps,
-        )
+        o = self.optim_cfg
+        # No weight decay on norms (1-D tensors), as in every modern LM recipe.
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
         max_steps = self.max_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_lambda(min(step / max_steps, 1.0)))
+
+        def multiplier(step: int) -> float:
+            return lr_multiplier(step / max_steps, o.lr_schedule, warmup=o.warmup_frac, decay=o.decay_frac,
+                                 decay_shape=o.decay_shape, min_ratio=o.min_lr_ratio)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def train_dataloader(root: str | Path, batch_size: int, seed: int, *, start_step: int = 0,
-                     num_workers: int = 0) -> DataLoader:
-    """An endless, seeded, resumable loader over the train split."""
-    dataset = SequenceDataset(root, "train")
-    sampler = StepSampler(len(dataset), seed, start=start_step * batch_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      persistent_workers=num_workers > 0, drop_last=True)
-

@@ -1,7 +1,15 @@
-"""Training entry points: `pdl teacher train` (pre-train a teacher on prepared shards)."""
+"""Training entry points: `pdl teacher train` (pre-train a teacher) and `pdl train` (one LM or PD run).
+
+A `pdl train` run is a complete MLflow record: params = the flattened resolved config, tags = the
+design-space coordinates, per-step metrics, and the resolved config and exported student as
+artifacts. It checkpoints every `trainer.checkpoint_every_n_steps` steps and on exceptions; running
+the same command again after a kill resumes from the last checkpoint in the same MLflow run and,
+on CPU, ends with the weights an uninterrupted run would have.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,36 +20,83 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-from pd_lightning.config import PDLConfig, config_hash
+from pd_lightning.config import LossConfig, OptimConfig, PDLConfig, config_hash, flatten, to_yaml
 from pd_lightning.data.shards import read_manifest
 from pd_lightning.data.tokenizer import load_tokenizer
-from pd_lightning.errors import ConfigError
+from pd_lightning.errors import ConfigError, DataError, UserError
 from pd_lightning.models import build_model
-from pd_lightning.module import CausalLMModule, heldout_loss, train_dataloader
-from pd_lightning.schedules import lr_multiplier
+from pd_lightning.module import DistillationDataModule, DistillationModule, TargetSpec, heldout_loss
 
 TEACHER_INFO = "pdl_teacher.json"
+RUN_INFO = "pdl_run.json"
+EXCEPTION_CHECKPOINT = "on_exception.ckpt"
 
 
-def _trainer(cfg: PDLConfig, max_steps: int, log_every: int) -> pl.Trainer:
-    """A Lightning Trainer from the engineering section of the config."""
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint (periodic or written on an exception), or None."""
+    found = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns) if ckpt_dir.is_dir() else []
+    return found[-1] if found else None
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the run is marked FAILED."""
+
+    exit_code = 3
+
+
+def build_trainer(cfg: PDLConfig, max_steps: int, *, callbacks: list | None = None, logger=False,
+                  validate: bool = False) -> pl.Trainer:
+    """A Lightning Trainer from the engineering section of the config (strategy, precision, devices)."""
+    tr = cfg.trainer
+    strategy = tr.strategy
+    if strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        # Shard each decoder layer as one FSDP unit: the standard wrapping for Llama-shaped models.
+        strategy = FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, activation_checkpointing_policy={LlamaDecoderLayer},
+                                sharding_strategy="FULL_SHARD", state_dict_type="full")
     return pl.Trainer(
         max_steps=max_steps,
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy,
-        precision=cfg.trainer.precision,
+        accelerator=tr.accelerator,
+        devices=tr.devices,
+        num_nodes=tr.num_nodes,
+        strategy=strategy,
+        precision=tr.precision,
         gradient_clip_val=cfg.optim.grad_clip or None,
-        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
-        log_every_n_steps=log_every,
-        logger=False,
-        enable_checkpointing=False,
+        accumulate_grad_batches=tr.accumulate_grad_batches,
+        log_every_n_steps=tr.log_every_n_steps,
+        logger=logger,
+        callbacks=callbacks or [],
+        enable_checkpointing=bool(callbacks),
         enable_progress_bar=sys.stderr.isatty(),
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        val_check_interval=tr.val_every_n_steps if validate else None,
+        check_val_every_n_epoch=None if validate else 1,
+        limit_val_batches=tr.val_batches if validate else 0,
+        deterministic=False,
     )
+
+
+def _save_hf_dir(model: torch.nn.Module, tokenizer, out: Path, info: dict) -> None:
+    """Export an HF model dir (weights + tokenizer + our info JSON) atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / info.pop("_file")).write_text(json.dumps(info, indent=2, sort_keys=True))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def _model_for_data(preset: str, manifest: dict, vocab_size: int, seed: int) -> torch.nn.Module:
+    eos = int(manifest["eos_token_id"])
+    return build_model(preset, vocab_size, seed=seed, eos_token_id=eos, bos_token_id=eos, pad_token_id=eos,
+                       max_seq_len=max(int(manifest["seq_len"]), 1024))
 
 
 def train_teacher(cfg: PDLConfig, *, quiet: bool = False) -> Path:
@@ -67,40 +122,166 @@ def train_teacher(cfg: PDLConfig, *, quiet: bool = False) -> Path:
     tokenizer = load_tokenizer(data_dir / "tokenizer", what="data tokenizer")
     seq_len = int(manifest["seq_len"])
     pl.seed_everything(t.seed, workers=True, verbose=False)
-    model = build_model(t.preset, int(manifest["vocab_size"]), seed=t.seed, eos_token_id=int(manifest["eos_token_id"]),
-                        bos_token_id=int(manifest["eos_token_id"]), pad_token_id=int(manifest["eos_token_id"]),
-                        max_seq_len=max(seq_len, 1024))
+    model = _model_for_data(t.preset, manifest, int(manifest["vocab_size"]), t.seed)
     params = sum(p.numel() for p in model.parameters())
     before = heldout_loss(model, data_dir)
-    def lr_lambda(progress: float) -> float:
-        return lr_multiplier(progress, "cosine", warmup=t.warmup_frac, min_ratio=cfg.optim.min_lr_ratio)
-
-    module = CausalLMModule(model, lr=t.lr, weight_decay=cfg.optim.weight_decay, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                            eps=cfg.optim.eps, lr_lambda=lr_lambda, max_steps=t.max_steps)
-    loader = train_dataloader(data_dir, t.batch_size, t.seed, num_workers=cfg.trainer.num_workers)
+    optim = dataclasses.replace(cfg.optim, lr=t.lr, warmup_frac=t.warmup_frac, lr_schedule="cosine")
+    module = DistillationModule(model, loss=LossConfig(alpha=0.0), optim=optim, max_steps=t.max_steps)
+    data = DistillationDataModule(data_dir, t.batch_size, t.seed, num_workers=cfg.trainer.num_workers)
     if not quiet:
         print(f"teacher: pre-training {t.preset} ({params / 1e6:.2f}M params) for {t.max_steps} steps x "
               f"{t.batch_size} x {seq_len} tokens on {data_dir}; held-out loss before {before:.4f}")
     started = time.perf_counter()
-    _trainer(cfg, t.max_steps, cfg.trainer.log_every_n_steps).fit(module, train_dataloaders=loader)
+    build_trainer(cfg, t.max_steps).fit(module, datamodule=data)
     seconds = time.perf_counter() - started
     model = module.model.to(torch.float32).cpu()
     after = heldout_loss(model, data_dir)
     tokens = t.max_steps * t.batch_size * seq_len
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / TEACHER_INFO).write_text(json.dumps({
-        "config_hash": digest, "preset": t.preset, "params": params, "steps": t.max_steps, "tokens": tokens,
-        "data": str(data_dir.resolve()), "data_hash": manifest["config_hash"], "tokenizer_hash": manifest["tokenizer_hash"],
-        "heldout_loss_before": before, "heldout_loss_after": after, "seconds": round(seconds, 2),
-    }, indent=2, sort_keys=True))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    _save_hf_dir(model, tokenizer, out, {
+        "_file": TEACHER_INFO, "config_hash": digest, "preset": t.preset, "params": params, "steps": t.max_steps,
+        "tokens": tokens, "data": str(data_dir.resolve()), "data_hash": manifest["config_hash"],
+        "tokenizer_hash": manifest["tokenizer_hash"], "heldout_loss_before": before, "heldout_loss_after": after,
+        "seconds": round(seconds, 2),
+    })
     if not quiet:
         print(f"teacher: {tokens:,} tokens in {seconds:.0f}s ({tokens / seconds:,.0f} tokens/s); held-out loss "
               f"{before:.4f} -> {after:.4f}; saved to {out}")
     return out
+
+
+def _check_store(cfg: PDLConfig, data_manifest: dict) -> tuple[dict, int]:
+    """Open the store's manifest and refuse one that does not fit the shards or the requested truncation."""
+    from pd_lightning.logits.store import check_compatible, load_manifest
+
+    store = Path(cfg.logits.store)
+    if not (store / "manifest.json").is_file():
+        raise DataError(f"logits.store={str(store)!r} is not a finished logit store; run `pdl logits generate` "
+                        "first (or set loss.alpha=0 for the LM-only baseline)")
+    m = load_manifest(store)
+    check_compatible(m, int(m["vocab_size"]), data_manifest["tokenizer_hash"])
+    if int(m["vocab_size"]) < int(data_manifest["vocab_size"]):
+        raise DataError(f"logit store vocab_size={m['vocab_size']} is smaller than the shards' vocabulary "
+                        f"({data_manifest['vocab_size']}); regenerate the store with the student's tokenizer")
+    meta = m.get("meta") or {}
+    if meta.get("data_hash") not in (None, data_manifest["config_hash"]) or \
+            int(m["num_sequences"]) != 0 and int(m["positions_per_sequence"]) != int(data_manifest["seq_len"]) - 1:
+        raise DataError(f"logits.store={str(store)!r} was generated over other token shards (data {meta.get('data_hash')}, "
+                        f"these are {data_manifest['config_hash']}); regenerate it for data.out={cfg.data.out!r}")
+    if int(m["num_sequences"]) != int(data_manifest["splits"]["train"]["num_sequences"]):
+        raise DataError(f"logits.store={str(store)!r} has {m['num_sequences']} sequences but data.out has "
+                        f"{data_manifest['splits']['train']['num_sequences']}; regenerate the store")
+    if cfg.logits.p > float(m["p"]) or cfg.logits.k > int(m["k"]):
+        raise ConfigError(f"logits.p={cfg.logits.p}, logits.k={cfg.logits.k} exceed the store's top-{m['p']}-{m['k']}; "
+                          "a store serves only narrower truncations: generate a looser one")
+    return m, int(m["vocab_size"])
+
+
+def _mlflow_run(cfg: PDLConfig, out: Path, digest: str, teacher: str | None):
+    """Create (or reopen, on resume) the run's MLflow logger; returns (logger, resumed)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow.tracking import MlflowClient
+
+    from pd_lightning.tracking import design_tags, tracking_settings
+
+    s = tracking_settings(cfg)
+    client = MlflowClient(tracking_uri=s["tracking_uri"])
+    if client.get_experiment_by_name(s["experiment"]) is None:
+        client.create_experiment(s["experiment"], artifact_location=s["artifact_location"])
+    state_path = out / "run.json"
+    run_id = None
+    if state_path.is_file():
+        state = json.loads(state_path.read_text())
+        if state.get("config_hash") != digest:
+            raise ConfigError(f"trainer.out={str(out)!r} holds a run of another config ({state.get('config_hash')}, this "
+                              f"one is {digest}); choose another trainer.out or delete it")
+        run_id = state["run_id"]
+    tags = design_tags(cfg, teacher=teacher) | {"pd.config_hash": digest}
+    logger = MLFlowLogger(experiment_name=s["experiment"], run_name=cfg.tracking.run_name, tracking_uri=s["tracking_uri"],
+                          tags=tags, run_id=run_id, artifact_location=s["artifact_location"])
+    if run_id is None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text(json.dumps({"run_id": logger.run_id, "config_hash": digest}))
+        logger.log_hyperparams(flatten(cfg))
+    return logger, run_id is not None
+
+
+def train(cfg: PDLConfig, *, quiet: bool = False) -> dict:
+    """One training run (α = 0: the LM-only baseline); returns its summary (run id, held-out loss, paths)."""
+    tr = cfg.trainer
+    data_dir, out = Path(cfg.data.out), Path(tr.out)
+    data_manifest = read_manifest(data_dir)
+    use_store = cfg.loss.alpha > 0
+    vocab, store_manifest, teacher = int(data_manifest["vocab_size"]), None, None
+    if use_store:
+        store_manifest, vocab = _check_store(cfg, data_manifest)
+        teacher = store_manifest.get("teacher")
+    if cfg.loss.fused and cfg.logits.method == "normkd" and use_store:
+        raise ConfigError("loss.fused=true cannot be combined with logits.method='normkd' (NormKD needs the student's "
+                          "full logits for its temperature); set loss.fused=false")
+    digest = config_hash(cfg, data_manifest["config_hash"],
+                         store_manifest["shards"][0]["checksum"] if store_manifest and store_manifest["shards"] else None)
+    finished = out / "model" / RUN_INFO
+    if finished.is_file():
+        info = json.loads(finished.read_text())
+        if info.get("config_hash") == digest:
+            if not quiet:
+                print(f"train: {out} is finished (run {info['run_id']}); nothing to do")
+            return info
+    logger, resumed = _mlflow_run(cfg, out, digest, teacher)
+    run_id = logger.run_id
+    client = logger.experiment
+
+    pl.seed_everything(tr.seed, workers=True, verbose=False)
+    model = _model_for_data(cfg.model.preset, data_manifest, vocab, cfg.model.init_seed)
+    targets = TargetSpec.from_config(cfg.logits, float(store_manifest["p"]), int(store_manifest["k"])) if use_store else None
+    tau_sq = cfg.logits.tau if cfg.loss.tau_sq_scale and cfg.logits.method != "normkd" else None
+    module = DistillationModule(model, loss=cfg.loss, optim=cfg.optim, max_steps=tr.max_steps,
+                                normkd_t=cfg.logits.normkd_t if use_store and cfg.logits.method == "normkd" else None,
+                                tau_sq=tau_sq)
+    data = DistillationDataModule(data_dir, tr.batch_size, tr.seed, store_root=cfg.logits.store if use_store else None,
+                                  targets=targets, num_workers=tr.num_workers, val_batches=tr.val_batches,
+                                  accumulate_grad_batches=tr.accumulate_grad_batches)
+    ckpt_dir = out / "checkpoints"
+    # monitor=None with save_top_k=1 keeps only the newest periodic checkpoint.
+    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
+                                 every_n_train_steps=tr.checkpoint_every_n_steps, save_top_k=1)]
+    last = latest_checkpoint(ckpt_dir) if resumed else None
+    ckpt_path = str(last) if last else None
+    if not quiet:
+        kind = "LM-only" if not use_store else f"PD ({cfg.loss.kind}, alpha={cfg.loss.alpha} {cfg.loss.alpha_schedule})"
+        where = f"resuming from {last}" if ckpt_path else "from scratch"
+        print(f"train: {kind} {cfg.model.preset} for {tr.max_steps} steps x {tr.batch_size} x {data_manifest['seq_len']} "
+              f"tokens, {where}; MLflow run {run_id}")
+    if not resumed:
+        client.log_text(run_id, to_yaml(cfg), "config.yaml")
+    trainer = build_trainer(cfg, tr.max_steps, callbacks=callbacks, logger=logger, validate=True)
+    started = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    except FloatingPointError as exc:
+        trainer.save_checkpoint(ckpt_dir / EXCEPTION_CHECKPOINT)  # weights are still finite: the step was not taken
+        client.set_terminated(run_id, "FAILED")
+        raise TrainingDiverged(f"training diverged: {exc}; the run {run_id} is marked FAILED (lower optim.lr or "
+                               "check the data)") from None
+    except Exception:
+        trainer.save_checkpoint(ckpt_dir / EXCEPTION_CHECKPOINT)  # resume point for the re-run
+        client.set_terminated(run_id, "FAILED")
+        raise
+    seconds = time.perf_counter() - started
+    if trainer.global_rank != 0:
+        return {"run_id": run_id}
+    model = module.model.to(torch.float32).cpu()
+    loss = heldout_loss(model, data_dir)
+    tokens = tr.max_steps * tr.batch_size * tr.accumulate_grad_batches * tr.devices * tr.num_nodes * int(data_manifest["seq_len"])
+    info = {"_file": RUN_INFO, "run_id": run_id, "config_hash": digest, "heldout_loss": loss, "tokens": tokens,
+            "seconds_this_session": round(seconds, 2), "preset": cfg.model.preset, "teacher": teacher}
+    tokenizer = load_tokenizer(data_dir / "tokenizer", what="data tokenizer")
+    _save_hf_dir(model, tokenizer, out / "model", dict(info))
+    client.log_metric(run_id, "heldout_loss", loss, step=tr.max_steps)
+    client.log_metric(run_id, "tokens", tokens, step=tr.max_steps)
+    client.log_artifacts(run_id, str(out / "model"), "model")
+    client.set_terminated(run_id, "FINISHED")
+    info.pop("_file")
+    if not quiet:
+        print(f"train: done; held-out loss {loss:.4f}; student exported to {out / 'model'}; MLflow run {run_id}")
+    return info

@@ -40,11 +40,23 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_teacher(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny-1m teacher pre-trained for 80 steps on `tiny_data` (an HF dir with its tokenizer)."""
+    """A tiny-1m teacher pre-trained for 200 steps on `tiny_data` (an HF dir with its tokenizer)."""
     from pd_lightning.config import load_config
     from pd_lightning.train import train_teacher
 
     out = tmp_path_factory.mktemp("teacher") / "tiny"
     cfg = load_config("tiny", [*TINY_DATA, f"data.out={tiny_data}", f"teacher.out={out}", "teacher.preset=tiny-1m",
-                               "teacher.max_steps=80", "teacher.batch_size=16", "teacher.lr=5e-3"])
+                               "teacher.max_steps=200", "teacher.batch_size=16", "teacher.lr=5e-3"])
     return train_teacher(cfg, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_teacher: Path, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny teacher's top-0.95-100 logit store over `tiny_data`."""
+    from pd_lightning.config import load_config
+    from pd_lightning.logits.generate import generate_store
+
+    out = tmp_path_factory.mktemp("store") / "tiny"
+    cfg = load_config("tiny", [*TINY_DATA, f"data.out={tiny_data}", f"teacher.out={tiny_teacher}",
+                               f"logits.store={out}", "logits.batch_size=32"])
+    return generate_store(cfg, quiet=True)

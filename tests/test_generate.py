@@ -108,6 +108,7 @@ def test_corrupt_store_is_named_by_verify_and_refused_on_open(tiny_teacher, smal
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x10
     shard.write_bytes(bytes(data))
+    capsys.readouterr()  # drop what generation printed
     assert main(["logits", "verify", str(store_dir)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and shard.name in err
