@@ -495,6 +495,8 @@ def evaluate(
         raise ConfigError(f"eval.limit={limit!r} must be positive (items per task, or a fraction < 1)")
     if batch_size < 1:
         raise ConfigError(f"eval.batch_size={batch_size!r} must be a positive integer")
+    if backend not in BACKENDS:
+        raise choice_error("eval.backend", backend, BACKENDS)
     specs = resolve_tasks(suite, tasks)
     tm = _task_manager_for([s.task for s in specs], corpus_seed)
     _check_task_names(specs, tm)

@@ -1,0 +1,261 @@
+"""Evaluation through the real lm-evaluation-harness: local suite, MLflow logging, offline failures, backend."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pd_lightning import evaluation as ev
+from pd_lightning.data.corpus import EVAL_TASKS, heldout_texts, make_eval_items
+from pd_lightning.errors import ConfigError, DataError, UserError
+
+LOCAL_MC = ("synth_continuation", "synth_facts", "synth_arithmetic")
+
+
+@pytest.fixture(scope="module")
+def random_model(tiny_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init model of the teacher's shape and config, saved with the teacher's tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pd_lightning.models import build_model
+
+    cfg = AutoConfig.from_pretrained(tiny_teacher)
+    out = tmp_path_factory.mktemp("random") / "tiny"
+    model = build_model("tiny-1m", cfg.vocab_size, seed=0, eos_token_id=cfg.eos_token_id,
+                        bos_token_id=cfg.bos_token_id, pad_token_id=cfg.pad_token_id,
+                        max_seq_len=cfg.max_position_embeddings)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_teacher).save_pretrained(out)
+    return out
+
+
+@pytest.fixture()
+def mlflow_run(tmp_path: Path) -> tuple[str, str]:
+    """A real sqlite MLflow store in tmp_path with one finished run: (tracking_uri, run_id)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("eval-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = client.create_run(exp)
+    client.set_terminated(run.info.run_id)  # eval usually runs after training has closed its run
+    return uri, run.info.run_id
+
+
+# ----------------------------------------------------------------------------------------------
+# Suites and task definitions
+
+
+def test_local_suite_is_the_corpus_tasks_plus_heldout_perplexity():
+    specs = ev.load_suite("local")
+    assert [s.task for s in specs] == [*EVAL_TASKS, "synth_heldout"]
+    assert all(s.in_average for s in specs if s.task in EVAL_TASKS)
+    heldout = specs[-1]
+    assert heldout.metric == "bits_per_byte" and heldout.in_average is False
+
+
+def test_synth_task_item_counts_keep_stderr_below_1_5_points():
+    for task in EVAL_TASKS:
+        cfg = yaml.safe_load((ev.TASKS_DIR / f"{task}.yaml").read_text())
+        n = cfg["dataset_kwargs"]["n"]
+        # The harness's acc stderr is sqrt(p(1-p)/(n-1)); p = 0.5 is the worst case.
+        assert 100 * math.sqrt(0.25 / (n - 1)) < 1.5, (task, n)
+
+
+def test_paper_suite_names_harness_tasks_with_documented_shots():
+    specs = {s.task: s for s in ev.load_suite("paper")}
+    assert list(specs) == ["hellaswag", "winogrande", "piqa", "mmlu", "c3", "ceval-valid", "gsm8k"]
+    assert {t: s.num_fewshot for t, s in specs.items()} == {
+        "hellaswag": 0, "winogrande": 0, "piqa": 0, "mmlu": 5, "c3": 0, "ceval-valid": 5, "gsm8k": 5}
+    tm = ev.task_manager(True)
+    known = set(tm.all_tasks)
+    assert set(specs) <= known  # every name resolves: the harness's own, or c3 from our dir
+    assert tm.task_index["c3"].yaml_path == ev.TASKS_DIR / "c3.yaml"
+    assert specs["gsm8k"].filter == "strict-match"
+
+
+def test_c3_templates_render_a_clue_row():
+    from lm_eval.tasks._yaml_loader import load_yaml
+    from lm_eval.utils import apply_template
+
+    cfg = load_yaml(ev.TASKS_DIR / "c3.yaml", resolve_func=False)
+    assert (cfg["dataset_path"], cfg["dataset_name"]) == ("clue/clue", "c3")
+    row = {"id": 0, "context": ["男：你今天怎么这么高兴？", "女：我考上大学了。"], "question": "女的为什么高兴？",
+           "choice": ["找到工作了", "考上大学了", "过生日"], "answer": "考上大学了"}
+    assert apply_template(cfg["doc_to_text"], row) == "男：你今天怎么这么高兴？\n女：我考上大学了。\n问题：女的为什么高兴？\n答案："
+    assert apply_template(cfg["doc_to_target"], row) == "1"
+    assert row[cfg["doc_to_choice"]] == row["choice"]
+
+
+def test_synth_datasets_are_the_corpus_items_with_disjoint_fewshot_items():
+    ds = ev.synth_mc_dataset("synth_facts", 30, corpus_seed=0, version=1.0)  # the harness passes metadata too
+    assert ds["test"].to_list() == make_eval_items("synth_facts", 30)
+    assert ds["train"].to_list() == make_eval_items("synth_facts", 30 + ev.HELDOUT_FEWSHOT_ITEMS)[30:]
+    other_world = ev.synth_mc_dataset("synth_facts", 30, corpus_seed=1)
+    assert other_world["test"].to_list() != ds["test"].to_list()
+    held = ev.synth_heldout_dataset(5)
+    assert held["test"]["text"] == heldout_texts(5)
+
+
+def test_resolve_tasks_keeps_suite_settings_and_refuses_bad_names():
+    specs = ev.resolve_tasks("local", "gsm8k, synth_facts")
+    assert [(s.task, s.num_fewshot, s.filter) for s in specs] == [("gsm8k", 5, "strict-match"), ("synth_facts", 0, "none")]
+    with pytest.raises(ConfigError, match=r"eval.suite='papers'.*did you mean 'paper'"):
+        ev.resolve_tasks("papers")
+    with pytest.raises(ConfigError, match="names no task"):
+        ev.resolve_tasks("local", " , ")
+
+
+# ----------------------------------------------------------------------------------------------
+# The harness on the tiny teacher
+
+
+def test_local_suite_through_the_harness_logs_to_mlflow(tiny_teacher: Path, mlflow_run: tuple[str, str]):
+    from mlflow.tracking import MlflowClient
+
+    uri, run_id = mlflow_run
+    result = ev.evaluate(tiny_teacher, suite="local", limit=40, batch_size=16, run_id=run_id, tracking_uri=uri,
+                         quiet=True)
+    assert result["failed"] == {} and result["backend"] in ("hf", "pdl")
+    tasks = result["tasks"]
+    assert list(tasks) == [*EVAL_TASKS, "synth_heldout"]
+    for name in EVAL_TASKS:
+        s = tasks[name]
+        assert s["metric"] == "acc" and s["percent"] and s["samples"] == 40
+        assert 0.0 <= s["value"] <= 100.0 and 0.0 < s["stderr"] < 10.0
+    held = tasks["synth_heldout"]
+    assert held["metric"] == "bits_per_byte" and not held["percent"] and held["samples"] == 40
+    assert held["higher_is_better"] is False and 0.1 < held["value"] < 10.0
+    assert set(held["extra"]) == {"word_perplexity", "byte_perplexity"}
+    assert result["average"] == pytest.approx(sum(tasks[t]["value"] for t in EVAL_TASKS) / 3)
+
+    client = MlflowClient(tracking_uri=uri)
+    metrics = client.get_run(run_id).data.metrics
+    expected = {"eval.average": result["average"], "eval.synth_heldout.bits_per_byte": held["value"],
+                "eval.synth_heldout.word_perplexity": held["extra"]["word_perplexity"],
+                "eval.synth_heldout.byte_perplexity": held["extra"]["byte_perplexity"]}
+    for name in EVAL_TASKS:
+        expected[f"eval.{name}"] = tasks[name]["value"]
+        expected[f"eval.{name}.stderr"] = tasks[name]["stderr"]
+    assert metrics == pytest.approx(expected)
+
+    local = Path(client.download_artifacts(run_id, f"{ev.RESULTS_ARTIFACT_DIR}/{ev.RESULTS_ARTIFACT_NAME}",
+                                           str(Path(uri.removeprefix("sqlite:///")).parent / "dl")))
+    raw = json.loads(local.read_text())
+    assert set(raw["results"]) == {*EVAL_TASKS, "synth_heldout"}
+    assert raw["results"]["synth_facts"]["acc,none"] * 100 == pytest.approx(tasks["synth_facts"]["value"])
+    assert raw["n-samples"]["synth_facts"] == {"original": 1200, "effective": 40}
+
+
+def test_trained_teacher_beats_random_init(tiny_teacher: Path, random_model: Path):
+    # Held-out perplexity separates the 80-step fixture teacher from random init by a wide margin.
+    # Its multiple-choice scores are still at chance (measured: the fixture is too small and its
+    # 64-token windows are shorter than a continuation item), so they are not asserted here.
+    kw = dict(tasks="synth_heldout", limit=100, quiet=True)
+    teacher = ev.evaluate(tiny_teacher, **kw)["tasks"]["synth_heldout"]["value"]
+    random = ev.evaluate(random_model, **kw)["tasks"]["synth_heldout"]["value"]
+    assert teacher < random - 0.5, (teacher, random)  # bits per byte; measured about 2.9 vs 4.0
+
+
+def test_unavailable_dataset_fails_alone_with_one_line(tiny_teacher: Path, mlflow_run: tuple[str, str],
+                                                        capsys: pytest.CaptureFixture):
+    uri, run_id = mlflow_run
+    parser = argparse.ArgumentParser()
+    ev.add_arguments(parser)
+    args = parser.parse_args([str(tiny_teacher), "--tasks", "hellaswag,synth_arithmetic", "--limit", "10",
+                              "--run-id", run_id, "--tracking-uri", uri])
+    # Tests run with HF_DATASETS_OFFLINE=1 and an empty datasets cache: hellaswag cannot load.
+    with pytest.raises(UserError) as err:
+        ev.run_from_args(args)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "'hellaswag'" in message and "'Rowan/hellaswag'" in message and "HF_DATASETS_CACHE" in message
+    out = capsys.readouterr().out
+    assert "synth_arithmetic" in out and "failed" in out
+    # The task that could run ran and was logged; the average covers it alone.
+    from mlflow.tracking import MlflowClient
+
+    metrics = MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
+    assert set(metrics) == {"eval.synth_arithmetic", "eval.synth_arithmetic.stderr", "eval.average"}
+    assert metrics["eval.average"] == metrics["eval.synth_arithmetic"]
+
+
+def test_bad_inputs_fail_before_any_model_is_loaded(tmp_path: Path, tiny_teacher: Path):
+    with pytest.raises(ConfigError, match=r"task 'synth_fact' is unknown.*did you mean 'synth_facts'"):
+        ev.evaluate(tiny_teacher, tasks="synth_fact")
+    with pytest.raises(DataError, match="holds no config.json"):
+        ev.evaluate(tmp_path, tasks="synth_facts")
+    with pytest.raises(DataError, match="is not a directory"):
+        ev.evaluate(tmp_path / "missing", tasks="synth_facts")
+    with pytest.raises(ConfigError, match="eval.limit=0"):
+        ev.evaluate(tiny_teacher, tasks="synth_facts", limit=0)
+    with pytest.raises(ConfigError, match="eval.backend='vllm'"):
+        ev.evaluate(tiny_teacher, tasks="synth_facts", backend="vllm")
+
+
+# ----------------------------------------------------------------------------------------------
+# The torch-only backend against the model itself
+
+
+def _direct_logprob(model, ids: list[int], n_cont: int) -> float:
+    """Sum of log p(token) over the last n_cont tokens of ids, from one unbatched forward."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    targets = torch.tensor(ids[1:])
+    return float(logp[torch.arange(len(targets)), targets][-n_cont:].sum())
+
+
+def test_pdl_backend_scores_match_the_model(tiny_teacher: Path):
+    from lm_eval.api.instance import Instance
+
+    lm = ev.make_pdl_lm(tiny_teacher, batch_size=3)
+    items = make_eval_items("synth_facts", 3) + make_eval_items("synth_continuation", 2)
+    pairs = [(it["context"], choice) for it in items for choice in it["choices"]]
+    reqs = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    scores = lm.loglikelihood(reqs, disable_tqdm=True)
+    assert len(scores) == len(pairs)
+    for (context, choice), (ll, _) in zip(pairs, scores):
+        whole = lm.tok_encode(context + choice)
+        n_cont = len(whole) - len(lm.tok_encode(context))
+        direct = _direct_logprob(lm.model, [*lm.tok_encode(context), *whole[len(lm.tok_encode(context)):]], n_cont)
+        assert ll == pytest.approx(direct, abs=1e-3)
+
+    text = heldout_texts(1)[0]
+    ids = lm.tok_encode(text)
+    rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)[0]
+    assert rolling == pytest.approx(_direct_logprob(lm.model, [lm.prefix_token_id, *ids], len(ids)), abs=1e-3)
+    # A window shorter than the text: the rolling windows still score every token exactly once.
+    short = ev.make_pdl_lm(tiny_teacher, max_length=16)
+    windowed = short.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)[0]
+    assert math.isfinite(windowed) and windowed != pytest.approx(rolling, abs=1e-3)
+
+
+def test_pdl_backend_generation_stops_at_until(tiny_teacher: Path):
+    from lm_eval.api.instance import Instance
+
+    lm = ev.make_pdl_lm(tiny_teacher)
+    context = "17 plus 25 is"
+    free = lm.generate_until([Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 12}), 0)])[0]
+    assert free  # greedy text of 12 tokens
+    stop = free.strip()[:1] or "."
+    cut = lm.generate_until([Instance("generate_until", {}, (context, {"until": [stop], "max_gen_toks": 12}), 0)])[0]
+    assert stop not in cut and free.startswith(cut)
+
+
+@pytest.mark.skipif(not ev.hf_backend_available(), reason="lm-eval[hf] (accelerate, peft) is not installed")
+def test_pdl_backend_matches_the_harness_hf_model(tiny_teacher: Path):
+    from lm_eval.api.instance import Instance
+
+    pdl = ev.make_pdl_lm(tiny_teacher)
+    hf, _, _ = ev.load_lm(tiny_teacher, backend="hf")
+    items = make_eval_items("synth_arithmetic", 4)
+    reqs = [Instance("loglikelihood", {}, (it["context"], c), i) for i, it in enumerate(items) for c in it["choices"]]
+    for (a, _), (b, _) in zip(pdl.loglikelihood(reqs), hf.loglikelihood(reqs)):
+        assert a == pytest.approx(b, abs=1e-3)
