@@ -95,7 +95,9 @@ class LogitsConfig:
     store_k: int = 100
     batch_size: int = 16  # sequences per teacher forward during generation
     sequences_per_shard: int = 1024
-    mode: str = "offline"  # offline | online_store | cotrain
+    mode: str = "offline"  # offline | online_store | cotrain (the paper's Table 6: logits of a teacher in training)
+    online_start_frac: float = 0.5  # online_store: the share of teacher training after which its logits are kept...
+    online_end_frac: float = 1.0  # ... up to this share (early part: 0.0-0.5, late part: 0.5-1.0)
 
 
 @dataclass
@@ -421,6 +423,10 @@ def validate(cfg: PDLConfig) -> None:
     _positive_int("logits.batch_size", lg.batch_size)
     _positive_int("logits.sequences_per_shard", lg.sequences_per_shard)
     _choice("logits.mode", lg.mode, DISTILL_MODES)
+    _fraction("logits.online_start_frac", lg.online_start_frac)
+    _fraction("logits.online_end_frac", lg.online_end_frac)
+    _require(lg.online_start_frac < lg.online_end_frac, "logits.online_end_frac", lg.online_end_frac,
+             f"> logits.online_start_frac ({lg.online_start_frac})")
 
     ls = cfg.loss
     _choice("loss.kind", ls.kind, LOSS_KINDS)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pd_lightning.config import LogitsConfig, LossConfig, OptimConfig
 from pd_lightning.data.shards import TokenShards
-from pd_lightning.logits.processing import logit_std, std_temperature, teacher_targets
+from pd_lightning.logits.processing import logit_std, std_temperature, teacher_targets, truncate_top_p_k
 from pd_lightning.losses import distillation_loss
 from pd_lightning.schedules import alpha_at, lr_multiplier
 
@@ -86,17 +86,34 @@ class BatchStepSampler(Sampler[list[int]]):
             yield [next(it) for _ in range(self.batch_size)]
 
 
+class SequentialBatchSampler(Sampler[list[int]]):
+    """Consecutive blocks of store indices, wrapping around: a student replays an online teacher's batches in order."""
+
+    def __init__(self, num_sequences: int, batch_size: int, start_batch: int = 0):
+        self.num_sequences, self.batch_size, self.start_batch = num_sequences, batch_size, start_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        b = self.start_batch
+        while True:
+            first = b * self.batch_size
+            yield [(first + i) % self.num_sequences for i in range(self.batch_size)]
+            b += 1
+
+
 class DistillationBatches(Dataset):
     """Batch = token ids [B, L] plus, with a store, KD targets for the B·(L-1) predicting positions."""
 
     def __init__(self, data_root: str | Path, split: str, store_root: str | Path | None = None,
-                 targets: TargetSpec | None = None):
+                 targets: TargetSpec | None = None, sequence_map: np.ndarray | None = None):
         self.data_root, self.split = Path(data_root), split
         self.store_root = Path(store_root) if store_root else None
         self.targets = targets
+        # Online stores hold the teacher's batches in training order: store index -> shard sequence.
+        self.sequence_map = sequence_map
         self._shards: TokenShards | None = None
         self._store = None  # opened lazily: each DataLoader worker memory-maps its own files
-        self.num_sequences = len(TokenShards(self.data_root, split))
+        n_shard = len(TokenShards(self.data_root, split))
+        self.num_sequences = len(sequence_map) if sequence_map is not None else n_shard
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_shards": None, "_store": None}
@@ -107,7 +124,8 @@ class DistillationBatches(Dataset):
     def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         if self._shards is None:
             self._shards = TokenShards(self.data_root, self.split)
-        batch = {"input_ids": torch.from_numpy(self._shards.batch(indices))}
+        rows = self.sequence_map[indices] if self.sequence_map is not None else indices
+        batch = {"input_ids": torch.from_numpy(self._shards.batch(rows))}
         if self.store_root is not None and self.targets is not None:
             if self._store is None:
                 from pd_lightning.logits.store import LogitStore
@@ -152,18 +170,22 @@ class DistillationDataModule(pl.LightningDataModule):
 
     def __init__(self, data_root: str | Path, batch_size: int, seed: int, *, store_root: str | Path | None = None,
                  targets: TargetSpec | None = None, num_workers: int = 0, val_batches: int = 8,
-                 accumulate_grad_batches: int = 1):
+                 accumulate_grad_batches: int = 1, sequence_map: np.ndarray | None = None):
         super().__init__()
         self.data_root, self.store_root, self.targets = Path(data_root), store_root, targets
+        self.sequence_map = sequence_map
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
         self.val_batches, self.accumulate = val_batches, accumulate_grad_batches
 
     def train_dataloader(self) -> DataLoader:
-        dataset = DistillationBatches(self.data_root, "train", self.store_root, self.targets)
+        dataset = DistillationBatches(self.data_root, "train", self.store_root, self.targets, self.sequence_map)
         # Lightning restores the checkpoint before asking for the loader, so global_step is the
         # resumed step and the stream continues exactly where the interrupted run stopped.
         start = self.trainer.global_step * self.accumulate if self.trainer is not None else 0
-        sampler = BatchStepSampler(len(dataset), self.batch_size, self.seed, start_batch=start)
+        if self.sequence_map is not None:
+            sampler = SequentialBatchSampler(len(dataset), self.batch_size, start_batch=start)
+        else:
+            sampler = BatchStepSampler(len(dataset), self.batch_size, self.seed, start_batch=start)
         return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, prefetch_factor=4 if self.num_workers else None)
 
@@ -178,12 +200,17 @@ class DistillationModule(pl.LightningModule):
     """Eq. 1 on a transformers causal LM; α and the LR follow their schedules over `max_steps`."""
 
     def __init__(self, model: torch.nn.Module, *, loss: LossConfig, optim: OptimConfig, max_steps: int,
-                 normkd_t: float | None = None, tau_sq: float | None = None):
+                 normkd_t: float | None = None, tau_sq: float | None = None, teacher: torch.nn.Module | None = None,
+                 teacher_optim: OptimConfig | None = None, cotrain_targets: TargetSpec | None = None):
         super().__init__()
         self.model = model
         self.loss_cfg, self.optim_cfg, self.max_steps = loss, optim, max_steps
         self.normkd_t = normkd_t  # set when the teacher targets use NormKD: the student is tempered too
         self.tau_sq = tau_sq  # Hinton's τ² factor on the KD term (NormKD carries its τ_t² in the weights)
+        # Co-training (Table 6, online): a teacher pre-trained in the same steps supplies the targets.
+        self.teacher, self.teacher_optim, self.cotrain_targets = teacher, teacher_optim, cotrain_targets
+        self.capture_logits = False  # online_store: keep this step's logits for the OnlineLogitWriter
+        self.captured_logits: torch.Tensor | None = None
         self._last_time: float | None = None
 
     def progress(self) -> float:
@@ -211,6 +238,8 @@ class DistillationModule(pl.LightningModule):
                                      lm_head_weight=self.model.lm_head.weight, fused=True, chunk_size=c.chunk_size,
                                      token_weights=weights, jsd_beta=c.jsd_beta, tau_sq_scale=tau_sq)
         logits = self.model(input_ids=ids).logits[:, :-1]
+        if self.capture_logits:
+            self.captured_logits = logits.detach()
         student_tau = None
         if kd and self.normkd_t is not None:
             student_tau = std_temperature(logit_std(logits.detach().reshape(-1, logits.size(-1))), self.normkd_t)
@@ -218,11 +247,28 @@ class DistillationModule(pl.LightningModule):
                                  chunk_size=c.chunk_size, token_weights=weights, student_tau=student_tau,
                                  jsd_beta=c.jsd_beta, tau_sq_scale=tau_sq)
 
+    def cotrain_teacher_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Co-training: the teacher's own LM loss on the batch; its detached top-p-k targets join the batch."""
+        ids = batch["input_ids"]
+        logits = self.teacher(input_ids=ids).logits[:, :-1]
+        teacher_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), ids[:, 1:].reshape(-1))
+        t = self.cotrain_targets
+        with torch.no_grad():
+            sparse = truncate_top_p_k(logits.detach().float().reshape(-1, logits.size(-1)), t.store_p, t.store_k)
+            target = teacher_targets(sparse, t.p, t.k, t.tau, t.method, t.store_p, t.store_k, **t.params)
+        batch["teacher_indices"], batch["teacher_probs"] = target.indices, target.probs
+        if target.token_weights is not None:
+            batch["token_weights"] = target.token_weights
+        batch["support"] = (target.probs > 0).sum(-1).float().mean()
+        return teacher_loss
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         alpha = self.alpha()
+        teacher_loss = self.cotrain_teacher_step(batch) if self.teacher is not None else None
         out = self.compute_loss(batch, alpha)
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(f"non-finite training loss ({out.loss.item()}) at step {self.global_step}")
+        if not torch.isfinite(out.loss) or (teacher_loss is not None and not torch.isfinite(teacher_loss)):
+            bad = out.loss if not torch.isfinite(out.loss) else teacher_loss
+            raise FloatingPointError(f"non-finite training loss ({bad.item()}) at step {self.global_step}")
         now = time.perf_counter()
         tokens = batch["input_ids"].numel()
         metrics = {"train/loss": out.loss.detach(), "train/lm_loss": out.lm_loss, "train/kd_loss": out.kd_loss,
@@ -234,24 +280,75 @@ class DistillationModule(pl.LightningModule):
         self._last_time = now
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, batch_size=batch["input_ids"].shape[0])
         self.log("loss", out.loss.detach(), prog_bar=True, logger=False, batch_size=batch["input_ids"].shape[0])
+        if teacher_loss is not None:
+            self.log("teacher/loss", teacher_loss.detach(), on_step=True, on_epoch=False,
+                     batch_size=batch["input_ids"].shape[0])
+            # The targets are detached, so the sum trains each model on its own loss only.
+            return out.loss + teacher_loss
         return out.loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         ids = batch["input_ids"]
         self.log("val/loss", lm_loss(self.model(input_ids=ids).logits, ids), prog_bar=True, batch_size=ids.shape[0])
 
+    def _param_groups(self, model: torch.nn.Module, o: OptimConfig) -> list[dict]:
+        # No weight decay on norms (1-D tensors), as in every modern LM recipe.
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay, "lr": o.lr},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": o.lr}]
+
     def configure_optimizers(self):
         o = self.optim_cfg
-        # No weight decay on norms (1-D tensors), as in every modern LM recipe.
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        groups = self._param_groups(self.model, o)
+        multipliers = [_lr_lambda(o, self.max_steps)] * 2
+        if self.teacher is not None:
+            groups += self._param_groups(self.teacher, self.teacher_optim)
+            multipliers += [_lr_lambda(self.teacher_optim, self.max_steps)] * 2
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-        max_steps = self.max_steps
-
-        def multiplier(step: int) -> float:
-            return lr_multiplier(step / max_steps, o.lr_schedule, warmup=o.warmup_frac, decay=o.decay_frac,
-                                 decay_shape=o.decay_shape, min_ratio=o.min_lr_ratio)
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multipliers)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip student and co-trained teacher separately, so one model's gradient norm never rescales the other's."""
+        if self.teacher is None:  # the strategy's own clipping (FSDP needs it)
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        if gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val)
+            torch.nn.utils.clip_grad_norm_(self.teacher.parameters(), gradient_clip_val)
+
+
+def _lr_lambda(o: OptimConfig, max_steps: int):
+    """step -> LR multiplier of an optimiser config's schedule over `max_steps`."""
+    def multiplier(step: int) -> float:
+        return lr_multiplier(step / max_steps, o.lr_schedule, warmup=o.warmup_frac, decay=o.decay_frac,
+                             decay_shape=o.decay_shape, min_ratio=o.min_lr_ratio)
+    return multiplier
+
+
+class OnlineLogitWriter(pl.Callback):
+    """Online logits (Table 6): while a teacher pre-trains, write its top-p-k logits for the batches it trains on.
+
+    Steps [start_step, end_step) are kept; the batch of step s becomes store sequences
+    [(s - start_step)·B, (s - start_step + 1)·B), and `sequence_map` (saved next to the store) says
+    which token-shard sequence each one is, so a student replays exactly those batches in order.
+    """
+
+    def __init__(self, writer, start_step: int, end_step: int, batch_size: int):
+        from pd_lightning.logits.store import AsyncShardWriter
+
+        self.async_writer = AsyncShardWriter(writer)
+        self.start_step, self.end_step, self.batch_size = start_step, end_step, batch_size
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        module.capture_logits = self.start_step <= trainer.global_step < self.end_step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step - 1  # the optimizer step of this batch has been taken
+        if module.capture_logits and module.captured_logits is not None:
+            logits = module.captured_logits.float()
+            self.async_writer.submit((step - self.start_step) * self.batch_size, logits.reshape(-1, logits.size(-1)))
+            module.captured_logits = None
+
+    def on_train_end(self, trainer, module) -> None:
+        self.async_writer.close()

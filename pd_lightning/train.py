@@ -31,6 +31,7 @@ from pd_lightning.module import DistillationDataModule, DistillationModule, Targ
 
 TEACHER_INFO = "pdl_teacher.json"
 RUN_INFO = "pdl_run.json"
+SEQUENCE_MAP = "sequence_map.npy"
 EXCEPTION_CHECKPOINT = "on_exception.ckpt"
 
 
@@ -47,7 +48,7 @@ class TrainingDiverged(UserError):
 
 
 def build_trainer(cfg: PDLConfig, max_steps: int, *, callbacks: list | None = None, logger=False,
-                  validate: bool = False) -> pl.Trainer:
+                  validate: bool = False, checkpoints: bool = True) -> pl.Trainer:
     """A Lightning Trainer from the engineering section of the config (strategy, precision, devices)."""
     tr = cfg.trainer
     strategy = tr.strategy
@@ -70,7 +71,7 @@ def build_trainer(cfg: PDLConfig, max_steps: int, *, callbacks: list | None = No
         log_every_n_steps=tr.log_every_n_steps,
         logger=logger,
         callbacks=callbacks or [],
-        enable_checkpointing=bool(callbacks),
+        enable_checkpointing=checkpoints and bool(callbacks),
         enable_progress_bar=sys.stderr.isatty(),
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -125,14 +126,24 @@ def train_teacher(cfg: PDLConfig, *, quiet: bool = False) -> Path:
     model = _model_for_data(t.preset, manifest, int(manifest["vocab_size"]), t.seed)
     params = sum(p.numel() for p in model.parameters())
     before = heldout_loss(model, data_dir)
-    optim = dataclasses.replace(cfg.optim, lr=t.lr, warmup_frac=t.warmup_frac, lr_schedule="cosine")
-    module = DistillationModule(model, loss=LossConfig(alpha=0.0), optim=optim, max_steps=t.max_steps)
+    module = DistillationModule(model, loss=LossConfig(alpha=0.0), optim=teacher_optim(cfg), max_steps=t.max_steps)
     data = DistillationDataModule(data_dir, t.batch_size, t.seed, num_workers=cfg.trainer.num_workers)
+    callbacks = []
+    if cfg.logits.mode == "online_store":
+        callbacks.append(_online_store_writer(cfg, manifest, out, digest))
     if not quiet:
         print(f"teacher: pre-training {t.preset} ({params / 1e6:.2f}M params) for {t.max_steps} steps x "
               f"{t.batch_size} x {seq_len} tokens on {data_dir}; held-out loss before {before:.4f}")
+        if callbacks:
+            w = callbacks[0]
+            print(f"teacher: writing its top-{cfg.logits.store_p}-{cfg.logits.store_k} logits of steps "
+                  f"[{w.start_step}, {w.end_step}) into {cfg.logits.store} (online logits)")
     started = time.perf_counter()
-    build_trainer(cfg, t.max_steps).fit(module, datamodule=data)
+    build_trainer(cfg, t.max_steps, callbacks=callbacks, checkpoints=False).fit(module, datamodule=data)
+    if callbacks:
+        callbacks[0].async_writer.writer.finalize(meta={
+            "online": True, "teacher_steps": [callbacks[0].start_step, callbacks[0].end_step],
+            "sequence_map": SEQUENCE_MAP, "data": str(data_dir.resolve()), "data_hash": manifest["config_hash"]})
     seconds = time.perf_counter() - started
     model = module.model.to(torch.float32).cpu()
     after = heldout_loss(model, data_dir)
@@ -147,6 +158,49 @@ def train_teacher(cfg: PDLConfig, *, quiet: bool = False) -> Path:
         print(f"teacher: {tokens:,} tokens in {seconds:.0f}s ({tokens / seconds:,.0f} tokens/s); held-out loss "
               f"{before:.4f} -> {after:.4f}; saved to {out}")
     return out
+
+
+def teacher_optim(cfg: PDLConfig) -> OptimConfig:
+    """The teacher's optimiser: the optim section with the teacher's LR and warmup, cosine decay."""
+    return dataclasses.replace(cfg.optim, lr=cfg.teacher.lr, warmup_frac=cfg.teacher.warmup_frac, lr_schedule="cosine")
+
+
+def _online_store_writer(cfg: PDLConfig, manifest: dict, teacher_out: Path, teacher_hash: str):
+    """The callback that writes an online store while the teacher trains (fresh store, sequence map saved)."""
+    import numpy as np
+
+    from pd_lightning.logits.store import LogitStoreWriter
+    from pd_lightning.module import BatchStepSampler, OnlineLogitWriter
+
+    t, lg = cfg.teacher, cfg.logits
+    store = Path(lg.store)
+    if store.exists():
+        if any(p for p in store.iterdir() if not p.name.startswith(("shard-", "manifest", SEQUENCE_MAP))):
+            raise ConfigError(f"logits.store={str(store)!r} holds files that are not a logit store; choose another dir")
+        shutil.rmtree(store)  # a partial online store from an interrupted teacher run: the teacher restarts too
+    start, end = int(lg.online_start_frac * t.max_steps), int(lg.online_end_frac * t.max_steps)
+    if end <= start:
+        raise ConfigError(f"logits.online_start_frac={lg.online_start_frac} and online_end_frac={lg.online_end_frac} "
+                          f"keep no step of teacher.max_steps={t.max_steps}")
+    n_train = int(manifest["splits"]["train"]["num_sequences"])
+    stream = iter(BatchStepSampler(n_train, t.batch_size, t.seed, start_batch=start))
+    sequence_map = np.array([next(stream) for _ in range(end - start)], dtype=np.int64).reshape(-1)
+    store.mkdir(parents=True)
+    np.save(store / SEQUENCE_MAP, sequence_map, allow_pickle=False)
+    writer = LogitStoreWriter(
+        store, vocab_size=int(manifest["vocab_size"]), p=lg.store_p, k=lg.store_k,
+        positions_per_sequence=int(manifest["seq_len"]) - 1, num_sequences=len(sequence_map),
+        sequences_per_shard=lg.sequences_per_shard, teacher=str(teacher_out.resolve()), teacher_config_hash=teacher_hash,
+        tokenizer_hash=manifest["tokenizer_hash"])
+    return OnlineLogitWriter(writer, start, end, t.batch_size)
+
+
+def load_sequence_map(store: Path):
+    """An online store's map from store sequence to token-shard sequence (None for offline stores)."""
+    import numpy as np
+
+    path = store / SEQUENCE_MAP
+    return np.load(path, allow_pickle=False) if path.is_file() else None
 
 
 def _check_store(cfg: PDLConfig, data_manifest: dict) -> tuple[dict, int]:
@@ -167,7 +221,11 @@ def _check_store(cfg: PDLConfig, data_manifest: dict) -> tuple[dict, int]:
             int(m["num_sequences"]) != 0 and int(m["positions_per_sequence"]) != int(data_manifest["seq_len"]) - 1:
         raise DataError(f"logits.store={str(store)!r} was generated over other token shards (data {meta.get('data_hash')}, "
                         f"these are {data_manifest['config_hash']}); regenerate it for data.out={cfg.data.out!r}")
-    if int(m["num_sequences"]) != int(data_manifest["splits"]["train"]["num_sequences"]):
+    online = load_sequence_map(store)
+    if online is not None:
+        if len(online) != int(m["num_sequences"]) or online.max(initial=0) >= int(data_manifest["splits"]["train"]["num_sequences"]):
+            raise DataError(f"logits.store={str(store)!r} has a sequence map that does not fit its shards or data.out")
+    elif int(m["num_sequences"]) != int(data_manifest["splits"]["train"]["num_sequences"]):
         raise DataError(f"logits.store={str(store)!r} has {m['num_sequences']} sequences but data.out has "
                         f"{data_manifest['splits']['train']['num_sequences']}; regenerate the store")
     if cfg.logits.p > float(m["p"]) or cfg.logits.k > int(m["k"]):
@@ -210,8 +268,13 @@ def train(cfg: PDLConfig, *, quiet: bool = False) -> dict:
     tr = cfg.trainer
     data_dir, out = Path(cfg.data.out), Path(tr.out)
     data_manifest = read_manifest(data_dir)
-    use_store = cfg.loss.alpha > 0
+    cotrain = cfg.logits.mode == "cotrain" and cfg.loss.alpha > 0
+    use_store = cfg.loss.alpha > 0 and not cotrain
     vocab, store_manifest, teacher = int(data_manifest["vocab_size"]), None, None
+    if cotrain:
+        teacher = f"cotrain:{cfg.teacher.preset}"
+        if cfg.loss.fused:
+            raise ConfigError("loss.fused=true is not available with logits.mode='cotrain'; set loss.fused=false")
     if use_store:
         store_manifest, vocab = _check_store(cfg, data_manifest)
         teacher = store_manifest.get("teacher")
@@ -235,12 +298,19 @@ def train(cfg: PDLConfig, *, quiet: bool = False) -> dict:
     model = _model_for_data(cfg.model.preset, data_manifest, vocab, cfg.model.init_seed)
     targets = TargetSpec.from_config(cfg.logits, float(store_manifest["p"]), int(store_manifest["k"])) if use_store else None
     tau_sq = cfg.logits.tau if cfg.loss.tau_sq_scale and cfg.logits.method != "normkd" else None
+    cotrain_kwargs = {}
+    if cotrain:  # the teacher trains from scratch beside the student, on the same batches
+        cotrain_kwargs = {"teacher": _model_for_data(cfg.teacher.preset, data_manifest, vocab, cfg.teacher.seed),
+                          "teacher_optim": teacher_optim(cfg),
+                          "cotrain_targets": TargetSpec.from_config(cfg.logits, cfg.logits.store_p, cfg.logits.store_k)}
+    kd = use_store or cotrain
     module = DistillationModule(model, loss=cfg.loss, optim=cfg.optim, max_steps=tr.max_steps,
-                                normkd_t=cfg.logits.normkd_t if use_store and cfg.logits.method == "normkd" else None,
-                                tau_sq=tau_sq)
+                                normkd_t=cfg.logits.normkd_t if kd and cfg.logits.method == "normkd" else None,
+                                tau_sq=tau_sq, **cotrain_kwargs)
     data = DistillationDataModule(data_dir, tr.batch_size, tr.seed, store_root=cfg.logits.store if use_store else None,
                                   targets=targets, num_workers=tr.num_workers, val_batches=tr.val_batches,
-                                  accumulate_grad_batches=tr.accumulate_grad_batches)
+                                  accumulate_grad_batches=tr.accumulate_grad_batches,
+                                  sequence_map=load_sequence_map(Path(cfg.logits.store)) if use_store else None)
     ckpt_dir = out / "checkpoints"
     # monitor=None with save_top_k=1 keeps only the newest periodic checkpoint.
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
@@ -248,7 +318,8 @@ def train(cfg: PDLConfig, *, quiet: bool = False) -> dict:
     last = latest_checkpoint(ckpt_dir) if resumed else None
     ckpt_path = str(last) if last else None
     if not quiet:
-        kind = "LM-only" if not use_store else f"PD ({cfg.loss.kind}, alpha={cfg.loss.alpha} {cfg.loss.alpha_schedule})"
+        kind = "LM-only" if not kd else (f"PD ({cfg.loss.kind}, alpha={cfg.loss.alpha} {cfg.loss.alpha_schedule}, "
+                                          f"{cfg.logits.mode} logits)")
         where = f"resuming from {last}" if ckpt_path else "from scratch"
         print(f"train: {kind} {cfg.model.preset} for {tr.max_steps} steps x {tr.batch_size} x {data_manifest['seq_len']} "
               f"tokens, {where}; MLflow run {run_id}")
@@ -277,6 +348,10 @@ def train(cfg: PDLConfig, *, quiet: bool = False) -> dict:
             "seconds_this_session": round(seconds, 2), "preset": cfg.model.preset, "teacher": teacher}
     tokenizer = load_tokenizer(data_dir / "tokenizer", what="data tokenizer")
     _save_hf_dir(model, tokenizer, out / "model", dict(info))
+    if cotrain:
+        _save_hf_dir(module.teacher.to(torch.float32).cpu(), tokenizer, out / "teacher",
+                     {"_file": TEACHER_INFO, "preset": cfg.teacher.preset, "cotrained_with": run_id,
+                      "heldout_loss_after": heldout_loss(module.teacher, data_dir)})
     client.log_metric(run_id, "heldout_loss", loss, step=tr.max_steps)
     client.log_metric(run_id, "tokens", tokens, step=tr.max_steps)
     client.log_artifacts(run_id, str(out / "model"), "model")
