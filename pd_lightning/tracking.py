@@ -29,7 +29,13 @@ def tracking_settings(cfg: PDLConfig) -> dict[str, str]:
     if "://" not in uri and not uri.startswith("sqlite:"):
         raise ConfigError(f"tracking.tracking_uri={uri!r} must be a URI such as sqlite:///mlflow.db or "
                           "http://127.0.0.1:5000 (MLflow 3 has no plain-directory file store)")
-    artifacts = file_settings.get("artifact_location") or DEFAULT_ARTIFACTS
+    if cfg.tracking.tracking_uri is None and file_settings.get("artifact_location"):
+        artifacts = file_settings["artifact_location"]
+    elif uri.startswith("sqlite:///"):
+        # Artifacts live beside the sqlite store they belong to, wherever that is.
+        artifacts = str(Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts")
+    else:
+        artifacts = DEFAULT_ARTIFACTS
     if "://" not in artifacts:
         artifacts = Path(artifacts).resolve().as_uri()
     experiment = cfg.tracking.experiment or file_settings.get("experiment") or "pd-lightning"

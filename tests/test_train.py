@@ -57,6 +57,7 @@ def test_runs_are_complete_mlflow_records(lm_and_pd):
             assert metric in run.data.metrics, metric
         history = client.get_metric_history(summary["run_id"], "train/loss")
         assert len(history) >= 10
+        assert run.info.artifact_uri.startswith(root.resolve().as_uri())  # beside the sqlite store, not in the cwd
         artifacts = {a.path for a in client.list_artifacts(summary["run_id"])}
         assert {"config.yaml", "model"} <= artifacts
     pd_run = client.get_run(pd["run_id"])
