@@ -35,15 +35,24 @@ def random_model(tiny_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -
     return out
 
 
-@pytest.fixture()
-def mlflow_run(tmp_path: Path) -> tuple[str, str]:
-    """A real sqlite MLflow store in tmp_path with one finished run: (tracking_uri, run_id)."""
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A real sqlite MLflow store (made once: its schema migration takes seconds): (tracking_uri, experiment id)."""
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    return uri, MlflowClient(tracking_uri=uri).create_experiment("eval-test", artifact_location=(root / "art").as_uri())
+
+
+@pytest.fixture()
+def mlflow_run(mlflow_store: tuple[str, str]) -> tuple[str, str]:
+    """A fresh finished run in the store: (tracking_uri, run_id)."""
+    from mlflow.tracking import MlflowClient
+
+    uri, experiment = mlflow_store
     client = MlflowClient(tracking_uri=uri)
-    exp = client.create_experiment("eval-test", artifact_location=(tmp_path / "artifacts").as_uri())
-    run = client.create_run(exp)
+    run = client.create_run(experiment)
     client.set_terminated(run.info.run_id)  # eval usually runs after training has closed its run
     return uri, run.info.run_id
 
@@ -116,13 +125,15 @@ def test_resolve_tasks_keeps_suite_settings_and_refuses_bad_names():
 # The harness on the tiny teacher
 
 
-def test_local_suite_through_the_harness_logs_to_mlflow(tiny_teacher: Path, mlflow_run: tuple[str, str]):
+def test_local_suite_through_the_harness_logs_to_mlflow(tiny_teacher: Path, mlflow_run: tuple[str, str],
+                                                        tmp_path: Path):
     from mlflow.tracking import MlflowClient
 
     uri, run_id = mlflow_run
     result = ev.evaluate(tiny_teacher, suite="local", limit=40, batch_size=16, run_id=run_id, tracking_uri=uri,
                          quiet=True)
     assert result["failed"] == {} and result["backend"] in ("hf", "pdl")
+    assert result["max_length"] == 64  # the fixture teacher's training seq_len, from its info file
     tasks = result["tasks"]
     assert list(tasks) == [*EVAL_TASKS, "synth_heldout"]
     for name in EVAL_TASKS:
@@ -146,7 +157,7 @@ def test_local_suite_through_the_harness_logs_to_mlflow(tiny_teacher: Path, mlfl
     assert metrics == pytest.approx(expected)
 
     local = Path(client.download_artifacts(run_id, f"{ev.RESULTS_ARTIFACT_DIR}/{ev.RESULTS_ARTIFACT_NAME}",
-                                           str(Path(uri.removeprefix("sqlite:///")).parent / "dl")))
+                                           str(tmp_path)))
     raw = json.loads(local.read_text())
     assert set(raw["results"]) == {*EVAL_TASKS, "synth_heldout"}
     assert raw["results"]["synth_facts"]["acc,none"] * 100 == pytest.approx(tasks["synth_facts"]["value"])
@@ -157,7 +168,7 @@ def test_trained_teacher_beats_random_init(tiny_teacher: Path, random_model: Pat
     # Held-out perplexity separates the 80-step fixture teacher from random init by a wide margin.
     # Its multiple-choice scores are still at chance (measured: the fixture is too small and its
     # 64-token windows are shorter than a continuation item), so they are not asserted here.
-    kw = dict(tasks="synth_heldout", limit=100, quiet=True)
+    kw = dict(tasks="synth_heldout", limit=100, quiet=True, max_length=64)  # same window for both
     teacher = ev.evaluate(tiny_teacher, **kw)["tasks"]["synth_heldout"]["value"]
     random = ev.evaluate(random_model, **kw)["tasks"]["synth_heldout"]["value"]
     assert teacher < random - 0.5, (teacher, random)  # bits per byte; measured about 2.9 vs 4.0
@@ -186,6 +197,17 @@ def test_unavailable_dataset_fails_alone_with_one_line(tiny_teacher: Path, mlflo
     assert metrics["eval.average"] == metrics["eval.synth_arithmetic"]
 
 
+def test_window_defaults_to_the_trained_seq_len(tiny_teacher: Path, random_model: Path, tmp_path: Path):
+    assert ev.trained_seq_len(tiny_teacher) == 64
+    assert ev.trained_seq_len(random_model) is None  # no info file: the harness uses the config's 1024
+    (tmp_path / "pdl_run.json").write_text(json.dumps({"seq_len": 128}))
+    assert ev.trained_seq_len(tmp_path) == 128
+    (tmp_path / "pdl_run.json").write_text(json.dumps({"data": str(tmp_path / "moved-away")}))
+    assert ev.trained_seq_len(tmp_path) is None
+    lm, _, _ = ev.load_lm(random_model, backend="pdl")
+    assert lm.max_length == 1024
+
+
 def test_bad_inputs_fail_before_any_model_is_loaded(tmp_path: Path, tiny_teacher: Path):
     with pytest.raises(ConfigError, match=r"task 'synth_fact' is unknown.*did you mean 'synth_facts'"):
         ev.evaluate(tiny_teacher, tasks="synth_fact")
@@ -195,6 +217,8 @@ def test_bad_inputs_fail_before_any_model_is_loaded(tmp_path: Path, tiny_teacher
         ev.evaluate(tmp_path / "missing", tasks="synth_facts")
     with pytest.raises(ConfigError, match="eval.limit=0"):
         ev.evaluate(tiny_teacher, tasks="synth_facts", limit=0)
+    with pytest.raises(ConfigError, match="eval.max_length=1 "):
+        ev.evaluate(tiny_teacher, tasks="synth_facts", max_length=1)
     with pytest.raises(ConfigError, match="eval.backend='vllm'"):
         ev.evaluate(tiny_teacher, tasks="synth_facts", backend="vllm")
 
