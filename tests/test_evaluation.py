@@ -195,6 +195,7 @@ def test_unavailable_dataset_fails_alone_with_one_line(tiny_teacher: Path, mlflo
     metrics = MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
     assert set(metrics) == {"eval.synth_arithmetic", "eval.synth_arithmetic.stderr", "eval.average"}
     assert metrics["eval.average"] == metrics["eval.synth_arithmetic"]
+    assert MlflowClient(tracking_uri=uri).get_run(run_id).data.tags["eval.failed"] == "hellaswag"
 
 
 def test_window_defaults_to_the_trained_seq_len(tiny_teacher: Path, random_model: Path, tmp_path: Path):
@@ -208,7 +209,8 @@ def test_window_defaults_to_the_trained_seq_len(tiny_teacher: Path, random_model
     assert lm.max_length == 1024
 
 
-def test_bad_inputs_fail_before_any_model_is_loaded(tmp_path: Path, tiny_teacher: Path):
+def test_bad_inputs_fail_before_any_model_is_loaded(tmp_path: Path, tiny_teacher: Path,
+                                                    mlflow_store: tuple[str, str]):
     with pytest.raises(ConfigError, match=r"task 'synth_fact' is unknown.*did you mean 'synth_facts'"):
         ev.evaluate(tiny_teacher, tasks="synth_fact")
     with pytest.raises(DataError, match="holds no config.json"):
@@ -217,6 +219,8 @@ def test_bad_inputs_fail_before_any_model_is_loaded(tmp_path: Path, tiny_teacher
         ev.evaluate(tmp_path / "missing", tasks="synth_facts")
     with pytest.raises(ConfigError, match="eval.limit=0"):
         ev.evaluate(tiny_teacher, tasks="synth_facts", limit=0)
+    with pytest.raises(ConfigError, match=r"run_id='nope' is not a run in the MLflow store sqlite:///"):
+        ev.evaluate(tiny_teacher, tasks="synth_facts", run_id="nope", tracking_uri=mlflow_store[0])
     with pytest.raises(ConfigError, match="eval.max_length=1 "):
         ev.evaluate(tiny_teacher, tasks="synth_facts", max_length=1)
     with pytest.raises(ConfigError, match="eval.backend='vllm'"):
