@@ -145,7 +145,7 @@ class TrainerConfig:
     strategy: str = "auto"
     devices: int = 1
     num_nodes: int = 1
-    num_workers: int = 0
+    num_workers: int = 1  # decode the logit store in a worker process, overlapping the step (bench_train)
     seed: int = 0
     log_every_n_steps: int = 10
     val_every_n_steps: int = 100

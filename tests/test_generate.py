@@ -53,10 +53,17 @@ def test_store_holds_the_teachers_top_p_k(tiny_teacher, small_data, tmp_path, ca
     exact = truncate_top_p_k(logits, 0.95, 100)
     got = store.sequences([0, 7, len(shards) - 1])
     assert torch.equal(got.counts, exact.counts)
-    # the top entry of every position is the teacher's argmax; values within the store's error bound
-    assert torch.equal(got.indices[:, 0], exact.indices[:, 0])
-    err = (got.logprobs[:, 0] - exact.logprobs[:, 0]).abs().max().item()
-    assert err < 0.02
+    # the same kept ids at every position (order may differ only between near-ties after quantisation)
+    assert torch.equal(got.indices.sort(-1).values, exact.indices.sort(-1).values)
+    # and the decoded distribution is the teacher's within the store's error bound
+    q_exact = torch.softmax(exact.logprobs, -1)
+    lookup = {(r, int(got.indices[r, j])): float(got.logprobs[r, j])
+              for r in range(len(got)) for j in range(int(got.counts[r]))}  # kept entries only, not padding
+    decoded = torch.tensor([[lookup[(r, int(exact.indices[r, j]))] if j < int(exact.counts[r]) else float("-inf")
+                             for j in range(exact.width)] for r in range(len(exact))])
+    q_decoded = torch.softmax(decoded, -1)
+    kl = (q_exact * (q_exact.clamp_min(1e-30).log() - q_decoded.clamp_min(1e-30).log())).sum(-1)
+    assert kl.mean().item() < 1e-3, kl.mean().item()
     assert main(["logits", "inspect", str(store_dir), "--json"]) == 0
     out = capsys.readouterr().out
     assert '"tokens":' in out and '"mean_entries_per_token":' in out
