@@ -338,7 +338,7 @@ def _pdl_lm_class():
                 max_new = int(kwargs.pop("max_gen_toks", 256))
                 do_sample = bool(kwargs.pop("do_sample", False))
                 temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
-                ids = self.tok_encode(context, left_truncate_len=self._max_length - max_new)
+                ids = self.tok_encode(context, left_truncate_len=max(1, self._max_length - max_new))
                 generated = self.model.generate(
                     torch.tensor([ids], dtype=torch.long, device=self._device),
                     attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self._device),
@@ -355,14 +355,17 @@ def _pdl_lm_class():
     return PDLCausalLM
 
 
-# Errors the datasets / hub libraries raise for a dataset that is neither cached nor downloadable.
 def _is_unavailable_dataset(exc: BaseException) -> bool:
-    """True when an exception (or its cause) says a dataset could not be found or fetched."""
-    names = {"DatasetNotFoundError", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "HfHubHTTPError",
-             "RepositoryNotFoundError", "ConnectionError", "FileNotFoundError", "DataFilesNotFoundError",
-             "EmptyDatasetError"}
+    """True when an exception (or its cause) says a dataset could not be found locally or fetched.
+
+    Only errors of the download stack count (so a broken task YAML or a model error still raises):
+    connection errors, the datasets / huggingface_hub libraries' own errors, and the datasets
+    library's plain FileNotFoundError for a dataset that is not cached.
+    """
     while exc is not None:
-        if isinstance(exc, (ConnectionError, FileNotFoundError)) or type(exc).__name__ in names:
+        module = type(exc).__module__
+        if (isinstance(exc, ConnectionError) or module.startswith(("datasets", "huggingface_hub", "requests", "urllib3"))
+                or (isinstance(exc, FileNotFoundError) and re.search(r"[Dd]ataset|[Hh]ub|not cached", str(exc)))):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
