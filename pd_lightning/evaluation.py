@@ -583,6 +583,16 @@ def evaluate(
     return result
 
 
+def evaluate_with_config(model_dir: str | Path, cfg, *, run_id: str | None = None, quiet: bool = False) -> dict[str, Any]:
+    """`evaluate` with the `eval` and `tracking` sections of a PDLConfig (for train and sweep code)."""
+    e, t = cfg.eval, cfg.tracking
+    # The local tasks must come from the same corpus world the model was trained on.
+    corpus_seed = cfg.data.corpus_seed if cfg.data.source == "builtin" else 0
+    return evaluate(model_dir, suite=e.suite, tasks=e.tasks, batch_size=e.batch_size, device=e.device, limit=e.limit,
+                    run_id=run_id, tracking_uri=t.tracking_uri, tracking_config_file=t.config_file,
+                    corpus_seed=corpus_seed, quiet=quiet)
+
+
 def format_score(score: TaskScore) -> str:
     """`task  metric  value ± stderr unit` on one line."""
     err = f" ± {score.stderr:.2f}" if score.stderr is not None else ""

@@ -175,12 +175,12 @@ def test_trained_teacher_beats_random_init(tiny_teacher: Path, random_model: Pat
 
 
 def test_unavailable_dataset_fails_alone_with_one_line(tiny_teacher: Path, mlflow_run: tuple[str, str],
-                                                        capsys: pytest.CaptureFixture):
+                                                        capsys: pytest.CaptureFixture, tmp_path: Path):
     uri, run_id = mlflow_run
     parser = argparse.ArgumentParser()
     ev.add_arguments(parser)
     args = parser.parse_args([str(tiny_teacher), "--tasks", "hellaswag,synth_arithmetic", "--limit", "10",
-                              "--run-id", run_id, "--tracking-uri", uri])
+                              "--run-id", run_id, "--tracking-uri", uri, "--output", str(tmp_path / "r.json")])
     # Tests run with HF_DATASETS_OFFLINE=1 and an empty datasets cache: hellaswag cannot load.
     with pytest.raises(UserError) as err:
         ev.run_from_args(args)
@@ -189,6 +189,8 @@ def test_unavailable_dataset_fails_alone_with_one_line(tiny_teacher: Path, mlflo
     assert "'hellaswag'" in message and "'Rowan/hellaswag'" in message and "HF_DATASETS_CACHE" in message
     out = capsys.readouterr().out
     assert "synth_arithmetic" in out and "failed" in out
+    written = json.loads((tmp_path / "r.json").read_text())  # --output is written before the exit
+    assert list(written["tasks"]) == ["synth_arithmetic"] and list(written["failed"]) == ["hellaswag"]
     # The task that could run ran and was logged; the average covers it alone.
     from mlflow.tracking import MlflowClient
 
@@ -196,6 +198,15 @@ def test_unavailable_dataset_fails_alone_with_one_line(tiny_teacher: Path, mlflo
     assert set(metrics) == {"eval.synth_arithmetic", "eval.synth_arithmetic.stderr", "eval.average"}
     assert metrics["eval.average"] == metrics["eval.synth_arithmetic"]
     assert MlflowClient(tracking_uri=uri).get_run(run_id).data.tags["eval.failed"] == "hellaswag"
+
+
+def test_evaluate_with_config_uses_the_eval_section_and_corpus_world(tiny_teacher: Path):
+    from pd_lightning.config import load_config
+
+    cfg = load_config("tiny", ["eval.tasks=synth_arithmetic", "eval.limit=8", "data.corpus_seed=1"])
+    result = ev.evaluate_with_config(tiny_teacher, cfg, quiet=True)
+    assert list(result["tasks"]) == ["synth_arithmetic"] and result["tasks"]["synth_arithmetic"]["samples"] == 8
+    assert result["lm_eval"]["configs"]["synth_arithmetic"]["metadata"]["corpus_seed"] == 1
 
 
 def test_window_defaults_to_the_trained_seq_len(tiny_teacher: Path, random_model: Path, tmp_path: Path):
