@@ -203,10 +203,10 @@ BACKENDS = ("auto", "hf", "pdl")
 
 
 def hf_backend_available() -> bool:
-    """Whether the harness's own `hf` model can be imported (it needs lm-eval[hf]: accelerate, peft)."""
+    """Whether the harness's own `hf` model can be imported (its module imports accelerate; peft is lazy)."""
     import importlib.util
 
-    return all(importlib.util.find_spec(m) is not None for m in ("accelerate", "peft"))
+    return importlib.util.find_spec("accelerate") is not None
 
 
 def load_lm(model_dir: str | Path, *, backend: str = "auto", batch_size: int = 16, device: str = "cpu",
@@ -214,7 +214,7 @@ def load_lm(model_dir: str | Path, *, backend: str = "auto", batch_size: int = 1
     """The harness model for an exported dir, loaded once for all tasks: (lm, backend name, model_args).
 
     `hf` is the harness's own HFLM; `pdl` is `PDLCausalLM` below (torch + transformers only);
-    `auto` takes `hf` when lm-eval[hf] is installed, else `pdl`.
+    `auto` takes `hf` when accelerate is installed (a dependency of pd-lightning), else `pdl`.
     """
     if backend not in BACKENDS:
         raise choice_error("eval.backend", backend, BACKENDS)
@@ -225,8 +225,8 @@ def load_lm(model_dir: str | Path, *, backend: str = "auto", batch_size: int = 1
         args += f",max_length={int(max_length)}"
     if backend == "hf":
         if not hf_backend_available():
-            raise ConfigError("eval.backend='hf' needs lm-eval's hf extra (accelerate, peft): "
-                              "pip install 'lm-eval[hf]'; or use backend 'pdl'")
+            raise ConfigError("eval.backend='hf' needs accelerate (lm-eval's hf extra): pip install 'lm-eval[hf]'; "
+                              "or use backend 'pdl'")
         import lm_eval.api.registry
         import lm_eval.models  # noqa: F401  (registers "hf")
 
@@ -699,8 +699,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="context window in tokens (default: the seq_len the export was trained at if "
                              "recorded, else the model's max_position_embeddings)")
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
-                        help="harness model: hf (lm-eval's HFLM, needs lm-eval[hf]), pdl (torch + transformers "
-                             "only), auto (hf if installed, else pdl)")
+                        help="harness model: hf (lm-eval's HFLM, needs accelerate), pdl (torch + transformers "
+                             "only, same scores), auto (hf if accelerate is installed, else pdl)")
     parser.add_argument("--corpus-seed", type=int, default=0, help="world of the built-in corpus for the local tasks")
     parser.add_argument("--run-id", default=None, help="MLflow run to log eval.* metrics and the results JSON to")
     parser.add_argument("--tracking-uri", default=None,

@@ -220,6 +220,16 @@ def test_window_defaults_to_the_trained_seq_len(tiny_teacher: Path, random_model
     assert lm.max_length == 1024
 
 
+def test_paper_suite_offline_names_every_missing_dataset(tiny_teacher: Path):
+    result = ev.evaluate(tiny_teacher, suite="paper", limit=2, quiet=True)
+    assert result["tasks"] == {} and result["average"] is None
+    datasets = {"hellaswag": "Rowan/hellaswag", "winogrande": "allenai/winogrande", "piqa": "baber/piqa",
+                "mmlu": "cais/mmlu", "c3": "clue/clue", "ceval-valid": "ceval/ceval-exam", "gsm8k": "openai/gsm8k"}
+    assert list(result["failed"]) == list(datasets)
+    for task, message in result["failed"].items():
+        assert "\n" not in message and f"dataset {datasets[task]!r}" in message and "HF_DATASETS_OFFLINE=0" in message
+
+
 def test_bad_inputs_fail_before_any_model_is_loaded(tmp_path: Path, tiny_teacher: Path,
                                                     mlflow_store: tuple[str, str]):
     with pytest.raises(ConfigError, match=r"task 'synth_fact' is unknown.*did you mean 'synth_facts'"):
@@ -288,7 +298,7 @@ def test_pdl_backend_generation_stops_at_until(tiny_teacher: Path):
     assert stop not in cut and free.startswith(cut)
 
 
-@pytest.mark.skipif(not ev.hf_backend_available(), reason="lm-eval[hf] (accelerate, peft) is not installed")
+@pytest.mark.skipif(not ev.hf_backend_available(), reason="accelerate (lm-eval's hf extra) is not installed")
 def test_pdl_backend_matches_the_harness_hf_model(tiny_teacher: Path):
     from lm_eval.api.instance import Instance
 
