@@ -95,8 +95,11 @@ def load_suite(name: str) -> list[TaskSpec]:
         path = SUITES_DIR / f"{name}.yaml"
         if not path.is_file():
             raise choice_error("eval.suite", name, available_suites())
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    entries = raw.get("tasks")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"suite {str(path)!r} is not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    entries = raw.get("tasks") if isinstance(raw, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"suite {str(path)!r} must have a non-empty list under 'tasks'")
     allowed = set(TaskSpec.__dataclass_fields__)
@@ -107,8 +110,26 @@ def load_suite(name: str) -> list[TaskSpec]:
         if unknown or "task" not in entry:
             raise ConfigError(f"suite {str(path)!r}: entry {entry!r} must be a task name or a mapping with keys "
                               f"{', '.join(sorted(allowed))} (task required)")
-        specs.append(TaskSpec(**entry))
+        spec = TaskSpec(**entry)
+        _check_spec_types(spec, path)
+        specs.append(spec)
     return specs
+
+
+def _check_spec_types(spec: TaskSpec, path: Path) -> None:
+    """One-line errors for suite entries whose values have the wrong type."""
+    expected = {
+        "task": (lambda v: isinstance(v, str), "a string"),
+        "metric": (lambda v: v is None or isinstance(v, str), "a metric name"),
+        "filter": (lambda v: isinstance(v, str), "a filter name"),
+        "num_fewshot": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+                        "a non-negative integer"),
+        "in_average": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    }
+    for key, (ok, what) in expected.items():
+        value = getattr(spec, key)
+        if not ok(value):
+            raise ConfigError(f"suite {str(path)!r}: task {spec.task!r} has {key}={value!r}; expected {what}")
 
 
 def _suite_specs_by_task() -> dict[str, TaskSpec]:

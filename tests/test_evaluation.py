@@ -121,6 +121,22 @@ def test_resolve_tasks_keeps_suite_settings_and_refuses_bad_names():
         ev.resolve_tasks("local", " , ")
 
 
+def test_suite_files_are_validated(tmp_path: Path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("tasks:\n  - synth_facts\n  - {task: synth_arithmetic, num_fewshot: 2, in_average: false}\n")
+    assert ev.load_suite(str(path)) == [ev.TaskSpec("synth_facts"),
+                                        ev.TaskSpec("synth_arithmetic", num_fewshot=2, in_average=False)]
+    path.write_text("tasks:\n  - {task: synth_facts, num_fewshot: five}\n")
+    with pytest.raises(ConfigError, match="num_fewshot='five'; expected a non-negative integer"):
+        ev.load_suite(str(path))
+    path.write_text("tasks:\n  - {task: synth_facts, shots: 5}\n")
+    with pytest.raises(ConfigError, match="must be a task name or a mapping with keys"):
+        ev.load_suite(str(path))
+    path.write_text("name: empty\n")
+    with pytest.raises(ConfigError, match="non-empty list under 'tasks'"):
+        ev.load_suite(str(path))
+
+
 # ----------------------------------------------------------------------------------------------
 # The harness on the tiny teacher
 
