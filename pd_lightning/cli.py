@@ -242,6 +242,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(tr)
     tr.set_defaults(func=cmd_train)
 
+    from pd_lightning import evaluation
+
+    ev = sub.add_parser(
+        "eval", formatter_class=fmt,
+        help="score an exported model with lm-evaluation-harness (suite local|paper, or --tasks)",
+        description="Run lm-eval's own hf model on an exported HF dir over a suite (local: offline tasks from the "
+                    "built-in corpus; paper: the paper's benchmarks, which need their datasets cached) and, with "
+                    "--run-id, log eval.<task>, eval.<task>.stderr, eval.average and the raw results to that MLflow run.",
+        epilog=textwrap.dedent("""\
+            examples:
+              pdl eval runs/tiny/pd/model
+              pdl eval runs/tiny/pd/model --run-id 0123abcd... --suite local
+              pdl eval runs/tiny/pd/model --tasks synth_facts,synth_arithmetic --limit 200
+            """),
+    )
+    evaluation.add_arguments(ev)
+    ev.set_defaults(func=evaluation.run_from_args)
+
     p = sub.add_parser("models", help="list the model presets (paper Table 7 + tiny CPU sizes)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_models)

@@ -628,15 +628,11 @@ def format_score(score: TaskScore) -> str:
 
 def resolve_tracking_uri(tracking_uri: str | None = None, config_file: str | Path = "mlflow.yaml") -> str:
     """The explicit URI, else the config file's `tracking_uri`, else a sqlite file in the working dir."""
-    if tracking_uri:
-        return tracking_uri
-    path = Path(config_file)
-    if path.is_file():
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if isinstance(raw, dict) and raw.get("tracking_uri"):
-            return str(raw["tracking_uri"])
-    # MLflow 3 refuses the old file store, so never fall back to MLflow's own default.
-    return "sqlite:///mlflow.db"
+    from pd_lightning.config import PDLConfig, TrackingConfig
+    from pd_lightning.tracking import tracking_settings
+
+    cfg = PDLConfig(tracking=TrackingConfig(config_file=str(config_file), tracking_uri=tracking_uri))
+    return tracking_settings(cfg)["tracking_uri"]
 
 
 def _mlflow_client(tracking_uri: str | None, config_file: str | Path = "mlflow.yaml"):

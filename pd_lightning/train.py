@@ -152,6 +152,7 @@ def train_teacher(cfg: PDLConfig, *, quiet: bool = False) -> Path:
         "_file": TEACHER_INFO, "config_hash": digest, "preset": t.preset, "params": params, "steps": t.max_steps,
         "tokens": tokens, "data": str(data_dir.resolve()), "data_hash": manifest["config_hash"],
         "tokenizer_hash": manifest["tokenizer_hash"], "heldout_loss_before": before, "heldout_loss_after": after,
+        "seq_len": seq_len,
         "seconds": round(seconds, 2),
     })
     if not quiet:
@@ -345,7 +346,8 @@ def train(cfg: PDLConfig, *, quiet: bool = False) -> dict:
     loss = heldout_loss(model, data_dir)
     tokens = tr.max_steps * tr.batch_size * tr.accumulate_grad_batches * tr.devices * tr.num_nodes * int(data_manifest["seq_len"])
     info = {"_file": RUN_INFO, "run_id": run_id, "config_hash": digest, "heldout_loss": loss, "tokens": tokens,
-            "seconds_this_session": round(seconds, 2), "preset": cfg.model.preset, "teacher": teacher}
+            "seconds_this_session": round(seconds, 2), "preset": cfg.model.preset, "teacher": teacher,
+            "seq_len": int(data_manifest["seq_len"]), "data": str(data_dir.resolve())}
     tokenizer = load_tokenizer(data_dir / "tokenizer", what="data tokenizer")
     _save_hf_dir(model, tokenizer, out / "model", dict(info))
     if cotrain:
