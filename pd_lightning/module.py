@@ -134,7 +134,7 @@ class DistillationBatches(Dataset):
             t = self.targets
             sparse = self._store.sequences(indices)
             target = teacher_targets(sparse, t.p, t.k, t.tau, t.method, t.store_p, t.store_k, **t.params)
-            batch["teacher_indices"] = target.indices
+            batch["teacher_indices"] = target.indices.to(torch.int32)  # halves the bytes a worker ships
             batch["teacher_probs"] = target.probs
             if target.token_weights is not None:
                 batch["token_weights"] = target.token_weights
