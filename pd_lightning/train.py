@@ -47,12 +47,23 @@ class TrainingDiverged(UserError):
     exit_code = 3
 
 
+def check_devices(cfg: PDLConfig) -> None:
+    """Refuse engineering settings this machine cannot run, before any run or file is created."""
+    tr = cfg.trainer
+    if tr.strategy == "fsdp" and (tr.accelerator == "cpu" or not torch.cuda.is_available()):
+        raise ConfigError(f"trainer.strategy='fsdp' needs CUDA GPUs (Lightning's FSDP runs on GPUs only) and none is "
+                          f"visible here (trainer.accelerator={tr.accelerator!r}); use ddp or auto on CPU")
+    if tr.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={tr.accelerator!r} but no CUDA GPU is visible; use auto or cpu")
+
+
 def build_trainer(cfg: PDLConfig, max_steps: int, *, callbacks: list | None = None, logger=False,
                   validate: bool = False, checkpoints: bool = True) -> pl.Trainer:
     """A Lightning Trainer from the engineering section of the config (strategy, precision, devices)."""
     tr = cfg.trainer
     strategy = tr.strategy
     if strategy == "fsdp":
+        check_devices(cfg)
         from lightning.pytorch.strategies import FSDPStrategy
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -103,6 +114,7 @@ def _model_for_data(preset: str, manifest: dict, vocab_size: int, seed: int) -> 
 def train_teacher(cfg: PDLConfig, *, quiet: bool = False) -> Path:
     """Pre-train `teacher.preset` on `data.out` for `teacher.max_steps` steps; save an HF dir to `teacher.out`."""
     t = cfg.teacher
+    check_devices(cfg)
     data_dir = Path(cfg.data.out)
     manifest = read_manifest(data_dir)
     out = Path(t.out)
@@ -267,6 +279,7 @@ def _mlflow_run(cfg: PDLConfig, out: Path, digest: str, teacher: str | None):
 def train(cfg: PDLConfig, *, quiet: bool = False) -> dict:
     """One training run (α = 0: the LM-only baseline); returns its summary (run id, held-out loss, paths)."""
     tr = cfg.trainer
+    check_devices(cfg)
     data_dir, out = Path(cfg.data.out), Path(tr.out)
     data_manifest = read_manifest(data_dir)
     cotrain = cfg.logits.mode == "cotrain" and cfg.loss.alpha > 0

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from pd_lightning.config import load_config
 from pd_lightning.data.prepare import prepare
-from pd_lightning.errors import DataError
+from pd_lightning.errors import ConfigError, DataError
 from pd_lightning.train import TrainingDiverged, train
 
 from conftest import TINY_DATA
@@ -137,3 +137,14 @@ def test_non_finite_loss_stops_with_the_step_and_marks_the_run_failed(tiny_data,
     assert "\n" not in str(info.value)
     run_id = json.loads((tmp_path / "run" / "run.json").read_text())["run_id"]
     assert MlflowClient(uri).get_run(run_id).info.status == "FAILED"
+
+
+def test_gpu_only_settings_are_refused_on_a_cpu_machine_before_anything_is_written(tiny_data, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: FSDP is allowed here")
+    for bad in (["trainer.strategy=fsdp"], ["trainer.accelerator=gpu"]):
+        cfg = load_config("tiny", [*TINY_DATA, f"data.out={tiny_data}", "loss.alpha=0", f"trainer.out={tmp_path / 'r'}",
+                                   f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}", *bad])
+        with pytest.raises(ConfigError, match="GPU"):
+            train(cfg, quiet=True)
+        assert not (tmp_path / "r").exists() and not (tmp_path / "m.db").exists()
