@@ -180,10 +180,49 @@ def test_local_suite_through_the_harness_logs_to_mlflow(tiny_teacher: Path, mlfl
     assert raw["n-samples"]["synth_facts"] == {"original": 1200, "effective": 40}
 
 
+@pytest.fixture(scope="module")
+def tiny_config_teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny-1m teacher trained like the tiny config's (2,048-token BPE, sequences of 128, 600 steps x 16)
+    and a random-init twin: (teacher dir, random dir). About 3 minutes of one CPU thread."""
+    from pd_lightning.config import load_config
+    from pd_lightning.data.prepare import prepare
+    from pd_lightning.models import build_model
+    from pd_lightning.train import train_teacher
+
+    root = tmp_path_factory.mktemp("tinycfg")
+    cfg = load_config("tiny", ["data.train_tokens=1300000", "data.heldout_tokens=20000", f"data.out={root / 'data'}",
+                               f"teacher.out={root / 'teacher'}", "teacher.preset=tiny-1m", "teacher.max_steps=600",
+                               "teacher.batch_size=16", "teacher.lr=3e-3", "trainer.num_workers=0"])
+    prepare(cfg.data, quiet=True)
+    teacher = train_teacher(cfg, quiet=True)
+    from transformers import AutoConfig, AutoTokenizer
+
+    c = AutoConfig.from_pretrained(teacher)
+    random_dir = root / "random"
+    build_model("tiny-1m", c.vocab_size, seed=1, eos_token_id=c.eos_token_id, bos_token_id=c.bos_token_id,
+                pad_token_id=c.pad_token_id, max_seq_len=c.max_position_embeddings).save_pretrained(random_dir)
+    AutoTokenizer.from_pretrained(teacher).save_pretrained(random_dir)
+    return teacher, random_dir
+
+
+def test_a_trained_teacher_scores_clearly_above_random_init_on_facts_and_arithmetic(tiny_config_teacher):
+    teacher, random_dir = tiny_config_teacher
+    kw = dict(suite="local", quiet=True, max_length=128)  # every item, the same window for both
+    got, chance = ev.evaluate(teacher, **kw)["tasks"], ev.evaluate(random_dir, **kw)["tasks"]
+    scores = {t: (round(got[t]["value"], 1), round(chance[t]["value"], 1)) for t in LOCAL_MC}
+    # 1,200 items: stderr about 1.4 points, so 8 points is more than 4 standard errors of the difference.
+    # synth_continuation is not asserted: at this budget it varied from 31 to 41 (chance 25) between
+    # two runs that differ only in data order; see the evaluation issue.
+    for task in ("synth_facts", "synth_arithmetic"):
+        assert got[task]["value"] >= chance[task]["value"] + 8, scores
+    assert got["synth_continuation"]["value"] > chance["synth_continuation"]["value"], scores
+    assert got["synth_heldout"]["value"] < chance["synth_heldout"]["value"] - 1.0  # bits per byte
+
+
 def test_trained_teacher_beats_random_init(tiny_teacher: Path, random_model: Path):
-    # Held-out perplexity separates the 80-step fixture teacher from random init by a wide margin.
-    # Its multiple-choice scores are still at chance (measured: the fixture is too small and its
-    # 64-token windows are shorter than a continuation item), so they are not asserted here.
+    # Held-out perplexity separates the small session fixture teacher from random init by a wide
+    # margin; the multiple-choice tasks need the longer-trained teacher of the test above (the
+    # fixture's 64-token windows are shorter than a continuation item).
     kw = dict(tasks="synth_heldout", limit=100, quiet=True, max_length=64)  # same window for both
     teacher = ev.evaluate(tiny_teacher, **kw)["tasks"]["synth_heldout"]["value"]
     random = ev.evaluate(random_model, **kw)["tasks"]["synth_heldout"]["value"]
