@@ -182,8 +182,10 @@ def test_local_suite_through_the_harness_logs_to_mlflow(tiny_teacher: Path, mlfl
 
 @pytest.fixture(scope="module")
 def tiny_config_teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A tiny-1m teacher trained like the tiny config's (2,048-token BPE, sequences of 128, 600 steps x 16)
-    and a random-init twin: (teacher dir, random dir). About 3 minutes of one CPU thread."""
+    """A tiny-1m teacher trained on the tiny config's data shape (2,048-token BPE, sequences of 128) for
+    900 steps x 16 and a random-init twin: (teacher dir, random dir). About 3 minutes of one CPU thread.
+    900 rather than 600 steps: at 600 the long-range continuation task had not reliably emerged
+    (31 and 41 % in two data orders), at 900 it scored 69 and 79 % (chance 25)."""
     from pd_lightning.config import load_config
     from pd_lightning.data.prepare import prepare
     from pd_lightning.models import build_model
@@ -191,7 +193,7 @@ def tiny_config_teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
 
     root = tmp_path_factory.mktemp("tinycfg")
     cfg = load_config("tiny", ["data.train_tokens=1300000", "data.heldout_tokens=20000", f"data.out={root / 'data'}",
-                               f"teacher.out={root / 'teacher'}", "teacher.preset=tiny-1m", "teacher.max_steps=600",
+                               f"teacher.out={root / 'teacher'}", "teacher.preset=tiny-1m", "teacher.max_steps=900",
                                "teacher.batch_size=16", "teacher.lr=3e-3", "trainer.num_workers=0"])
     prepare(cfg.data, quiet=True)
     teacher = train_teacher(cfg, quiet=True)
@@ -205,17 +207,15 @@ def tiny_config_teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     return teacher, random_dir
 
 
-def test_a_trained_teacher_scores_clearly_above_random_init_on_facts_and_arithmetic(tiny_config_teacher):
+def test_a_trained_teacher_scores_clearly_above_random_init_on_every_local_task(tiny_config_teacher):
     teacher, random_dir = tiny_config_teacher
     kw = dict(suite="local", quiet=True, max_length=128)  # every item, the same window for both
     got, chance = ev.evaluate(teacher, **kw)["tasks"], ev.evaluate(random_dir, **kw)["tasks"]
     scores = {t: (round(got[t]["value"], 1), round(chance[t]["value"], 1)) for t in LOCAL_MC}
     # 1,200 items: stderr about 1.4 points, so 8 points is more than 4 standard errors of the difference.
-    # synth_continuation is not asserted: at this budget it varied from 31 to 41 (chance 25) between
-    # two runs that differ only in data order; see the evaluation issue.
-    for task in ("synth_facts", "synth_arithmetic"):
+    # Measured with this recipe: 69.0 / 62.9 / 63.7 (continuation / facts / arithmetic) against ~25.
+    for task in LOCAL_MC:
         assert got[task]["value"] >= chance[task]["value"] + 8, scores
-    assert got["synth_continuation"]["value"] > chance["synth_continuation"]["value"], scores
     assert got["synth_heldout"]["value"] < chance["synth_heldout"]["value"] - 1.0  # bits per byte
 
 
