@@ -9,6 +9,7 @@ decodes, truncates and tempers the teacher entries in DataLoader workers, so the
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -324,6 +325,32 @@ def _lr_lambda(o: OptimConfig, max_steps: int):
         return lr_multiplier(step / max_steps, o.lr_schedule, warmup=o.warmup_frac, decay=o.decay_frac,
                              decay_shape=o.decay_shape, min_ratio=o.min_lr_ratio)
     return multiplier
+
+
+class ProgressLines(pl.Callback):
+    """Plain progress lines (step, loss, tokens/s, ETA) every `every_s` seconds when stderr is not a terminal."""
+
+    def __init__(self, description: str, every_s: float = 10.0):
+        self.description, self.every_s = description, every_s
+        self._start = self._last = 0.0
+
+    def on_train_start(self, trainer, module) -> None:
+        self._start = self._last = time.perf_counter()
+        self._first_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if now - self._last < self.every_s and trainer.global_step < trainer.max_steps:
+            return
+        self._last = now
+        done = trainer.global_step - self._first_step
+        rate = done / max(now - self._start, 1e-9)
+        tokens = rate * batch["input_ids"].numel()
+        loss = trainer.callback_metrics.get("loss")
+        eta = (trainer.max_steps - trainer.global_step) / max(rate, 1e-9)
+        loss_text = f", loss {float(loss):.4f}" if loss is not None else ""
+        print(f"[{self.description}] step {trainer.global_step}/{trainer.max_steps}{loss_text}, "
+              f"{tokens:,.0f} tokens/s, ETA {eta:.0f}s", file=sys.stderr, flush=True)
 
 
 class OnlineLogitWriter(pl.Callback):

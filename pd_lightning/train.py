@@ -27,7 +27,7 @@ from pd_lightning.data.shards import read_manifest
 from pd_lightning.data.tokenizer import load_tokenizer
 from pd_lightning.errors import ConfigError, DataError, UserError
 from pd_lightning.models import build_model
-from pd_lightning.module import DistillationDataModule, DistillationModule, TargetSpec, heldout_loss
+from pd_lightning.module import DistillationDataModule, DistillationModule, ProgressLines, TargetSpec, heldout_loss
 
 TEACHER_INFO = "pdl_teacher.json"
 RUN_INFO = "pdl_run.json"
@@ -58,9 +58,12 @@ def check_devices(cfg: PDLConfig) -> None:
 
 
 def build_trainer(cfg: PDLConfig, max_steps: int, *, callbacks: list | None = None, logger=False,
-                  validate: bool = False, checkpoints: bool = True) -> pl.Trainer:
+                  validate: bool = False, checkpoints: bool = True, description: str = "train") -> pl.Trainer:
     """A Lightning Trainer from the engineering section of the config (strategy, precision, devices)."""
     tr = cfg.trainer
+    callbacks = list(callbacks or [])
+    if not sys.stderr.isatty():  # a bar on a terminal; plain lines in logs and CI
+        callbacks.append(ProgressLines(description))
     strategy = tr.strategy
     if strategy == "fsdp":
         check_devices(cfg)
@@ -81,8 +84,8 @@ def build_trainer(cfg: PDLConfig, max_steps: int, *, callbacks: list | None = No
         accumulate_grad_batches=tr.accumulate_grad_batches,
         log_every_n_steps=tr.log_every_n_steps,
         logger=logger,
-        callbacks=callbacks or [],
-        enable_checkpointing=checkpoints and bool(callbacks),
+        callbacks=callbacks,
+        enable_checkpointing=checkpoints and any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=sys.stderr.isatty(),
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -151,7 +154,7 @@ def train_teacher(cfg: PDLConfig, *, quiet: bool = False) -> Path:
             print(f"teacher: writing its top-{cfg.logits.store_p}-{cfg.logits.store_k} logits of steps "
                   f"[{w.start_step}, {w.end_step}) into {cfg.logits.store} (online logits)")
     started = time.perf_counter()
-    build_trainer(cfg, t.max_steps, callbacks=callbacks, checkpoints=False).fit(module, datamodule=data)
+    build_trainer(cfg, t.max_steps, callbacks=callbacks, checkpoints=False, description="teacher").fit(module, datamodule=data)
     if callbacks:
         callbacks[0].async_writer.writer.finalize(meta={
             "online": True, "teacher_steps": [callbacks[0].start_step, callbacks[0].end_step],
