@@ -121,8 +121,12 @@ def train_teacher(cfg: PDLConfig, *, quiet: bool = False) -> Path:
     data_dir = Path(cfg.data.out)
     manifest = read_manifest(data_dir)
     out = Path(t.out)
+    lg = cfg.logits
+    online = (lg.mode, lg.store, lg.store_p, lg.store_k, lg.online_start_frac, lg.online_end_frac,
+              lg.sequences_per_shard) if lg.mode == "online_store" else None
     digest = config_hash(t.preset, t.max_steps, t.batch_size, t.lr, t.warmup_frac, t.seed, manifest["config_hash"],
-                         cfg.optim.weight_decay, cfg.optim.beta1, cfg.optim.beta2)
+                         cfg.optim.weight_decay, cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps,
+                         cfg.optim.min_lr_ratio, cfg.optim.grad_clip, online)
     info_path = out / TEACHER_INFO
     if info_path.is_file():
         info = json.loads(info_path.read_text())
@@ -233,8 +237,8 @@ def _check_store(cfg: PDLConfig, data_manifest: dict) -> tuple[dict, int]:
         raise DataError(f"logit store vocab_size={m['vocab_size']} is smaller than the shards' vocabulary "
                         f"({data_manifest['vocab_size']}); regenerate the store with the student's tokenizer")
     meta = m.get("meta") or {}
-    if meta.get("data_hash") not in (None, data_manifest["config_hash"]) or \
-            int(m["num_sequences"]) != 0 and int(m["positions_per_sequence"]) != int(data_manifest["seq_len"]) - 1:
+    wrong_data = meta.get("data_hash") not in (None, data_manifest["config_hash"])
+    if wrong_data or int(m["positions_per_sequence"]) != int(data_manifest["seq_len"]) - 1:
         raise DataError(f"logits.store={str(store)!r} was generated over other token shards (data {meta.get('data_hash')}, "
                         f"these are {data_manifest['config_hash']}); regenerate it for data.out={cfg.data.out!r}")
     online = load_sequence_map(store)
