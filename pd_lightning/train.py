@@ -254,7 +254,7 @@ def _check_store(cfg: PDLConfig, data_manifest: dict) -> tuple[dict, int]:
     return m, int(m["vocab_size"])
 
 
-def _mlflow_run(cfg: PDLConfig, out: Path, digest: str, teacher: str | None):
+def _mlflow_run(cfg: PDLConfig, out: Path, digest: str, teacher: str | None, extra_tags: dict[str, str] | None = None):
     """Create (or reopen, on resume) the run's MLflow logger; returns (logger, resumed)."""
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow.tracking import MlflowClient
@@ -273,7 +273,7 @@ def _mlflow_run(cfg: PDLConfig, out: Path, digest: str, teacher: str | None):
             raise ConfigError(f"trainer.out={str(out)!r} holds a run of another config ({state.get('config_hash')}, this "
                               f"one is {digest}); choose another trainer.out or delete it")
         run_id = state["run_id"]
-    tags = design_tags(cfg, teacher=teacher) | {"pd.config_hash": digest}
+    tags = design_tags(cfg, teacher=teacher) | {"pd.config_hash": digest} | dict(extra_tags or {})
     logger = MLFlowLogger(experiment_name=s["experiment"], run_name=cfg.tracking.run_name, tracking_uri=s["tracking_uri"],
                           tags=tags, run_id=run_id, artifact_location=s["artifact_location"])
     if run_id is None:
@@ -283,8 +283,11 @@ def _mlflow_run(cfg: PDLConfig, out: Path, digest: str, teacher: str | None):
     return logger, run_id is not None
 
 
-def train(cfg: PDLConfig, *, quiet: bool = False) -> dict:
-    """One training run (α = 0: the LM-only baseline); returns its summary (run id, held-out loss, paths)."""
+def train(cfg: PDLConfig, *, quiet: bool = False, tags: dict[str, str] | None = None) -> dict:
+    """One training run (α = 0: the LM-only baseline); returns its summary (run id, held-out loss, paths).
+
+    `tags` are added to the MLflow run (a sweep passes its study, trial and `mlflow.parentRunId`).
+    """
     tr = cfg.trainer
     check_devices(cfg)
     data_dir, out = Path(cfg.data.out), Path(tr.out)
@@ -311,7 +314,7 @@ def train(cfg: PDLConfig, *, quiet: bool = False) -> dict:
             if not quiet:
                 print(f"train: {out} is finished (run {info['run_id']}); nothing to do")
             return info
-    logger, resumed = _mlflow_run(cfg, out, digest, teacher)
+    logger, resumed = _mlflow_run(cfg, out, digest, teacher, tags)
     run_id = logger.run_id
     client = logger.experiment
 
