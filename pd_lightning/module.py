@@ -75,28 +75,39 @@ class StepSampler(Sampler[int]):
 
 
 class BatchStepSampler(Sampler[list[int]]):
-    """Groups a StepSampler stream into batches of sequence indices (one dataset call per batch)."""
+    """Groups a StepSampler stream into batches of sequence indices (one dataset call per batch).
 
-    def __init__(self, num_sequences: int, batch_size: int, seed: int, start_batch: int = 0):
-        self.stream = StepSampler(num_sequences, seed, start=start_batch * batch_size)
-        self.batch_size = batch_size
+    With `world_size` > 1 (DDP) global batch b is stream items [b·B·W, (b+1)·B·W) and rank r takes
+    its r-th block of B: ranks see disjoint sequences, and W = 1 is the single-process stream.
+    """
+
+    def __init__(self, num_sequences: int, batch_size: int, seed: int, start_batch: int = 0, *,
+                 rank: int = 0, world_size: int = 1):
+        self.stream = StepSampler(num_sequences, seed, start=start_batch * batch_size * world_size)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
     def __iter__(self) -> Iterator[list[int]]:
         it = iter(self.stream)
+        lo = self.rank * self.batch_size
         while True:
-            yield [next(it) for _ in range(self.batch_size)]
+            block = [next(it) for _ in range(self.batch_size * self.world_size)]
+            yield block[lo : lo + self.batch_size]
 
 
 class SequentialBatchSampler(Sampler[list[int]]):
-    """Consecutive blocks of store indices, wrapping around: a student replays an online teacher's batches in order."""
+    """Consecutive blocks of store indices, wrapping around: a student replays an online teacher's batches in order.
 
-    def __init__(self, num_sequences: int, batch_size: int, start_batch: int = 0):
+    With `world_size` > 1 rank r takes the r-th block of B within each global block of B·W (as BatchStepSampler).
+    """
+
+    def __init__(self, num_sequences: int, batch_size: int, start_batch: int = 0, *, rank: int = 0, world_size: int = 1):
         self.num_sequences, self.batch_size, self.start_batch = num_sequences, batch_size, start_batch
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[list[int]]:
         b = self.start_batch
         while True:
-            first = b * self.batch_size
+            first = (b * self.world_size + self.rank) * self.batch_size
             yield [(first + i) % self.num_sequences for i in range(self.batch_size)]
             b += 1
 
@@ -183,10 +194,13 @@ class DistillationDataModule(pl.LightningDataModule):
         # Lightning restores the checkpoint before asking for the loader, so global_step is the
         # resumed step and the stream continues exactly where the interrupted run stopped.
         start = self.trainer.global_step * self.accumulate if self.trainer is not None else 0
+        # Our samplers are endless step-indexed streams that Lightning cannot wrap in a DistributedSampler
+        # (the Trainer runs with use_distributed_sampler=False): each rank takes its own share here.
+        ranks = {"rank": self.trainer.global_rank, "world_size": self.trainer.world_size} if self.trainer is not None else {}
         if self.sequence_map is not None:
-            sampler = SequentialBatchSampler(len(dataset), self.batch_size, start_batch=start)
+            sampler = SequentialBatchSampler(len(dataset), self.batch_size, start_batch=start, **ranks)
         else:
-            sampler = BatchStepSampler(len(dataset), self.batch_size, self.seed, start_batch=start)
+            sampler = BatchStepSampler(len(dataset), self.batch_size, self.seed, start_batch=start, **ranks)
         return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, prefetch_factor=4 if self.num_workers else None)
 
@@ -340,12 +354,12 @@ class ProgressLines(pl.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
-        if now - self._last < self.every_s and trainer.global_step < trainer.max_steps:
-            return
+        if not trainer.is_global_zero or (now - self._last < self.every_s and trainer.global_step < trainer.max_steps):
+            return  # one line for the whole DDP job, from rank 0
         self._last = now
         done = trainer.global_step - self._first_step
         rate = done / max(now - self._start, 1e-9)
-        tokens = rate * batch["input_ids"].numel()
+        tokens = rate * batch["input_ids"].numel() * trainer.world_size
         loss = trainer.callback_metrics.get("loss")
         eta = (trainer.max_steps - trainer.global_step) / max(rate, 1e-9)
         loss_text = f", loss {float(loss):.4f}" if loss is not None else ""

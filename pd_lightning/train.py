@@ -93,6 +93,7 @@ def build_trainer(cfg: PDLConfig, max_steps: int, *, callbacks: list | None = No
         check_val_every_n_epoch=None if validate else 1,
         limit_val_batches=tr.val_batches if validate else 0,
         deterministic=False,
+        use_distributed_sampler=False,  # DistillationDataModule shards its endless stream by rank
     )
 
 
