@@ -86,8 +86,13 @@ def _store_summary_lines(info: dict) -> list[str]:
         f"encoding       {info['encoding'].get('name', info['encoding']) if isinstance(info['encoding'], dict) else info['encoding']}",
         f"shards         {info['shards']}   checksums {checks}",
     ]
-    if "generation_flops" in meta:
-        lines.append(f"generation     {meta['generation_flops']:.3e} FLOPs ({meta.get('teacher_params', 0) / 1e6:.1f}M-param teacher)")
+    lines.append(f"per 1e9 tokens {info['bytes_per_billion_tokens'] / 1e9:,.2f} GB")
+    if info.get("generation_flops"):
+        n = meta.get("teacher_non_embedding_params")
+        teacher = f", {n / 1e6:.2f}M non-embedding params" if n else ""
+        secs = info.get("generation_seconds")
+        wall = f", {secs:,.1f} s on {info.get('generation_device')}" if secs is not None else ", wall time not recorded"
+        lines.append(f"generation     {info['generation_flops']:.3e} teacher FLOPs{teacher}{wall}")
     return lines
 
 
@@ -123,6 +128,57 @@ def cmd_models(args: argparse.Namespace) -> None:
     for r in rows:
         print(f"{r['name']:<9} {r['hidden']:>6} {r['ffn']:>6} {r['layers']:>6} {r['heads']:>5} {r['query_groups']:>6} "
               f"{str(r['tied_embeddings']).lower():>5} {r['params']:>14,}  {r['reference_vocab']:,}")
+
+
+def _sweep_and_place(args: argparse.Namespace):
+    from pd_lightning.sweep import load_sweep, resolve_place
+
+    spec = load_sweep(args.sweep, args.scale)
+    return spec, resolve_place(spec, out=args.out, cache=args.cache, storage=args.storage)
+
+
+class SweepIncomplete(UserError):
+    """Some trials failed (each with its error recorded); the rest of the sweep ran. Exit code 1."""
+
+    exit_code = 1
+
+
+def cmd_sweep_run(args: argparse.Namespace) -> None:
+    from pd_lightning.sweep import run_sweep
+
+    spec, place = _sweep_and_place(args)
+    problems = run_sweep(spec, place, workers=args.workers, retry_failed=args.retry_failed, threads=args.threads)
+    if problems:
+        raise SweepIncomplete(f"sweep {spec.name} [{spec.scale}]: {problems} trial(s) failed or did not finish; see the "
+                        f"table above and {place.out / 'logs'}; fix and re-run (add --retry-failed to redo failures)")
+
+
+def cmd_sweep_status(args: argparse.Namespace) -> None:
+    from pd_lightning.sweep import load_study_for_status, status_table
+
+    spec, place = _sweep_and_place(args)
+    study = load_study_for_status(spec, place)
+    if study is None:
+        print(f"sweep {spec.name} [{spec.scale}] has not been run with storage {place.storage} "
+              f"({len(spec.tasks())} trials to run: `pdl sweep run {args.sweep}`)")
+        return
+    print(status_table(study, spec))
+
+
+def cmd_sweep_validate(args: argparse.Namespace) -> None:
+    from pd_lightning.sweep import check_points, load_sweep
+
+    scales = [args.scale] if args.scale else (load_sweep(args.sweep).scales or [None])
+    for scale in scales:
+        spec = load_sweep(args.sweep, scale)
+        bad = check_points(spec)
+        if bad:
+            label, message = next(iter(bad.items()))
+            raise UserError(f"sweep {spec.name} [{spec.scale}]: configuration {label!r} is invalid: {message}")
+        p, k = spec.loosest_truncation()
+        search = f" + {spec.search['trials']} {spec.search['sampler']} trials" if spec.search else ""
+        print(f"ok: {spec.name} [{spec.scale}]: {len(spec.tasks())} trials{search}, seeds {spec.seeds}, "
+              f"store top-{p}-{k}, objective {spec.direction} {spec.objective_metric}")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -259,6 +315,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_arguments(ev)
     ev.set_defaults(func=evaluation.run_from_args)
+
+    p = sub.add_parser("sweep", help="run a sweep file (one per paper table) as an Optuna study with MLflow runs")
+    sweep_sub = p.add_subparsers(dest="sweep_command", required=True, metavar="{run,status,validate}")
+
+    def sweep_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("sweep", metavar="SWEEP.yaml", help="a sweep file, e.g. sweeps/table10_alpha.yaml")
+        sp.add_argument("--scale", help="a scale the file defines (tiny: CPU minutes; paper: GPU cluster); "
+                                        "default: the file's default_scale or tiny")
+        sp.add_argument("--storage", help="Optuna storage URL shared by all workers (default: sqlite optuna.db "
+                                          "beside the MLflow sqlite store; postgresql://user@host/db for many machines)")
+        sp.add_argument("--out", help="the sweep's own dir (default runs/sweeps/NAME/SCALE)")
+        sp.add_argument("--cache", help="shared prerequisites: shards, teachers, stores (default runs/cache)")
+
+    sr = sweep_sub.add_parser(
+        "run", formatter_class=fmt, help="run or continue a sweep with N local worker processes",
+        description="Run every configuration x seed of the sweep once (grid/rows), or a TPE search, as trials of "
+                    "one Optuna study; each trial trains and evaluates one student as an MLflow child run under the "
+                    "sweep's parent run. Shared prerequisites (shards, teacher, logit store at the loosest p/k) are "
+                    "built once into the cache. Re-running the same command after any interruption continues where it "
+                    "stopped and never redoes a finished trial; trials of killed workers are re-run.",
+        epilog=textwrap.dedent("""\
+            examples:
+              pdl sweep run sweeps/quickstart.yaml --workers 2
+              pdl sweep run sweeps/table10_alpha.yaml --scale tiny
+              pdl sweep run sweeps/table8_top_p_k.yaml --scale paper --storage postgresql://pdl@db-host/pdl   # on every machine
+            browse: mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
+                    optuna-dashboard sqlite:///optuna.db --host 127.0.0.1
+        """))
+    sweep_args(sr)
+    sr.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+    sr.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
+    sr.add_argument("--retry-failed", action="store_true", help="also re-run trials that failed with an error")
+    sr.set_defaults(func=cmd_sweep_run)
+    ss = sweep_sub.add_parser(
+        "status", formatter_class=fmt, help="table of the sweep's trials: state, objective, MLflow run or error",
+        description="Show every configuration x seed of the sweep with its trial state (complete, running, waiting, "
+                    "failed with its error, crashed, pending), objective value and MLflow run id.",
+        epilog=textwrap.dedent("""\
+            examples:
+              pdl sweep status sweeps/quickstart.yaml
+              pdl sweep status sweeps/table8_top_p_k.yaml --scale paper --storage postgresql://pdl@db-host/pdl
+        """))
+    sweep_args(ss)
+    ss.set_defaults(func=cmd_sweep_status)
+    sv = sweep_sub.add_parser(
+        "validate", formatter_class=fmt, help="check a sweep file and every configuration it expands to",
+        description="Validate the sweep file and resolve every configuration x seed at each scale (or --scale) "
+                    "without running anything; exit 2 naming the first invalid field.",
+        epilog=textwrap.dedent("""\
+            examples:
+              pdl sweep validate sweeps/table5_loss_schedules.yaml
+              pdl sweep validate sweeps/table11_sizes.yaml --scale paper
+        """))
+    sweep_args(sv)
+    sv.set_defaults(func=cmd_sweep_validate)
 
     p = sub.add_parser("models", help="list the model presets (paper Table 7 + tiny CPU sizes)")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -674,13 +674,17 @@ def _check_run(run_id: str, tracking_uri: str | None, config_file: str | Path) -
 
 
 def log_to_mlflow(result: dict[str, Any], run_id: str, *, tracking_uri: str | None = None,
-                  tracking_config_file: str | Path = "mlflow.yaml") -> None:
-    """Log an evaluation's metrics to an existing MLflow run, and the raw harness JSON as an artifact."""
+                  tracking_config_file: str | Path = "mlflow.yaml", step: int = 0) -> None:
+    """Log an evaluation's metrics to an existing MLflow run, and the raw harness JSON as an artifact.
+
+    `step` is the training step the scores belong to (a run scored at several checkpoints keeps a
+    history; MLflow's latest value is the one of the highest step).
+    """
     from lm_eval.utils import handle_non_serializable
 
     client = _mlflow_client(tracking_uri, tracking_config_file)
     for key, value in metric_items(result).items():
-        client.log_metric(run_id, key, value)
+        client.log_metric(run_id, key, value, step=step)
     # Tags say what the eval.* numbers mean: which suite and backend, and which tasks are missing
     # from eval.average because their data could not be loaded.
     client.set_tag(run_id, "eval.suite", result["suite"] or "custom")
