@@ -1,0 +1,169 @@
+"""Paper tables as Markdown, LaTeX (booktabs), HTML and CSV, printed like the paper: one decimal,
+Δ with ↑/↓ arrows ("↑ 1.6%", "↓ 7.6%"), "±" for 95% intervals over seeds, "*" where Δ's interval
+excludes zero."""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.tables import (AVERAGE, AVERAGE_CI, DELTA, DELTA_CI, DELTA_PER_COMPUTE, DELTA_SIG, PFLOPS, STORE_GB,
+                             is_finite, task_columns)
+from pd_lightning.errors import ConfigError
+
+SIG_MARK = "*"
+FOOTNOTE = ("± is the 95% t-interval over seeds; * marks a Δ whose 95% interval excludes 0 "
+            "(delta method, Welch degrees of freedom).")
+
+
+def _check_table(table: pd.DataFrame) -> None:
+    if not isinstance(table, pd.DataFrame) or not {"group", "label", AVERAGE}.issubset(table.columns):
+        raise ConfigError("table must be a DataFrame returned by analysis.paper_table (columns group, label, Average)")
+
+
+def format_delta(value: float, ci95: float = math.nan, excludes_zero: bool = False) -> str:
+    """Δ% like the paper, "↑ 1.6%" / "↓ 7.6%" / "0.0%", plus " ± 0.9" and the mark when known."""
+    if not is_finite(value):
+        return ""
+    rounded = round(float(value), 1)
+    text = "0.0%" if rounded == 0 else f"{'↑' if rounded > 0 else '↓'} {abs(rounded):.1f}%"
+    if is_finite(ci95):
+        text += f" ± {float(ci95):.1f}"
+    return text + (SIG_MARK if excludes_zero else "")
+
+
+def _number(value: object, digits: int = 1) -> str:
+    return f"{float(value):.{digits}f}" if is_finite(value) else "–"  # type: ignore[arg-type]
+
+
+def _average(row: pd.Series) -> str:
+    text = _number(row[AVERAGE])
+    if is_finite(row.get(AVERAGE_CI)) and row.get("n", 1) > 1:
+        text += f" ± {float(row[AVERAGE_CI]):.1f}"
+    return text
+
+
+def _cost_cells(row: pd.Series, cols: list[str]) -> list[str]:
+    fmt = {PFLOPS: lambda v: f"{float(v):.3g}", STORE_GB: lambda v: f"{float(v):.2f}",
+           DELTA_PER_COMPUTE: lambda v: f"{float(v):+.2f}"}
+    return [fmt[c](row[c]) if is_finite(row[c]) else "–" for c in cols]
+
+
+def _layout(table: pd.DataFrame) -> tuple[list[str], list[tuple[str, object]]]:
+    """Header cells and body items: ("group", name) header rows and ("row", [cells]) rows."""
+    _check_table(table)
+    tasks = task_columns(table)
+    cost = [c for c in (PFLOPS, STORE_GB, DELTA_PER_COMPUTE) if c in table]
+    show_n = "n" in table and (table["n"] > 1).any()
+    show_delta = DELTA in table and table[DELTA].notna().any()
+    header = ["", *tasks, "Average"] + (["Δ"] if show_delta else []) + (["n"] if show_n else []) + cost
+    groups = list(dict.fromkeys(table["group"]))
+    show_groups = any(str(g) for g in groups)
+    items: list[tuple[str, object]] = []
+    for group in groups:
+        if show_groups:
+            items.append(("group", str(group)))
+        for _, row in table[table["group"] == group].iterrows():
+            cells = [str(row["label"]), *[_number(row[t]) for t in tasks], _average(row)]
+            if show_delta:
+                cells.append(format_delta(row[DELTA], row.get(DELTA_CI, math.nan) if row.get("n", 1) > 1 else math.nan,
+                                          bool(row.get(DELTA_SIG, False))))
+            if show_n:
+                cells.append(str(int(row["n"])))
+            items.append(("row", cells + _cost_cells(row, cost)))
+    return header, items
+
+
+def _needs_footnote(table: pd.DataFrame) -> bool:
+    return "n" in table and (table["n"] > 1).any()
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (group names as bold rows), with a footnote when seeds > 1."""
+    header, items = _layout(table)
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    out = [line(header), "|" + "|".join([":--"] + ["--:"] * (len(header) - 1)) + "|"]
+    for kind, content in items:
+        if kind == "group":
+            out.append(line([f"**{content}**"] + [""] * (len(header) - 1)))
+        else:
+            out.append(line(content))  # type: ignore[arg-type]
+    text = "\n".join(out) + "\n"
+    return text + f"\n{FOOTNOTE}\n" if _needs_footnote(table) else text
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+# Symbols the paper's tables use, as math so that a plain pdflatex document compiles.
+_LATEX_SYMBOLS = {"α": r"$\alpha$", "β": r"$\beta$", "τ": r"$\tau$", "Δ": r"$\Delta$", "±": r"$\pm$",
+                  "↑": r"$\uparrow$", "↓": r"$\downarrow$", "–": "--", "≥": r"$\geq$", "≤": r"$\leq$"}
+
+
+def latex_escape(text: str) -> str:
+    """Escape LaTeX specials and write the paper's Greek letters and arrows as math."""
+    return "".join(_LATEX_SPECIAL.get(ch, _LATEX_SYMBOLS.get(ch, ch)) for ch in str(text))
+
+
+def to_latex(table: pd.DataFrame, caption: str | None = None) -> str:
+    """A booktabs tabular (\\toprule, \\midrule, \\bottomrule); groups as \\multicolumn header rows."""
+    header, items = _layout(table)
+    ncol = len(header)
+    out = []
+    if caption:
+        out += [r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_escape(caption)}}}"]
+    out += [rf"\begin{{tabular}}{{l{'r' * (ncol - 1)}}}", r"\toprule",
+            " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
+    first = True
+    for kind, content in items:
+        if kind == "group":
+            if not first:
+                out.append(r"\midrule")
+            out.append(rf"\multicolumn{{{ncol}}}{{l}}{{\textit{{{latex_escape(str(content))}}}}} \\")
+        else:
+            out.append(" & ".join(latex_escape(c) for c in content) + r" \\")  # type: ignore[union-attr]
+        first = False
+    out += [r"\bottomrule", r"\end{tabular}"]
+    if _needs_footnote(table):
+        out.append(r"\\[2pt]{\footnotesize " + latex_escape(FOOTNOTE) + "}")
+    if caption:
+        out.append(r"\end{table}")
+    return "\n".join(out) + "\n"
+
+
+def to_html(table: pd.DataFrame) -> str:
+    """An HTML <table class="paper-table"> (Δ cells carry class "up" or "down"; groups span the row)."""
+    header, items = _layout(table)
+    esc = html.escape
+    out = ['<table class="paper-table">', "<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr></thead>",
+           "<tbody>"]
+    delta_at = header.index("Δ") if "Δ" in header else -1
+    for kind, content in items:
+        if kind == "group":
+            out.append(f'<tr class="group"><td colspan="{len(header)}">{esc(str(content))}</td></tr>')
+            continue
+        cells = []
+        for i, c in enumerate(content):  # type: ignore[arg-type]
+            cls = ""
+            if i == delta_at and c:
+                cls = ' class="up"' if c.startswith("↑") else ' class="down"' if c.startswith("↓") else ""
+            tag = "th" if i == 0 else "td"
+            cells.append(f"<{tag}{cls}>{esc(c)}</{tag}>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    if _needs_footnote(table):
+        out.append(f'<p class="footnote">{esc(FOOTNOTE)}</p>')
+    return "\n".join(out) + "\n"
+
+
+def to_csv(table: pd.DataFrame, path: str | Path) -> Path:
+    """The table's numbers (unformatted, full precision) as CSV; returns the path written."""
+    _check_table(table)
+    path = Path(path)
+    table.to_csv(path, index=False, encoding="utf-8")
+    return path

@@ -1,0 +1,281 @@
+"""The paper's table layout: one row per configuration, task scores, Average, Δ% against the LM baseline.
+
+A *configuration* is a `pd.label` (the row label as the paper prints it) within a *group* (the
+`pd.group` tag, or the columns given as `group_by`): Table 11 has one LM baseline per student size,
+so each size is a group with its own baseline. Runs of one configuration are its seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis.stats import delta_ci, mean_ci
+from pd_lightning.errors import ConfigError
+
+# The paper's eight tasks in its column order, with the names its tables print.
+PAPER_TASKS = {
+    "hellaswag": "HellaSwag", "winogrande": "WinoGrande", "piqa": "PIQA", "mmlu": "MMLU", "kbqa": "KBQA",
+    "c3": "C3", "ceval": "C-Eval", "ceval-valid": "C-Eval", "gsm8k": "GSM8k",
+}
+# Non-task columns of a paper table, in order; renderers treat every other column as a task.
+AVERAGE, AVERAGE_CI, DELTA, DELTA_CI, DELTA_SIG = "Average", "Average ci95", "Δ%", "Δ% ci95", "Δ ci excludes 0"
+PFLOPS, STORE_GB, DELTA_PER_COMPUTE = "PFLOPs", "store GB", "Δ per 10% extra compute"
+KEY_COLUMNS = ["group", "label"]
+STAT_COLUMNS = [AVERAGE, AVERAGE_CI, DELTA, DELTA_CI, DELTA_SIG, "n", "baseline"]
+COST_COLUMNS = [PFLOPS, STORE_GB, DELTA_PER_COMPUTE]
+_AVG_RUN = "_average"  # per-run Average while summarising
+
+
+def task_name(column: str) -> str:
+    """The printed name of a task column: `eval.hellaswag` -> HellaSwag, unknown tasks unchanged."""
+    task = column.removeprefix("eval.")
+    return PAPER_TASKS.get(task, task)
+
+
+def percent_task_columns(runs: pd.DataFrame) -> list[str]:
+    """Every `eval.<task>` column that is a percentage, paper tasks first in the paper's order.
+
+    Evaluation logs a percent task as `eval.<task>` and everything else with a further dot
+    (`eval.<task>.stderr`, `eval.<task>.bits_per_byte`), so a dot-free task name means percent.
+    """
+    cols = [c for c in runs.columns if c.startswith("eval.") and "." not in c[5:] and c != "eval.average"]
+    order = list(PAPER_TASKS)
+    return sorted(cols, key=lambda c: (order.index(c[5:]) if c[5:] in order else len(order), c))
+
+
+def size_value(text: object) -> float | None:
+    """A model size read from a name ("330M", "1.9B", "tiny-1m", "model.preset=6.8B"), else None."""
+    m = re.search(r"(\d+(?:\.\d+)?)\s*([kmbt])(?![a-z0-9])", str(text).lower())
+    if not m:
+        return None
+    return float(m.group(1)) * {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2)]
+
+
+def _check_runs(runs: pd.DataFrame) -> None:
+    if not isinstance(runs, pd.DataFrame):
+        raise ConfigError(f"runs must be a pandas DataFrame from analysis.load_runs, not {type(runs).__name__}")
+    if runs.empty:
+        raise ConfigError("runs is empty: no finished runs were selected; check the tracking URI and sweep name")
+
+
+def _resolve_tasks(runs: pd.DataFrame, tasks: Sequence[str] | None) -> list[str]:
+    """Task metric columns to tabulate. Default: the percent tasks that every run has a score for."""
+    available = percent_task_columns(runs)
+    if tasks is not None:
+        if isinstance(tasks, str):
+            tasks = [tasks]
+        cols = []
+        for t in tasks:
+            col = t if t.startswith("eval.") else f"eval.{t}"
+            if col not in available:
+                raise ConfigError(f"tasks: {t!r} is not a percent eval metric of these runs; expected one of "
+                                  f"{', '.join(c[5:] for c in available) or '(none)'}")
+            cols.append(col)
+        return cols
+    if not available:
+        raise ConfigError("runs have no eval.<task> percent metrics; evaluate them first (pdl eval MODEL_DIR "
+                          "--run-id RUN_ID, or let the sweep evaluate) — an Average needs task scores")
+    common = [c for c in available if runs[c].notna().all()]
+    if not common:
+        raise ConfigError(f"no eval task is scored in every run (tasks seen: {', '.join(c[5:] for c in available)}); "
+                          "pass tasks=[...] or select runs evaluated on the same tasks")
+    if len(common) < len(available):
+        # An Average over different task sets is not comparable, so tasks some runs lack are left out.
+        missing = [c[5:] for c in available if c not in common]
+        warnings.warn(f"tasks not scored in every run are left out of the table: {', '.join(missing)}", stacklevel=3)
+    return common
+
+
+def _mean_of(runs: pd.DataFrame, task_cols: list[str]) -> pd.Series:
+    # Average of one run = mean of its task scores; NaN if it lacks one (never a partial mean).
+    return runs[task_cols].astype(float).mean(axis=1, skipna=False)
+
+
+def run_averages(runs: pd.DataFrame, tasks: Sequence[str] | None = None) -> pd.Series:
+    """Each run's Average: the mean of its task scores (same task selection as `paper_table`)."""
+    _check_runs(runs)
+    return _mean_of(runs, _resolve_tasks(runs, tasks))
+
+
+def config_labels(runs: pd.DataFrame) -> pd.Series:
+    """Configuration label per run: pd.label, else pd.point, else the run name."""
+    label = pd.Series(pd.NA, index=runs.index, dtype=object)
+    for col in ("pd.label", "pd.point", "run_name"):
+        if col in runs:
+            vals = runs[col].where(runs[col].notna() & (runs[col].astype(str) != ""))
+            label = label.fillna(vals)
+    return label.fillna("(unlabelled)").astype(str)
+
+
+def _groups(runs: pd.DataFrame, group_by: str | Sequence[str] | None) -> pd.Series:
+    """Group key per run: the `group_by` columns' values, else the pd.group tag, else ""."""
+    if group_by is None:
+        if "pd.group" in runs:
+            return runs["pd.group"].fillna("").astype(str)
+        return pd.Series("", index=runs.index)
+    cols = [group_by] if isinstance(group_by, str) else list(group_by)
+    for c in cols:
+        if c not in runs:
+            raise ConfigError(f"group_by={c!r} is not a column of runs; expected e.g. pd.student, pd.teacher, pd.group")
+    if len(cols) == 1:
+        return runs[cols[0]].astype(str)
+    return runs[cols].astype(str).apply(lambda r: ", ".join(f"{c}={v}" for c, v in r.items()), axis=1)
+
+
+def _baseline_flags(runs: pd.DataFrame, labels: pd.Series, baseline: str | None) -> pd.Series:
+    """Whether each run belongs to a baseline configuration."""
+    if baseline is None:
+        if "pd.baseline" not in runs:
+            return pd.Series(False, index=runs.index)
+        return runs["pd.baseline"].astype(str).str.lower().eq("true")
+    if not isinstance(baseline, str) or baseline not in set(labels):
+        allowed = ", ".join(dict.fromkeys(labels))
+        raise ConfigError(f"baseline={baseline!r} is not a configuration label of these runs; expected one of {allowed}")
+    return labels.eq(baseline)
+
+
+def _dedupe(work: pd.DataFrame) -> pd.DataFrame:
+    """Drop repeated runs of one row and seed (same group, label, pd.config_hash, pd.seed), keeping the latest.
+
+    Two sweeps that share a row (e.g. the LM baseline of Tables 11 and 13) may both have run it;
+    counting the copies as separate seeds would make the interval falsely narrow.
+    """
+    if "pd.config_hash" not in work or "pd.seed" not in work:
+        return work
+    keyed = work["pd.config_hash"].notna() & (work["pd.config_hash"].astype(str) != "") & work["pd.seed"].notna()
+    dup = work[keyed].duplicated(["_group", "_label", "pd.config_hash", "pd.seed"], keep="last")
+    return work.drop(index=dup[dup].index)
+
+
+def _ordered_groups(groups: pd.Series) -> list[str]:
+    """Groups in order of first appearance, or by model size when every group names one."""
+    uniq = list(dict.fromkeys(groups))
+    sizes = [size_value(g) for g in uniq]
+    if len(uniq) > 1 and all(s is not None for s in sizes):
+        return [g for _, g in sorted(zip(sizes, uniq), key=lambda t: t[0])]
+    return uniq
+
+
+def _agg_keep(values: pd.Series) -> object:
+    """A kept column's value for a configuration: the mean if numeric, else the first non-empty value."""
+    v = values.dropna()
+    if v.empty:
+        return np.nan
+    if pd.api.types.is_numeric_dtype(v) and not pd.api.types.is_bool_dtype(v):
+        return float(v.astype(float).mean())
+    return v.iloc[0]
+
+
+def _config_row(cfg: pd.DataFrame, base: pd.DataFrame | None, task_cols: list[str], keep: Sequence[str]) -> dict:
+    """Statistics of one configuration (its runs = seeds) against its group's baseline runs."""
+    avg, avg_ci = mean_ci(cfg[_AVG_RUN])
+    row: dict[str, object] = {task_name(c): float(cfg[c].mean()) for c in task_cols}
+    row.update({AVERAGE: avg, AVERAGE_CI: avg_ci})
+    is_base = bool(cfg["_baseline"].all())
+    flops = cfg["cost.total_flops"].mean() if "cost.total_flops" in cfg else np.nan
+    row[PFLOPS] = flops / 1e15
+    row[STORE_GB] = (cfg["cost.store_bytes_read"].mean() if "cost.store_bytes_read" in cfg else np.nan) / 1e9
+    if base is None or is_base:
+        row.update({DELTA: np.nan, DELTA_CI: np.nan, DELTA_SIG: False, DELTA_PER_COMPUTE: np.nan})
+    else:
+        d = delta_ci(cfg[_AVG_RUN].to_numpy(), base[_AVG_RUN].to_numpy())
+        row.update({DELTA: d.value, DELTA_CI: d.ci95, DELTA_SIG: d.excludes_zero})
+        base_flops = base["cost.total_flops"].mean() if "cost.total_flops" in base else np.nan
+        extra = flops / base_flops - 1 if base_flops and np.isfinite(base_flops) else np.nan
+        # Per 10% extra compute; undefined when PD costs no more than the baseline (or cost is unknown).
+        row[DELTA_PER_COMPUTE] = d.value / (10 * extra) if np.isfinite(extra) and extra > 0 else np.nan
+    row["n"] = int(cfg[_AVG_RUN].notna().sum())
+    row["baseline"] = is_base
+    row.update({k: _agg_keep(cfg[k]) if k in cfg else np.nan for k in keep})
+    return row
+
+
+def summarize(runs: pd.DataFrame, baseline: str | None = None, tasks: Sequence[str] | None = None, *,
+              group_by: str | Sequence[str] | None = None, keep: Sequence[str] = ()) -> pd.DataFrame:
+    """Per-configuration statistics (all columns of `paper_table` plus cost and `keep` columns).
+
+    `keep` names run columns to carry along per configuration (numeric: mean over seeds; other:
+    first value), e.g. the swept parameter a figure puts on its x axis.
+    """
+    _check_runs(runs)
+    task_cols = _resolve_tasks(runs, tasks)
+    work = runs.copy()
+    work["_label"] = config_labels(runs)
+    work["_group"] = _groups(runs, group_by)
+    work["_baseline"] = _baseline_flags(runs, work["_label"], baseline)
+    work = _dedupe(work)
+    work[_AVG_RUN] = _mean_of(work, task_cols)
+    rows = []
+    for group in _ordered_groups(work["_group"]):
+        g = work[work["_group"] == group]
+        base_labels = list(dict.fromkeys(g.loc[g["_baseline"], "_label"]))
+        if len(base_labels) > 1:
+            where = f" in group {group!r}" if group else ""
+            raise ConfigError(f"several baseline configurations{where}: {', '.join(base_labels)}; "
+                              "pass baseline=<label> to choose one")
+        base = g[g["_label"] == base_labels[0]] if base_labels else None
+        labels = base_labels + [lab for lab in dict.fromkeys(g["_label"]) if lab not in base_labels]
+        for label in labels:
+            row = _config_row(g[g["_label"] == label], base, task_cols, keep)
+            rows.append({"group": group, "label": label, **row})
+    return pd.DataFrame(rows)
+
+
+def _select_rows(table: pd.DataFrame, rows: Sequence[str]) -> pd.DataFrame:
+    """Only the given labels, in the given order, within each group (groups keep their order)."""
+    if isinstance(rows, str):
+        rows = [rows]
+    known = list(dict.fromkeys(table["label"]))
+    for r in rows:
+        if r not in known:
+            raise ConfigError(f"rows: {r!r} is not a configuration label of these runs; expected one of {', '.join(known)}")
+    order = {r: i for i, r in enumerate(rows)}
+    group_order = {g: i for i, g in enumerate(dict.fromkeys(table["group"]))}
+    picked = table[table["label"].isin(order)].copy()
+    picked["_g"], picked["_r"] = picked["group"].map(group_order), picked["label"].map(order)
+    return picked.sort_values(["_g", "_r"], kind="stable").drop(columns=["_g", "_r"]).reset_index(drop=True)
+
+
+def paper_table(runs: pd.DataFrame, baseline: str | None = None, tasks: Sequence[str] | None = None,
+                rows: Sequence[str] | None = None, *, group_by: str | Sequence[str] | None = None,
+                cost: bool = False) -> pd.DataFrame:
+    """The paper's table: one row per configuration, task scores (%), Average and Δ% with 95% CIs.
+
+    Columns: group ("" without groups), label, one column per task (printed names, mean over
+    seeds), Average (mean over seeds of each run's mean task score), Average ci95 (half-width of the
+    t-interval over seeds; NaN for one seed), Δ% = 100·(Average / Average_baseline − 1) against the
+    baseline of the same group, Δ% ci95 (delta method, Welch; see `analysis.stats.delta_ci`),
+    Δ ci excludes 0 (bool), n (seeds), baseline (bool; baseline rows have no Δ). With `cost=True`
+    also PFLOPs (cost.total_flops), store GB (cost.store_bytes_read) and Δ per 10% extra compute
+    (Δ% divided by the extra compute over the baseline in units of 10%) — NaN where not logged.
+
+    `baseline`: a label; default: the runs tagged pd.baseline=true in each group. `tasks`: task
+    names (default: every percent `eval.<task>` scored in all runs). `rows`: labels to show, in
+    order. `group_by`: run columns that define groups (default: the pd.group tag).
+    """
+    table = summarize(runs, baseline, tasks, group_by=group_by)
+    if rows is not None:
+        table = _select_rows(table, rows)
+    if not cost:
+        table = table.drop(columns=COST_COLUMNS)
+    return table
+
+
+def task_columns(table: pd.DataFrame) -> list[str]:
+    """The task columns of a paper table (every column that is not a key, statistic or cost column)."""
+    fixed = set(KEY_COLUMNS) | set(STAT_COLUMNS) | set(COST_COLUMNS)
+    return [c for c in table.columns if c not in fixed]
+
+
+def is_finite(x: object) -> bool:
+    """True for a real, finite number (False for None, NaN, pd.NA, strings)."""
+    try:
+        return math.isfinite(float(x))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
