@@ -20,6 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from pd_lightning.cost import BUDGET_KINDS
 from pd_lightning.errors import ConfigError, choice_error, did_you_mean
 from pd_lightning.logits.processing import METHODS as TEMPERATURE_METHODS
 from pd_lightning.losses import LOSS_KINDS
@@ -151,6 +152,11 @@ class TrainerConfig:
     val_every_n_steps: int = 100
     val_batches: int = 8
     checkpoint_every_n_steps: int = 100
+    # Stop every run at the same budget: tokens | flops (student + teacher, see pd_lightning.cost) set
+    # max_steps (and so the schedules); wall stops on the clock (schedules keep max_steps).
+    budget_kind: str = "none"  # none | tokens | flops | wall
+    budget: float = 0.0  # tokens, FLOPs or seconds; 0 = unused
+    export_every_n_steps: int = 0  # also export the student to out/exports/step-XXXXXXXX every n steps; 0 = off
     out: str = "runs/train"
 
 
@@ -463,6 +469,15 @@ def validate(cfg: PDLConfig) -> None:
     _choice("trainer.precision", tr.precision, PRECISIONS)
     _choice("trainer.accelerator", tr.accelerator, ACCELERATORS)
     _choice("trainer.strategy", tr.strategy, STRATEGIES)
+    _choice("trainer.budget_kind", tr.budget_kind, BUDGET_KINDS)
+    if tr.budget_kind == "none":
+        _require(tr.budget == 0, "trainer.budget", tr.budget, "0 while trainer.budget_kind='none' (set budget_kind to "
+                 "tokens, flops or wall)")
+    else:
+        unit = {"tokens": "tokens", "flops": "FLOPs", "wall": "seconds"}[tr.budget_kind]
+        _require(math.isfinite(tr.budget) and tr.budget > 0, "trainer.budget", tr.budget, f"a number > 0 ({unit})")
+    _require(isinstance(tr.export_every_n_steps, int) and tr.export_every_n_steps >= 0, "trainer.export_every_n_steps",
+             tr.export_every_n_steps, "an integer >= 0 (0 = no intermediate exports)")
 
     e = cfg.eval
     _positive_int("eval.batch_size", e.batch_size)
