@@ -10,6 +10,13 @@ batch goes through the teacher. Generation resumes from the last whole shard aft
 the finished store is byte-identical to an uninterrupted run. With several ranks (`torchrun`,
 `RANK`/`WORLD_SIZE` in the environment) each rank writes a disjoint set of shards; the last rank to
 finish finds every shard present and writes the manifest.
+
+Cost record: the manifest's `meta` holds the generation FLOPs (`pd_lightning.cost` convention,
+teacher forward over every token of every sequence) and the teacher's shape; it holds only
+deterministic facts, so a resumed store stays byte-identical to an uninterrupted one. Wall time is
+not deterministic and lives in `generation_stats-rank<r>.json`, one per rank, accumulated over every
+session that worked on the store (a killed session counts up to its last finished shard);
+`inspect_store` adds them up.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from pathlib import Path
 import torch
 
 from pd_lightning.config import PDLConfig
+from pd_lightning.cost import model_cost_shape, store_cost_meta
 from pd_lightning.data.shards import TokenShards, read_manifest, write_json_atomic
 from pd_lightning.data.tokenizer import load_tokenizer, tokenizer_hash
 from pd_lightning.errors import DataError
@@ -31,6 +39,19 @@ from pd_lightning.models import load_causal_lm
 from pd_lightning.progress import ProgressBar
 
 STATS_FILE = "generation_stats.json"
+
+
+def stats_path(store_dir: Path, rank: int) -> Path:
+    """The per-rank wall-time record of a store's generation."""
+    return store_dir / f"{STATS_FILE[:-5]}-rank{rank}.json"
+
+
+def _previous_seconds(path: Path) -> float:
+    """Seconds earlier sessions of this rank spent generating (0 for a fresh store)."""
+    try:
+        return float(json.loads(path.read_text()).get("seconds", 0.0))
+    except (OSError, ValueError, AttributeError):
+        return 0.0
 
 
 def teacher_dir(cfg: PDLConfig) -> Path:
@@ -109,6 +130,17 @@ def generate_store(cfg: PDLConfig, *, quiet: bool = False) -> Path:
         print(f"logits: top-{lg.store_p}-{lg.store_k} of {teacher} ({params / 1e6:.1f}M params) over {todo:,} sequences "
               f"into {store_dir} (rank {rank}/{world}, {done_before} shards already done, device {device})")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    stats_file = stats_path(store_dir, rank)
+    earlier = _previous_seconds(stats_file)  # a resumed store: its earlier sessions' time counts too
+    done_sequences = 0
+
+    def record_stats() -> None:
+        elapsed = time.perf_counter() - started
+        write_json_atomic(stats_file, {
+            "seconds": round(earlier + elapsed, 3), "seconds_this_session": round(elapsed, 3),
+            "sequences_this_session": done_sequences, "device": _device_name(device),
+            "tokens_per_s": round(done_sequences * shards.seq_len / max(elapsed, 1e-9))})
+
     started = time.perf_counter()
     with ProgressBar(todo * shards.seq_len, "tokens", "logits generate") as bar, AsyncShardWriter(writer) as async_writer:
         for s in pending:
@@ -121,17 +153,21 @@ def generate_store(cfg: PDLConfig, *, quiet: bool = False) -> Path:
                 # fp32 for truncation: top-p on bf16 probabilities would move the cut by whole entries.
                 async_writer.submit(first, logits.float().reshape(-1, logits.size(-1)))
                 bar.advance((last - first) * shards.seq_len)
-    seconds = time.perf_counter() - started
+                done_sequences += last - first
+            record_stats()  # per shard, so a killed session still leaves its time on record
+    record_stats()
     if all((store_dir / shard_name(s).replace(".bin", ".json")).is_file() for s in range(writer.num_shards)):
-        tokens = len(shards) * (shards.seq_len - 1)
         # Deterministic facts only: the manifest of a resumed run must equal an uninterrupted one's.
-        writer.finalize(meta={"teacher_params": params, "generation_flops": 2 * params * tokens,
+        writer.finalize(meta={"teacher_params": params, **store_cost_meta(model_cost_shape(model), len(shards),
+                                                                          shards.seq_len),
                               "data": str(data_dir.resolve()), "data_hash": data_manifest["config_hash"]})
         if not quiet:
             m = load_manifest(store_dir)
             print(f"logits: wrote {m['num_tokens']:,} tokens, {m['num_entries'] / m['num_tokens']:.1f} entries/token, "
                   f"{m['total_bytes'] / m['num_tokens']:.1f} bytes/token to {store_dir}")
-    write_json_atomic(store_dir / f"{STATS_FILE[:-5]}-rank{rank}.json",
-                      {"seconds": round(seconds, 3), "sequences": todo, "device": str(device),
-                       "tokens_per_s": round(todo * shards.seq_len / max(seconds, 1e-9))})
     return store_dir
+
+
+def _device_name(device: torch.device) -> str:
+    """"cpu" or "cuda:<GPU name>": what the cost was paid on."""
+    return f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type

@@ -639,8 +639,36 @@ def verify_store(path: str | Path, deep: bool = False) -> dict[str, Any]:
     return inspect_store(path, checksums=False) | {"checksums_ok": True}
 
 
+def generation_cost(path: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a store cost: teacher FLOPs (pd_lightning.cost convention), wall seconds, bytes per 1e9 tokens.
+
+    Seconds come from the per-rank `generation_stats-rank<r>.json` files (`generate.stats_path`):
+    `generation_seconds` is the slowest rank's total (wall time), `generation_device_seconds` the sum
+    over ranks; both None for stores without them (online stores, whose logits are a by-product of
+    the teacher's own training).
+    """
+    from pd_lightning.cost import store_generation_flops
+
+    seconds, devices = [], set()
+    for f in sorted(Path(path).glob("generation_stats-rank*.json")):
+        try:
+            stats = json.loads(f.read_text())
+            seconds.append(float(stats["seconds"]))
+            devices.add(str(stats.get("device", "?")))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # an unreadable stats file loses its seconds, never the store
+    tokens = max(int(manifest["num_tokens"]), 1)
+    return {
+        "generation_flops": store_generation_flops(manifest),
+        "generation_seconds": max(seconds) if seconds else None,
+        "generation_device_seconds": sum(seconds) if seconds else None,
+        "generation_device": ", ".join(sorted(devices)) or None,
+        "bytes_per_billion_tokens": int(manifest["total_bytes"]) / tokens * 1e9,
+    }
+
+
 def inspect_store(path: str | Path, checksums: bool = True) -> dict[str, Any]:
-    """Summary of a store (tokens, entries/token, bytes/token, bytes/entry, p, k, teacher, ...).
+    """Summary of a store (tokens, entries/token, bytes/token, bytes/entry, p, k, teacher, cost, ...).
 
     checksums=True hashes every shard: `checksums_ok` is then True/False and `bad_shard` names the
     first mismatch; with checksums=False `checksums_ok` is None.
@@ -654,7 +682,7 @@ def inspect_store(path: str | Path, checksums: bool = True) -> dict[str, Any]:
                 ok, bad = False, e["file"]
                 break
     tokens, entries, nbytes = m["num_tokens"], m["num_entries"], m["total_bytes"]
-    return {
+    return generation_cost(path, m) | {
         "path": str(path), "teacher": m.get("teacher"), "teacher_config_hash": m.get("teacher_config_hash"),
         "tokenizer_hash": m["tokenizer_hash"], "vocab_size": m["vocab_size"], "p": m["p"], "k": m["k"],
         "encoding": m["encoding"], "positions_per_sequence": m["positions_per_sequence"],
@@ -666,6 +694,6 @@ def inspect_store(path: str | Path, checksums: bool = True) -> dict[str, Any]:
 
 
 __all__ = [
-    "AsyncShardWriter", "LogitStore", "LogitStoreWriter", "check_compatible", "file_checksum", "inspect_store",
-    "load_manifest", "num_shards", "shard_name", "shard_range", "verify_store",
+    "AsyncShardWriter", "LogitStore", "LogitStoreWriter", "check_compatible", "file_checksum", "generation_cost",
+    "inspect_store", "load_manifest", "num_shards", "shard_name", "shard_range", "verify_store",
 ]
