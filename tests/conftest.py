@@ -60,3 +60,7 @@ def tiny_store(tiny_teacher: Path, tiny_data: Path, tmp_path_factory: pytest.Tem
     cfg = load_config("tiny", [*TINY_DATA, f"data.out={tiny_data}", f"teacher.out={tiny_teacher}",
                                f"logits.store={out}", "logits.batch_size=32"])
     return generate_store(cfg, quiet=True)
+
+
+# Real PostgreSQL and MLflow tracking servers (session fixtures; started only by tests that ask for them).
+from servers import mlflow_server, postgres_server, postgres_url  # noqa: E402,F401
