@@ -5,6 +5,35 @@ design-space coordinates, per-step metrics, and the resolved config and exported
 artifacts. It checkpoints every `trainer.checkpoint_every_n_steps` steps and on exceptions; running
 the same command again after a kill resumes from the last checkpoint in the same MLflow run and,
 on CPU, ends with the weights an uninterrupted run would have.
+
+Cost (issue 11): every run also logs what it cost (`pd_lightning.cost` FLOP convention), as metrics
+at its last step:
+
+    cost.student_flops            student training FLOPs: 6·N·tokens + attention term
+    cost.teacher_flops            teacher FLOPs charged to this run: offline / online-store logits =
+                                  the store's generation FLOPs × (sequences this run read / sequences
+                                  in the store), i.e. the teacher's forward over the tokens consumed
+                                  (a run that reads the store twice is charged twice); co-training =
+                                  the teacher's own training FLOPs; LM-only = 0
+    cost.teacher_flops_undivided  the store's whole generation FLOPs (co-training: = teacher_flops).
+                                  Analysis may divide it by the number of runs sharing the store
+                                  instead; that number is unknown when a run ends.
+    cost.total_flops              student + teacher_flops
+    cost.store_bytes_read         estimate: the store's mean bytes per sequence × sequences read
+    cost.wall_seconds             time inside the training loop (validation, checkpoints and periodic
+                                  exports included; model build and final export not), summed over
+                                  resumed sessions (kept in the checkpoints)
+    cost.tokens_per_second        tokens / cost.wall_seconds
+    store.entries_per_token, store.bytes_per_token   the store's, at its own (loosest) truncation
+
+and the tag `cost.device` ("cpu", "cuda:<GPU name>", " x<world size>" when distributed).
+
+Budgets: `trainer.budget_kind=tokens|flops` turns `trainer.budget` into max_steps (replacing
+`trainer.max_steps`, so the LR and α schedules span the budget): the largest step count whose
+tokens, or student + teacher FLOPs, fit. PD and LM runs at one FLOP budget therefore stop at equal
+total FLOPs, within one step's FLOPs. `budget_kind=wall` stops the run when its wall seconds reach
+the budget; its schedules still span `trainer.max_steps`, so a wall-stopped run ends mid-schedule
+(LR not decayed): set max_steps near the steps the budget allows.
 """
 
 from __future__ import annotations
@@ -22,6 +51,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from pd_lightning import cost
 from pd_lightning.config import LossConfig, OptimConfig, PDLConfig, config_hash, flatten, to_yaml
 from pd_lightning.data.shards import read_manifest
 from pd_lightning.data.tokenizer import load_tokenizer
@@ -33,6 +63,7 @@ TEACHER_INFO = "pdl_teacher.json"
 RUN_INFO = "pdl_run.json"
 SEQUENCE_MAP = "sequence_map.npy"
 EXCEPTION_CHECKPOINT = "on_exception.ckpt"
+EXPORTS = "exports"
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -97,11 +128,11 @@ def build_trainer(cfg: PDLConfig, max_steps: int, *, callbacks: list | None = No
     )
 
 
-def _save_hf_dir(model: torch.nn.Module, tokenizer, out: Path, info: dict) -> None:
-    """Export an HF model dir (weights + tokenizer + our info JSON) atomically."""
+def _save_hf_dir(model: torch.nn.Module, tokenizer, out: Path, info: dict, state_dict: dict | None = None) -> None:
+    """Export an HF model dir (weights + tokenizer + our info JSON) atomically; `state_dict` overrides the weights."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     (tmp / info.pop("_file")).write_text(json.dumps(info, indent=2, sort_keys=True))
     if out.exists():
@@ -161,8 +192,14 @@ def train_teacher(cfg: PDLConfig, *, quiet: bool = False) -> Path:
     started = time.perf_counter()
     build_trainer(cfg, t.max_steps, callbacks=callbacks, checkpoints=False, description="teacher").fit(module, datamodule=data)
     if callbacks:
-        callbacks[0].async_writer.writer.finalize(meta={
-            "online": True, "teacher_steps": [callbacks[0].start_step, callbacks[0].end_step],
+        w = callbacks[0]
+        shape = cost.model_cost_shape(module.model)
+        # Charged to students: the teacher's forward over the saved window (paid inside its own training,
+        # so this is what an offline pass over the same sequences would cost); its whole training beside it.
+        w.async_writer.writer.finalize(meta={
+            "online": True, "teacher_steps": [w.start_step, w.end_step],
+            **cost.store_cost_meta(shape, w.async_writer.writer.num_sequences, seq_len),
+            "teacher_training_flops": shape.training_flops(seq_len, t.max_steps * t.batch_size * seq_len),
             "sequence_map": SEQUENCE_MAP, "data": str(data_dir.resolve()), "data_hash": manifest["config_hash"]})
     seconds = time.perf_counter() - started
     model = module.model.to(torch.float32).cpu()
@@ -284,6 +321,117 @@ def _mlflow_run(cfg: PDLConfig, out: Path, digest: str, teacher: str | None, ext
     return logger, run_id is not None
 
 
+class WallClock(pl.Callback):
+    """Seconds spent in the training loop, carried across resumes in the checkpoint; stops a wall budget.
+
+    With a budget, every rank stops once any rank's clock reaches it (a collective each step).
+    """
+
+    def __init__(self, budget_seconds: float | None = None):
+        self.budget_seconds = budget_seconds
+        self.before = 0.0  # seconds of earlier sessions, restored from the checkpoint
+        self._started: float | None = None
+
+    def elapsed(self) -> float:
+        """Training-loop seconds so far, earlier sessions included."""
+        return self.before + (time.perf_counter() - self._started if self._started is not None else 0.0)
+
+    def on_train_start(self, trainer, module) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_end(self, trainer, module) -> None:
+        self.before, self._started = self.elapsed(), None  # stop: the held-out loss and export are not training
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.budget_seconds is not None:
+            over = trainer.strategy.reduce_boolean_decision(self.elapsed() >= self.budget_seconds, all=False)
+            trainer.should_stop = trainer.should_stop or over
+
+    def state_dict(self) -> dict:
+        return {"elapsed": self.elapsed()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.before = float(state_dict.get("elapsed", 0.0))
+
+
+class PeriodicExport(pl.Callback):
+    """Every `every` steps, export the student as an HF dir to `<out>/exports/step-XXXXXXXX` (Table 12 checkpoints).
+
+    Every rank gathers the weights (a collective under FSDP); rank 0 writes, atomically.
+    """
+
+    def __init__(self, every: int, out: Path, tokenizer, info: dict, tokens_per_step: int):
+        self.every, self.out, self.tokenizer = every, out, tokenizer
+        self.info, self.tokens_per_step = info, tokens_per_step
+
+    def on_train_start(self, trainer, module) -> None:
+        self._last = trainer.global_step  # a resumed run: the export of its checkpoint's step exists already
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every or step == self._last:
+            return
+        self._last = step  # with gradient accumulation the hook fires on every micro-batch of the step
+        prefix = "model."
+        state = {k[len(prefix):]: v for k, v in trainer.strategy.lightning_module_state_dict().items()
+                 if k.startswith(prefix)}  # the student only: a co-trained teacher sits under "teacher."
+        if trainer.is_global_zero:
+            _save_hf_dir(module.model, self.tokenizer, export_dir(self.out, step),
+                         {**self.info, "_file": RUN_INFO, "step": step, "tokens": step * self.tokens_per_step},
+                         state_dict=state)
+
+
+def export_dir(out: Path, step: int) -> Path:
+    """Where the periodic export of step `step` of the run in `out` goes."""
+    return out / EXPORTS / f"step-{step:08d}"
+
+
+def list_exports(out: Path) -> list[dict]:
+    """The finished periodic exports of the run in `out`: [{step, tokens, path}], by step."""
+    found = []
+    for d in sorted((out / EXPORTS).glob("step-*")) if (out / EXPORTS).is_dir() else []:
+        info_file = d / RUN_INFO
+        if info_file.is_file():  # temp dirs of an interrupted export have no final name, so never match
+            info = json.loads(info_file.read_text())
+            found.append({"step": int(info["step"]), "tokens": int(info["tokens"]), "path": str(d)})
+    return found
+
+
+def _device_tag(trainer: pl.Trainer) -> str:
+    """"cpu" or "cuda:<GPU name>", with " x<world size>" for a distributed run."""
+    device = trainer.strategy.root_device
+    name = f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
+    return name + (f" x{trainer.world_size}" if trainer.world_size > 1 else "")
+
+
+def _teacher_cost(cfg: PDLConfig, store_manifest: dict | None, vocab: int, seq_len: int,
+                  sequences_per_step: int) -> tuple[float, float | None]:
+    """(teacher FLOPs charged per step, the store's whole generation FLOPs or None without a store)."""
+    if store_manifest is not None:
+        generation = cost.store_generation_flops(store_manifest)
+        return generation / int(store_manifest["num_sequences"]) * sequences_per_step, generation
+    if cfg.logits.mode == "cotrain" and cfg.loss.alpha > 0:
+        shape = cost.preset_cost_shape(cfg.teacher.preset, vocab)
+        return shape.training_flops(seq_len, sequences_per_step * seq_len), None
+    return 0.0, None
+
+
+def _run_cost(steps: int, sequences_per_step: int, tokens: int, student_step_flops: float, teacher_step_flops: float,
+              store_flops: float | None, store_manifest: dict | None, wall_seconds: float) -> dict[str, float]:
+    """The cost metrics of a run that took `steps` optimizer steps (names and meaning: the module docstring)."""
+    student, teacher = student_step_flops * steps, teacher_step_flops * steps
+    metrics = {"cost.student_flops": student, "cost.teacher_flops": teacher,
+               "cost.teacher_flops_undivided": teacher if store_flops is None else store_flops,
+               "cost.total_flops": student + teacher, "cost.store_bytes_read": 0.0,
+               "cost.wall_seconds": wall_seconds, "cost.tokens_per_second": tokens / max(wall_seconds, 1e-9)}
+    if store_manifest is not None:
+        m = store_manifest
+        metrics["cost.store_bytes_read"] = int(m["total_bytes"]) / int(m["num_sequences"]) * steps * sequences_per_step
+        metrics["store.entries_per_token"] = int(m["num_entries"]) / max(int(m["num_tokens"]), 1)
+        metrics["store.bytes_per_token"] = int(m["total_bytes"]) / max(int(m["num_tokens"]), 1)
+    return metrics
+
+
 def train(cfg: PDLConfig, *, quiet: bool = False, tags: dict[str, str] | None = None) -> dict:
     """One training run (α = 0: the LM-only baseline); returns its summary (run id, held-out loss, paths).
 
@@ -314,13 +462,28 @@ def train(cfg: PDLConfig, *, quiet: bool = False, tags: dict[str, str] | None = 
         if info.get("config_hash") == digest:
             if not quiet:
                 print(f"train: {out} is finished (run {info['run_id']}); nothing to do")
-            return info
+            return info | {"exports": list_exports(out)}
     logger, resumed = _mlflow_run(cfg, out, digest, teacher, tags)
     run_id = logger.run_id
     client = logger.experiment
 
     pl.seed_everything(tr.seed, workers=True, verbose=False)
     model = _model_for_data(cfg.model.preset, data_manifest, vocab, cfg.model.init_seed)
+    seq_len = int(data_manifest["seq_len"])
+    sequences_per_step = tr.batch_size * tr.accumulate_grad_batches * tr.devices * tr.num_nodes
+    tokens_per_step = sequences_per_step * seq_len
+    student_step_flops = cost.model_cost_shape(model).training_flops(seq_len, tokens_per_step)
+    teacher_step_flops, store_flops = _teacher_cost(cfg, store_manifest if use_store else None, vocab, seq_len,
+                                                    sequences_per_step)
+    max_steps = tr.max_steps
+    if tr.budget_kind in ("tokens", "flops"):
+        max_steps = cost.steps_for_budget(tr.budget_kind, tr.budget, student_flops_per_step=student_step_flops,
+                                          teacher_flops_per_step=teacher_step_flops, tokens_per_step=tokens_per_step)
+    if tr.budget_kind != "none":  # tags as well as the trainer.budget* params: sweeps and analysis filter on them
+        client.set_tag(run_id, "budget.kind", tr.budget_kind)
+        client.set_tag(run_id, "budget.value", repr(tr.budget))
+        if tr.budget_kind != "wall":  # a wall budget's steps are known only at the end (metric budget.steps)
+            client.set_tag(run_id, "budget.steps", str(max_steps))
     targets = TargetSpec.from_config(cfg.logits, float(store_manifest["p"]), int(store_manifest["k"])) if use_store else None
     tau_sq = cfg.logits.tau if cfg.loss.tau_sq_scale and cfg.logits.method != "normkd" else None
     cotrain_kwargs = {}
@@ -329,7 +492,7 @@ def train(cfg: PDLConfig, *, quiet: bool = False, tags: dict[str, str] | None = 
                           "teacher_optim": teacher_optim(cfg),
                           "cotrain_targets": TargetSpec.from_config(cfg.logits, cfg.logits.store_p, cfg.logits.store_k)}
     kd = use_store or cotrain
-    module = DistillationModule(model, loss=cfg.loss, optim=cfg.optim, max_steps=tr.max_steps,
+    module = DistillationModule(model, loss=cfg.loss, optim=cfg.optim, max_steps=max_steps,
                                 normkd_t=cfg.logits.normkd_t if kd and cfg.logits.method == "normkd" else None,
                                 tau_sq=tau_sq, **cotrain_kwargs)
     data = DistillationDataModule(data_dir, tr.batch_size, tr.seed, store_root=cfg.logits.store if use_store else None,
@@ -338,19 +501,26 @@ def train(cfg: PDLConfig, *, quiet: bool = False, tags: dict[str, str] | None = 
                                   sequence_map=load_sequence_map(Path(cfg.logits.store)) if use_store else None)
     ckpt_dir = out / "checkpoints"
     # monitor=None with save_top_k=1 keeps only the newest periodic checkpoint.
+    clock = WallClock(tr.budget if tr.budget_kind == "wall" else None)
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
-                                 every_n_train_steps=tr.checkpoint_every_n_steps, save_top_k=1)]
+                                 every_n_train_steps=tr.checkpoint_every_n_steps, save_top_k=1), clock]
+    tokenizer = load_tokenizer(data_dir / "tokenizer", what="data tokenizer")
+    info = {"run_id": run_id, "config_hash": digest, "preset": cfg.model.preset, "teacher": teacher,
+            "seq_len": seq_len, "data": str(data_dir.resolve())}
+    if tr.export_every_n_steps:
+        callbacks.append(PeriodicExport(tr.export_every_n_steps, out, tokenizer, info, tokens_per_step))
     last = latest_checkpoint(ckpt_dir) if resumed else None
     ckpt_path = str(last) if last else None
     if not quiet:
         kind = "LM-only" if not kd else (f"PD ({cfg.loss.kind}, alpha={cfg.loss.alpha} {cfg.loss.alpha_schedule}, "
                                           f"{cfg.logits.mode} logits)")
         where = f"resuming from {last}" if ckpt_path else "from scratch"
-        print(f"train: {kind} {cfg.model.preset} for {tr.max_steps} steps x {tr.batch_size} x {data_manifest['seq_len']} "
+        budget = f" (budget {tr.budget:.4g} {tr.budget_kind})" if tr.budget_kind != "none" else ""
+        print(f"train: {kind} {cfg.model.preset} for {max_steps} steps{budget} x {tr.batch_size} x {seq_len} "
               f"tokens, {where}; MLflow run {run_id}")
     if not resumed:
         client.log_text(run_id, to_yaml(cfg), "config.yaml")
-    trainer = build_trainer(cfg, tr.max_steps, callbacks=callbacks, logger=logger, validate=True)
+    trainer = build_trainer(cfg, max_steps, callbacks=callbacks, logger=logger, validate=True)
     started = time.perf_counter()
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
@@ -366,23 +536,30 @@ def train(cfg: PDLConfig, *, quiet: bool = False, tags: dict[str, str] | None = 
     seconds = time.perf_counter() - started
     if trainer.global_rank != 0:
         return {"run_id": run_id}
+    steps = trainer.global_step  # below max_steps when a wall budget stopped the run
     model = module.model.to(torch.float32).cpu()
     loss = heldout_loss(model, data_dir)
-    tokens = tr.max_steps * tr.batch_size * tr.accumulate_grad_batches * tr.devices * tr.num_nodes * int(data_manifest["seq_len"])
-    info = {"_file": RUN_INFO, "run_id": run_id, "config_hash": digest, "heldout_loss": loss, "tokens": tokens,
-            "seconds_this_session": round(seconds, 2), "preset": cfg.model.preset, "teacher": teacher,
-            "seq_len": int(data_manifest["seq_len"]), "data": str(data_dir.resolve())}
-    tokenizer = load_tokenizer(data_dir / "tokenizer", what="data tokenizer")
+    tokens = steps * tokens_per_step
+    run_cost = _run_cost(steps, sequences_per_step, tokens, student_step_flops, teacher_step_flops, store_flops,
+                         store_manifest if use_store else None, clock.elapsed())
+    info = {**info, "_file": RUN_INFO, "heldout_loss": loss, "tokens": tokens, "steps": steps,
+            "seconds_this_session": round(seconds, 2), "cost": run_cost}
     _save_hf_dir(model, tokenizer, out / "model", dict(info))
     if cotrain:
         _save_hf_dir(module.teacher.to(torch.float32).cpu(), tokenizer, out / "teacher",
                      {"_file": TEACHER_INFO, "preset": cfg.teacher.preset, "cotrained_with": run_id,
                       "heldout_loss_after": heldout_loss(module.teacher, data_dir)})
-    client.log_metric(run_id, "heldout_loss", loss, step=tr.max_steps)
-    client.log_metric(run_id, "tokens", tokens, step=tr.max_steps)
+    client.log_metric(run_id, "heldout_loss", loss, step=steps)
+    client.log_metric(run_id, "tokens", tokens, step=steps)
+    if tr.budget_kind != "none":
+        client.log_metric(run_id, "budget.steps", steps, step=steps)
+    for key, value in run_cost.items():
+        client.log_metric(run_id, key, value, step=steps)
+    client.set_tag(run_id, "cost.device", _device_tag(trainer))
     client.log_artifacts(run_id, str(out / "model"), "model")
     client.set_terminated(run_id, "FINISHED")
     info.pop("_file")
+    info["exports"] = list_exports(out)
     if not quiet:
         print(f"train: done; held-out loss {loss:.4f}; student exported to {out / 'model'}; MLflow run {run_id}")
     return info

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from pd_lightning.config import load_config
 from pd_lightning.data.prepare import prepare
 from pd_lightning.errors import ConfigError, DataError
-from pd_lightning.train import TrainingDiverged, train
+from pd_lightning.train import TrainingDiverged, latest_checkpoint, train
 
 from conftest import TINY_DATA
 
@@ -108,6 +108,10 @@ def test_kill_9_and_resume_gives_identical_weights(tiny_data, tiny_store, tmp_pa
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert resumed["heldout_loss"] == reference["heldout_loss"]
+    # The training-loop clock travels in the checkpoints, so cost.wall_seconds spans both sessions.
+    ckpt = torch.load(latest_checkpoint(out / "checkpoints"), weights_only=True)
+    clock = next(state for key, state in ckpt["callbacks"].items() if "WallClock" in key)
+    assert 0 < clock["elapsed"] <= resumed["cost"]["cost.wall_seconds"]
     client = MlflowClient(uri)
     assert client.get_run(run_id).info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
