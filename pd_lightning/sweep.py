@@ -204,7 +204,7 @@ def overrides_to_args(overrides: dict[str, Any]) -> list[str]:
 
 def point_label(axes: dict[str, Any]) -> str:
     """A row label like the paper prints it: `top-0.95-50`, `α = 0.9`, `τ = 2.0`, `student=1.9B`."""
-    axes = dict(axes)
+    axes = {k: (float(f"{v:.3g}") if isinstance(v, float) else v) for k, v in axes.items()}
     parts = []
     if "logits.p" in axes and "logits.k" in axes:
         parts.append(f"top-{axes.pop('logits.p')}-{axes.pop('logits.k')}")
@@ -687,7 +687,8 @@ def claim(study, spec: SweepSpec, storage_url: str, *, retry_failed: bool = Fals
         redo = ("pending", "crashed", "failed") if retry_failed else ("pending", "crashed")
         for task in tasks:
             if states[task.task_id] in redo:
-                study.enqueue_trial({k: v for k, v in task.overrides.items()} | {"seed": task.seed},
+                searched = (spec.search or {}).get("space", {})
+                study.enqueue_trial({k: v for k, v in task.overrides.items() if k not in searched} | {"seed": task.seed},
                                     user_attrs=_task_attrs(task), skip_if_exists=False)
         if spec.search is not None:
             _enqueue_crashed_search_trials(study)
@@ -697,8 +698,10 @@ def claim(study, spec: SweepSpec, storage_url: str, *, retry_failed: bool = Fals
             if trial.user_attrs.get(TASK_ATTR):
                 task = _task_from_trial(trial)
                 dists = _distributions(spec, tasks)
+                searched = (spec.search or {}).get("space", {})
                 for key, value in list(task.overrides.items()) + [("seed", task.seed)]:
-                    trial.suggest_categorical(key, dists[key].choices)
+                    if key not in searched:  # a parameter name keeps one distribution kind per study
+                        trial.suggest_categorical(key, dists[key].choices)
                 return _own(trial), [task]
             return _own(trial), _search_tasks(spec, trial)
         if spec.search is not None and _search_trials_claimed(study) < spec.search["trials"]:
@@ -883,6 +886,7 @@ def worker(spec: SweepSpec, place: Place, *, retry_failed: bool = False, poll_s:
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     storage = open_storage(place.storage, spec)
     study = optuna.load_study(study_name=spec.study_name, storage=storage, sampler=make_sampler(spec))
     parent_id = study.user_attrs[PARENT_ATTR]
