@@ -285,6 +285,7 @@ def fig_compute(runs: pd.DataFrame, out: str | Path | None = None, *, tasks: Seq
     Returns None and writes nothing when the runs carry no cost metrics."""
     if not has_cost(runs):
         return None
+    runs = runs[runs["cost.total_flops"].notna()]  # tasks are then those every costed run was scored on
     per_run = pd.DataFrame({"flops": pd.to_numeric(runs["cost.total_flops"], errors="coerce"),
                             AVERAGE: run_averages(runs, tasks), "label": config_labels(runs), "lm": _is_lm(runs)})
     per_run = per_run[per_run["flops"].notna() & per_run[AVERAGE].notna()]

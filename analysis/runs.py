@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,10 @@ def _client(tracking_uri: str):
         if str(path) not in ("", ":memory:") and not path.is_file():
             raise DataError(f"tracking_uri={tracking_uri!r}: no MLflow store at {path.resolve()}; "
                             "set PDL_TRACKING_URI or pass the URI of the store your runs were logged to")
-    from mlflow.tracking import MlflowClient
+    with warnings.catch_warnings():
+        # mlflow imports tqdm.auto, which warns in a notebook without ipywidgets: noise, not news.
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
 
@@ -201,3 +205,31 @@ def no_runs_message(sweep: str | None) -> str:
     if sweep is None:
         return "no finished runs in this store; run `pdl sweep run sweeps/<name>.yaml` first"
     return f"no runs of sweep {sweep} in this store; run `pdl sweep run sweeps/{sweep}.yaml`"
+
+
+def load_sweep_runs(tracking_uri: str, sweep: str | Iterable[str] | None) -> pd.DataFrame | None:
+    """The finished runs of a sweep for a notebook, or None after printing why there are none.
+
+    A missing store or an unknown sweep is the normal state of a fresh checkout, so a notebook
+    prints one line saying what to run instead of stopping with a traceback.
+    """
+    from pd_lightning.errors import UserError
+
+    try:
+        runs = load_runs(tracking_uri, sweep=sweep)
+    except UserError as err:
+        print(err)
+        return None
+    if runs.empty:
+        names = [sweep] if sweep is None or isinstance(sweep, str) else list(sweep)
+        print("; ".join(no_runs_message(name) for name in names))
+        return None
+    return runs
+
+
+def select_sweep(runs: pd.DataFrame | None, sweep: str) -> pd.DataFrame | None:
+    """The rows of one sweep out of `runs`, or None (after printing what to run) when it has none."""
+    if runs is None or "pd.sweep" not in runs or not (runs["pd.sweep"] == sweep).any():
+        print(no_runs_message(sweep))
+        return None
+    return runs[runs["pd.sweep"] == sweep].reset_index(drop=True)

@@ -279,3 +279,34 @@ def is_finite(x: object) -> bool:
         return math.isfinite(float(x))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return False
+
+
+def sweep_summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per sweep (pd.sweep) of a store: runs, configurations, most seeds, and its best
+    configuration by Δ% (with whether Δ's 95% interval excludes zero). A sweep whose table cannot
+    be made (no eval metrics yet, an ambiguous baseline) says why in `note`."""
+    _check_runs(runs)
+    sweeps = runs["pd.sweep"].fillna("(no sweep)") if "pd.sweep" in runs else pd.Series("(no sweep)", index=runs.index)
+    out = []
+    for name in dict.fromkeys(sweeps):
+        sel = runs[sweeps == name]
+        row: dict[str, object] = {"sweep": name, "runs": len(sel), "configurations": np.nan, "max seeds": np.nan,
+                                  "best": "", "best Δ%": np.nan, "Δ ci excludes 0": False, "note": ""}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                table = summarize(sel)
+        except ConfigError as err:
+            row["note"] = str(err)
+            out.append(row)
+            continue
+        row["configurations"], row["max seeds"] = len(table), int(table["n"].max())
+        scored = table[table[DELTA].notna()]
+        if scored.empty:
+            row["note"] = "no baseline (pd.baseline=true) in this sweep"
+        else:
+            best = scored.loc[scored[DELTA].idxmax()]
+            label = f"{best['label']} ({best['group']})" if best["group"] else best["label"]
+            row.update({"best": label, "best Δ%": best[DELTA], "Δ ci excludes 0": bool(best[DELTA_SIG])})
+        out.append(row)
+    return pd.DataFrame(out)

@@ -446,3 +446,25 @@ def test_build_report_refusals(paper_store, tmp_path):
     with pytest.raises(ConfigError, match="not a previous report"):
         analysis.report.build_report(runs, tmp_path / "mine", title="t")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+# ----------------------------------------------------------------------------------------------
+# Notebook helpers
+
+
+def test_sweep_summary_and_notebook_loaders(paper_store, tmp_path, capsys):
+    runs = analysis.load_runs(paper_store)
+    summary = analysis.sweep_summary(runs).set_index("sweep")
+    assert summary.loc["table5_loss_schedules", "best"] == "WSD-α+WSD-LR"
+    assert summary.loc["table5_loss_schedules", "best Δ%"] == pytest.approx(8.0, abs=0.1)
+    assert summary.loc["table11_sizes", "best"] == "GLM-4-9B (model.preset=6.8B)"
+    assert summary.loc["seeds_demo", "max seeds"] == 3 and summary.loc["seeds_demo", "Δ ci excludes 0"]
+    assert summary.loc["table4_alpha", "runs"] == 9 and summary.loc["table4_alpha", "configurations"] == 9
+
+    assert analysis.load_sweep_runs(paper_store, "table99_nothing") is None
+    assert "no runs of sweep table99_nothing in this store; run `pdl sweep run sweeps/table99_nothing.yaml`" in \
+        capsys.readouterr().out
+    assert analysis.load_sweep_runs(f"sqlite:///{tmp_path / 'none.db'}", "table6_online") is None
+    assert "no MLflow store" in capsys.readouterr().out
+    assert len(analysis.select_sweep(runs, "table6_online")) == 4
+    assert analysis.select_sweep(runs, "table99_nothing") is None and "table99_nothing" in capsys.readouterr().out
