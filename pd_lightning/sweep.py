@@ -364,9 +364,12 @@ def load_sweep(path: str | Path, scale: str | None = None) -> SweepSpec:
     group_by = raw.get("group_by") or []
     if not isinstance(group_by, list) or any(g not in grid for g in group_by):
         raise _fail(path, f"group_by={group_by!r} must list grid keys (the grid has {', '.join(grid) or 'none'})")
-    search = _search(path, at.get("search", raw.get("search")))
-    if search is not None and "trials" in (at.get("search") or {}):
-        search["trials"] = at["search"]["trials"]
+    search_raw = raw.get("search")
+    if isinstance(search_raw, dict) and isinstance(at.get("search"), dict):
+        search_raw = search_raw | at["search"]  # a scale changes e.g. the number of trials
+    elif at.get("search") is not None:
+        search_raw = at["search"]
+    search = _search(path, search_raw)
     if search is None and not grid and not rows and baseline is None:
         raise _fail(path, "needs a grid, rows, a baseline or a search space: nothing to run")
     seeds = _seeds(path, f"scales.{scale}.seeds" if "seeds" in at else "seeds", at.get("seeds", raw.get("seeds", [0])))
