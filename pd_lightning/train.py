@@ -263,13 +263,13 @@ def load_sequence_map(store: Path):
 
 def _check_store(cfg: PDLConfig, data_manifest: dict) -> tuple[dict, int]:
     """Open the store's manifest and refuse one that does not fit the shards or the requested truncation."""
-    from pd_lightning.logits.store import check_compatible, load_manifest
+    from pd_lightning.logits.store import LogitStore, check_compatible
 
     store = Path(cfg.logits.store)
     if not (store / "manifest.json").is_file():
         raise DataError(f"logits.store={str(store)!r} is not a finished logit store; run `pdl logits generate` "
                         "first (or set loss.alpha=0 for the LM-only baseline)")
-    m = load_manifest(store)
+    m = LogitStore(store).manifest  # also refuses a missing or truncated shard before any run exists
     check_compatible(m, int(m["vocab_size"]), data_manifest["tokenizer_hash"])
     if int(m["vocab_size"]) < int(data_manifest["vocab_size"]):
         raise DataError(f"logit store vocab_size={m['vocab_size']} is smaller than the shards' vocabulary "
