@@ -1,0 +1,45 @@
+"""`pdl report`: a sweep's paper-style table and figures as index.html, also on the sweep's MLflow parent run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pd_lightning.errors import DataError
+from pd_lightning.sweep import SweepSpec
+
+
+def sweep_runs(spec: SweepSpec):
+    """The finished child runs of this sweep at this scale, as analysis.load_runs rows."""
+    import analysis
+    from pd_lightning.tracking import tracking_settings
+
+    uri = tracking_settings(spec.base_config())["tracking_uri"]
+    runs = analysis.load_runs(uri, experiment=spec.experiment, sweep=spec.name)
+    if "pd.scale" in runs:
+        runs = runs[runs["pd.scale"] == spec.scale]
+    if runs.empty or "eval.average" not in runs:
+        raise DataError(f"sweep {spec.name} [{spec.scale}] has no finished, evaluated runs in {uri}; run "
+                        f"`pdl sweep run {spec.path}` first")
+    return runs, uri
+
+
+def report_sweep(spec: SweepSpec, out: str | Path | None = None) -> tuple[Path, object]:
+    """Write the sweep's report (index.html, table.md/.csv/.tex, figures); returns (index path, paper table)."""
+    import analysis
+    from analysis.report import build_report
+    from mlflow.tracking import MlflowClient
+
+    runs, uri = sweep_runs(spec)
+    out_dir = Path(out) if out else Path("runs") / "sweeps" / spec.name / spec.scale / "report"
+    title = f"{spec.name} [{spec.scale}]" + (f" — {spec.table}" if spec.table else "")
+    rows = [t.label for t in spec.baseline_points()[:1] + spec.grid_points()]
+    rows = None if spec.search else list(dict.fromkeys(r for r in rows if r in set(runs["pd.label"])))
+    index = build_report(runs, out_dir, title=title, description=spec.description, rows=rows or None)
+    table = analysis.paper_table(runs, rows=rows or None)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(spec.experiment)
+    parents = client.search_runs([experiment.experiment_id], filter_string=(
+        f"tags.`pd.role` = 'sweep' and tags.`pd.sweep` = '{spec.name}' and tags.`pd.scale` = '{spec.scale}'"))
+    if parents:  # the report shows in the MLflow UI beside the sweep's runs
+        client.log_artifacts(parents[0].info.run_id, str(index.parent), "report")
+    return index, table
