@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from pd_lightning.errors import DataError, choice_error
@@ -146,7 +147,7 @@ def load_causal_lm(path: str | Path, *, dtype: torch.dtype | None = None, what: 
             f"{what}={str(path)!r} holds a {config.model_type!r} model, which is not a causal LM "
             f"({str(exc).splitlines()[0][:120]})"
         ) from None
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # missing, or truncated / corrupt weight files
         raise DataError(f"{what}={str(path)!r} has no loadable weights: {str(exc).splitlines()[0][:160]}") from None
     model.eval()
     return model

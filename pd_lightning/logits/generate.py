@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -91,7 +92,15 @@ def check_teacher_matches_shards(teacher: Path, data_manifest: dict) -> tuple[st
             f"teacher tokenizer (hash {tok_hash}) in {str(teacher)!r} differs from the token shards' tokenizer "
             f"(hash {data_manifest['tokenizer_hash']}); prepare the data with data.tokenizer={str(teacher)!r}"
         )
-    config = json.loads((teacher / "config.json").read_text())
+    try:
+        config = json.loads((teacher / "config.json").read_text())
+    except FileNotFoundError:
+        raise DataError(f"teacher dir {str(teacher)!r} has no config.json; expected a Hugging Face model dir "
+                        "(save_pretrained output)") from None
+    except (ValueError, UnicodeDecodeError):
+        config = None
+    if not isinstance(config, dict):
+        raise DataError(f"teacher dir {str(teacher)!r} has an unreadable config.json (expected a JSON object)")
     vocab = int(config.get("vocab_size") or 0)
     if vocab < int(data_manifest["vocab_size"]):
         raise DataError(f"teacher vocab_size={vocab} in {str(teacher)!r} is smaller than the shards' vocabulary "
@@ -110,6 +119,7 @@ def generate_store(cfg: PDLConfig, *, quiet: bool = False) -> Path:
     tok_hash, vocab = check_teacher_matches_shards(teacher, data_manifest)
     shards = TokenShards(data_dir, "train")
     rank, world = _rank_and_world()
+    created = not store_dir.exists()
     writer = LogitStoreWriter(
         store_dir, vocab_size=vocab, p=lg.store_p, k=lg.store_k, positions_per_sequence=shards.seq_len - 1,
         num_sequences=len(shards), sequences_per_shard=lg.sequences_per_shard, teacher=str(teacher.resolve()),
@@ -120,7 +130,12 @@ def generate_store(cfg: PDLConfig, *, quiet: bool = False) -> Path:
             print(f"logits: {store_dir} is complete ({len(shards):,} sequences); nothing to do")
         return store_dir
     pending = writer.pending_shards()
-    model = load_causal_lm(teacher, what="teacher.path")
+    try:
+        model = load_causal_lm(teacher, what="teacher.path")
+    except BaseException:
+        if created:  # nothing is written yet: leave no empty store behind for an unusable teacher
+            shutil.rmtree(store_dir, ignore_errors=True)
+        raise
     device = _device()
     model.to(device)
     params = sum(p.numel() for p in model.parameters())
