@@ -218,6 +218,16 @@ def _check_model_dir(model_dir: Path) -> None:
     if not (model_dir / "config.json").is_file():
         raise DataError(f"model_dir={str(model_dir)!r} holds no config.json; expected an exported HF model dir "
                         "(save_pretrained of the model and its tokenizer)")
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:  # cheap (no weights): an unreadable config or a non-causal architecture fails here, in one line
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (ValueError, OSError, KeyError) as exc:
+        raise DataError(f"model_dir={str(model_dir)!r} has an unreadable config.json: {str(exc).splitlines()[0][:200]}") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise DataError(f"model_dir={str(model_dir)!r} holds a {config.model_type!r} model, which is not a causal LM; "
+                        "lm-eval scores causal LMs (AutoModelForCausalLM)")
 
 
 BACKENDS = ("auto", "hf", "pdl")
@@ -563,8 +573,13 @@ def evaluate(
         # trained on 64-token windows: held-out bits per byte 0.66 with the config's 1024-position
         # window vs 0.47 with 64), so score within the training window when the export records it.
         max_length = trained_seq_len(model_dir)
-    lm, backend, model_args = load_lm(model_dir, backend=backend, batch_size=batch_size, device=device,
-                                      max_length=max_length)
+    from safetensors import SafetensorError
+
+    try:
+        lm, backend, model_args = load_lm(model_dir, backend=backend, batch_size=batch_size, device=device,
+                                          max_length=max_length)
+    except (OSError, SafetensorError) as exc:  # missing, truncated or corrupt weight files
+        raise DataError(f"model_dir={str(model_dir)!r} has no loadable weights: {str(exc).splitlines()[0][:200]}") from None
     parts: list[dict[str, Any]] = []
     scores: dict[str, TaskScore] = {}
     failed: dict[str, str] = {}
