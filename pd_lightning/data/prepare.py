@@ -127,8 +127,9 @@ def _prepare_into(cfg: DataConfig, out: Path, digest: str, quiet: bool) -> Path:
         splits[split] = writer.close()
         documents[split] = n_docs
         if splits[split]["num_sequences"] == 0:
+            source = f"data.source={cfg.source!r}" + (f" (data.path={cfg.path!r})" if cfg.path else "")
             raise DataError(
-                f"data.source={cfg.source!r} yielded too little text for one {split} sequence of "
+                f"{source} yielded too little text for one {split} sequence of "
                 f"data.seq_len={cfg.seq_len} tokens (empty corpus?)"
             )
     seconds = time.perf_counter() - started
