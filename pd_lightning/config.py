@@ -305,12 +305,20 @@ def _merge(base: DictConfig, layer: dict[str, Any], source: str) -> DictConfig:
         return OmegaConf.merge(base, layer)  # type: ignore[return-value]
     except ValidationError as exc:
         key = exc.full_key or "?"
-        expected = getattr(exc, "ref_type_str", None) or "the declared type"
+        expected = _declared_type(key) or getattr(exc, "ref_type_str", None) or "the declared type"
         raise ConfigError(
             f"{key}={_offending_value(layer, key)!r} in {source} has the wrong type; expected {expected}"
         ) from None
     except (ConfigKeyError, ConfigAttributeError, OmegaConfBaseException) as exc:
         raise ConfigError(f"config error in {source}: {str(exc).splitlines()[0]}") from None
+
+
+def _declared_type(dotted: str) -> str | None:
+    """The annotation of `section.key` in the dataclasses ("int", "Optional[str]"), for error messages."""
+    section, _, key = dotted.partition(".")
+    fields = getattr(PDLConfig.__dataclass_fields__.get(section), "default_factory", None)
+    found = getattr(fields, "__dataclass_fields__", {}).get(key) if fields else None
+    return str(found.type) if found is not None else None
 
 
 def _offending_value(layer: dict[str, Any], dotted: str) -> Any:
