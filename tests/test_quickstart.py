@@ -1,0 +1,75 @@
+"""The README's first command, `pdl quickstart`, end to end at its smoke scale; then `pdl report` on its runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+
+def pdl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "pd_lightning.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def quickstart_dir(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    caller = tmp_path_factory.mktemp("caller")
+    out = tmp_path_factory.mktemp("qs") / "quickstart"
+    result = pdl("quickstart", "--out", str(out), "--scale", "smoke", "--workers", "2", cwd=caller)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert not any(caller.iterdir())  # nothing lands in the caller's working directory
+    return out, result
+
+
+def test_quickstart_prints_the_table_report_and_ui_command(quickstart_dir):
+    out, result = quickstart_dir
+    text = result.stdout
+    for label in ("LLM-LM", "Vanilla PD", "α = 0.9", "WSD-α+WSD-LR", "LLM-KLD"):
+        assert f"| {label} |" in text
+    assert "| Average |" in text or "| Average " in text
+    assert f"report:     {out / 'report' / 'index.html'}" in text
+    assert f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'} --host 127.0.0.1" in text
+    index = (out / "report" / "index.html").read_text()
+    assert "LLM-LM" in index and "Vanilla PD" in index
+    for name in ("table.md", "table.csv", "table.tex"):
+        assert (out / "report" / name).is_file()
+    for src in [line.split('src="')[1].split('"')[0] for line in index.split("\n") if 'src="' in line]:
+        assert (out / "report" / src).is_file(), src
+    # 5 configurations x 2 seeds, each a finished MLflow child run with scores, under one parent
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("quickstart")
+    runs = client.search_runs([exp.experiment_id])
+    children = [r for r in runs if r.data.tags.get("pd.role") != "sweep"]
+    parent = [r for r in runs if r.data.tags.get("pd.role") == "sweep"]
+    assert len(children) == 10 and all(r.info.status == "FINISHED" and "eval.average" in r.data.metrics for r in children)
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(parent[0].info.run_id, "report")}
+    assert "report/index.html" in artifacts
+
+
+def test_quickstart_rerun_reuses_everything(quickstart_dir):
+    out, _ = quickstart_dir
+    started = time.perf_counter()
+    again = pdl("quickstart", "--out", str(out), "--scale", "smoke", cwd=out.parent)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "10 trials (10 already complete)" in again.stdout
+    assert "teacher: pre-training" not in again.stdout and "logits: top-" not in again.stdout
+    assert time.perf_counter() - started < 120
+
+
+def test_report_command_on_the_quickstart_runs(quickstart_dir, tmp_path):
+    out, _ = quickstart_dir
+    sweep = Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml"
+    result = pdl("report", str(sweep), "--scale", "smoke", "--out", str(tmp_path / "rep"), cwd=out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "rep" / "index.html").is_file() and "| LLM-LM |" in result.stdout
+    missing = pdl("report", str(sweep), "--scale", "tiny", "--out", str(tmp_path / "none"), cwd=out)
+    assert missing.returncode == 2 and "no finished, evaluated runs" in missing.stderr
+    assert "Traceback" not in missing.stderr and not (tmp_path / "none").exists()
