@@ -607,10 +607,19 @@ def _process_start(pid: int) -> float | None:
         return None
 
 
+def process_namespace() -> str:
+    """Where a pid means something: host name + pid namespace (containers on one host share a host name)."""
+    try:
+        ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        ns = ""
+    return os.environ.get("PDL_WORKER_HOST") or f"{socket.gethostname()}/{ns}"
+
+
 def _owner_dead(trial) -> bool:
-    """A RUNNING trial's worker on this host is gone (or its pid was reused by another process)."""
+    """A RUNNING trial's worker in this pid namespace is gone (or its pid was reused by another process)."""
     attrs = trial.system_attrs
-    if attrs.get("pdl.host") != socket.gethostname() or "pdl.pid" not in attrs:
+    if attrs.get("pdl.host") != process_namespace() or "pdl.pid" not in attrs:
         return False
     started = _process_start(int(attrs["pdl.pid"]))
     return started is None or abs(started - float(attrs.get("pdl.pid_start", started))) > 1e-3
@@ -716,7 +725,7 @@ def claim(study, spec: SweepSpec, storage_url: str, *, retry_failed: bool = Fals
 def _own(trial):
     """Record which process runs the trial, so a dead worker on this host is noticed at once."""
     storage, tid = trial.study._storage, trial._trial_id
-    storage.set_trial_system_attr(tid, "pdl.host", socket.gethostname())
+    storage.set_trial_system_attr(tid, "pdl.host", process_namespace())
     storage.set_trial_system_attr(tid, "pdl.pid", os.getpid())
     storage.set_trial_system_attr(tid, "pdl.pid_start", _process_start(os.getpid()) or 0.0)
     return trial
