@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -70,6 +71,23 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     """The newest checkpoint (periodic or written on an exception), or None."""
     found = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns) if ckpt_dir.is_dir() else []
     return found[-1] if found else None
+
+
+def check_checkpoint(path: Path) -> None:
+    """Refuse, before the fit, a checkpoint that torch.load(weights_only=True) rejects: pickled code or a torn file.
+
+    Inside the fit the failure would be a traceback, and its exception checkpoint (untrained weights)
+    would become the next resume point.
+    """
+    try:
+        torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError (torn zip), EOFError, ...
+        text = " ".join(str(exc).split())
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        why = (f"it holds a pickled object ({found.group(1)}) that weights_only=True refuses to load" if found
+               else f"{type(exc).__name__}: {text[:160]}")
+        raise DataError(f"checkpoint {str(path)!r} cannot be loaded safely: {why}; delete it to resume from an "
+                        "earlier checkpoint, or delete trainer.out to start over") from None
 
 
 class TrainingDiverged(UserError):
@@ -510,6 +528,8 @@ def train(cfg: PDLConfig, *, quiet: bool = False, tags: dict[str, str] | None = 
     if tr.export_every_n_steps:
         callbacks.append(PeriodicExport(tr.export_every_n_steps, out, tokenizer, info, tokens_per_step))
     last = latest_checkpoint(ckpt_dir) if resumed else None
+    if last is not None:
+        check_checkpoint(last)
     ckpt_path = str(last) if last else None
     if not quiet:
         kind = "LM-only" if not kd else (f"PD ({cfg.loss.kind}, alpha={cfg.loss.alpha} {cfg.loss.alpha_schedule}, "
