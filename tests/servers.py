@@ -193,7 +193,8 @@ class MlflowServer:
         cmd = [*mlflow_executable(), "server", "--backend-store-uri", self.backend_store_uri,
                "--default-artifact-root", self.artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(self.port),
                "--workers", "1"]
-        env = dict(os.environ, MLFLOW_HTTP_REQUEST_TIMEOUT="30")
+        # No job runner: it serves GenAI scorer jobs with ~7 Huey consumer processes we never use.
+        env = dict(os.environ, MLFLOW_HTTP_REQUEST_TIMEOUT="30", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, env=env,
                                          start_new_session=True)  # own group: stop() ends its workers too
