@@ -166,7 +166,7 @@ class TrackingConfig:
 
     config_file: str = "mlflow.yaml"  # read when tracking_uri is None
     tracking_uri: Optional[str] = None
-    experiment: str = "pd-lightning"
+    experiment: Optional[str] = None  # None: mlflow.yaml's experiment, else pd-lightning
     run_name: Optional[str] = None
 
 

@@ -14,7 +14,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACTS = "./mlartifacts"
 
 
-def tracking_settings(cfg: PDLConfig) -> dict[str, str]:
+def tracking_settings(cfg: PDLConfig) -> dict[str, str | None]:
     """tracking_uri, artifact_location and experiment: config fields first, then `tracking.config_file`."""
     file_settings: dict[str, Any] = {}
     path = Path(cfg.tracking.config_file)
@@ -34,9 +34,11 @@ def tracking_settings(cfg: PDLConfig) -> dict[str, str]:
     elif uri.startswith("sqlite:///"):
         # Artifacts live beside the sqlite store they belong to, wherever that is.
         artifacts = str(Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts")
+    elif uri.startswith(("http://", "https://")):
+        artifacts = None  # a tracking server: its own artifact root (--artifacts-destination), not this machine's dir
     else:
         artifacts = DEFAULT_ARTIFACTS
-    if "://" not in artifacts:
+    if artifacts is not None and "://" not in artifacts:
         artifacts = Path(artifacts).resolve().as_uri()
     experiment = cfg.tracking.experiment or file_settings.get("experiment") or "pd-lightning"
     return {"tracking_uri": uri, "artifact_location": artifacts, "experiment": experiment}

@@ -1,0 +1,35 @@
+"""Tracking settings: explicit URIs always; artifacts beside a sqlite store, a server's own root for http."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pd_lightning.config import load_config
+from pd_lightning.errors import ConfigError
+from pd_lightning.tracking import tracking_settings
+
+
+def settings(tmp_path: Path, *overrides: str, file: str | None = None) -> dict:
+    config_file = tmp_path / "mlflow.yaml"
+    if file is not None:
+        config_file.write_text(file)
+    return tracking_settings(load_config("tiny", [f"tracking.config_file={config_file}", *overrides]))
+
+
+def test_sqlite_store_keeps_artifacts_beside_it(tmp_path):
+    s = settings(tmp_path, f"tracking.tracking_uri=sqlite:///{tmp_path}/db/mlflow.db")
+    assert s["artifact_location"] == (tmp_path / "db" / "mlartifacts").as_uri()
+
+
+def test_tracking_server_uses_its_own_artifact_root(tmp_path):
+    s = settings(tmp_path, "tracking.tracking_uri=http://127.0.0.1:5000")
+    assert s["tracking_uri"] == "http://127.0.0.1:5000" and s["artifact_location"] is None
+
+
+def test_config_file_is_read_and_a_plain_directory_refused(tmp_path):
+    s = settings(tmp_path, file="tracking_uri: http://127.0.0.1:5001\nartifact_location: s3://bucket/a\nexperiment: team\n")
+    assert (s["tracking_uri"], s["artifact_location"], s["experiment"]) == ("http://127.0.0.1:5001", "s3://bucket/a", "team")
+    with pytest.raises(ConfigError, match="tracking_uri='runs/mlflow'"):
+        settings(tmp_path, "tracking.tracking_uri=runs/mlflow")
