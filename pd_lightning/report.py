@@ -14,12 +14,15 @@ def sweep_runs(spec: SweepSpec):
     from pd_lightning.tracking import tracking_settings
 
     uri = tracking_settings(spec.base_config())["tracking_uri"]
+    never_run = DataError(f"sweep {spec.name} [{spec.scale}] has no finished, evaluated runs in {uri}; run "
+                          f"`pdl sweep run {spec.path}` first (in this directory, or set tracking.tracking_uri)")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise never_run
     runs = analysis.load_runs(uri, experiment=spec.experiment, sweep=spec.name)
     if "pd.scale" in runs:
         runs = runs[runs["pd.scale"] == spec.scale]
     if runs.empty or "eval.average" not in runs:
-        raise DataError(f"sweep {spec.name} [{spec.scale}] has no finished, evaluated runs in {uri}; run "
-                        f"`pdl sweep run {spec.path}` first")
+        raise never_run
     return runs, uri
 
 

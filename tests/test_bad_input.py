@@ -134,6 +134,17 @@ def chain(*setups: Callable[[dict], None]) -> Callable[[dict], None]:
     return setup
 
 
+def sweep_file(content: str | bytes, name: str = "s.yaml") -> Callable[[dict], None]:
+    """{tmp}/s.yaml with the given text (a sweep definition) or bytes."""
+    def setup(env: dict) -> None:
+        path = Path(env["tmp"]) / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return setup
+
+
+SWEEP_OK = "name: s\nbase: tiny\nbaseline: {label: LM, set: {loss.alpha: 0.0}}\ngrid: {loss.alpha: [0.5, 1.0]}\n"
+
+
 BINARY = bytes(range(256)) * 8 + b"\xff\xfe\x00\x80" * 64  # not UTF-8, NUL bytes
 BERT = {"model_type": "bert", "architectures": ["BertModel"], "vocab_size": 512, "hidden_size": 32,
         "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
@@ -258,6 +269,34 @@ CASES = [
     C("generate-t5", GEN + " teacher.path={tmp}/model", ("model", "t5"), model_dir(T5), sub=True),
     C("generate-truncated-weights", GEN + " teacher.path={tmp}/model", "model", model_copy(weights=b"\x00" * 100)),
     C("teacher-train-with-path", "teacher train tiny teacher.path={teacher} teacher.out={tmp}/t", "teacher.path"),
+    # ---- sweep files
+    C("sweep-missing-file", "sweep run {tmp}/none.yaml", ("none.yaml", "does not exist")),
+    C("sweep-name-traversal", "sweep run {tmp}/s.yaml", ("name='../../escape'",),
+      sweep_file(SWEEP_OK.replace("name: s", "name: ../../escape")), sub=True),
+    C("sweep-unknown-key", "sweep run {tmp}/s.yaml", ("'gird'", "did you mean 'grid'"),
+      sweep_file("name: s\nbase: tiny\ngird: {loss.alpha: [0.5]}\n")),
+    C("sweep-unknown-field", "sweep validate {tmp}/s.yaml", ("loss.alpah", "did you mean 'alpha'"),
+      sweep_file("name: s\nbase: tiny\ngrid: {loss.alpah: [0.5]}\n")),
+    C("sweep-truncated-yaml", "sweep run {tmp}/s.yaml", ("s.yaml", "not valid YAML"),
+      sweep_file("name: s\nbase: tiny\ngrid: {loss.alpha: [0.5, 1.0\n"), sub=True),
+    C("sweep-binary-file", "sweep status {tmp}/s.yaml", "s.yaml", sweep_file(BINARY)),
+    C("sweep-not-a-mapping", "sweep run {tmp}/s.yaml", ("s.yaml", "mapping"), sweep_file("- a\n- b\n")),
+    C("sweep-grid-not-list", "sweep run {tmp}/s.yaml", "grid.loss.alpha=0.5",
+      sweep_file("name: s\nbase: tiny\ngrid: {loss.alpha: 0.5}\n")),
+    C("sweep-invalid-point", "sweep validate {tmp}/s.yaml", ("loss.alpha=1.5", "[0, 1]"),
+      sweep_file(SWEEP_OK.replace("[0.5, 1.0]", "[0.5, 1.5]"))),
+    C("sweep-bad-scale", "sweep run {tmp}/s.yaml --scale huge", "scale 'huge'",
+      sweep_file(SWEEP_OK + "scales: {tiny: {}, paper: {base: paper}}\n")),
+    C("sweep-bad-storage", "sweep run {tmp}/s.yaml --storage mongodb://db/x", "--storage='mongodb://db/x'",
+      sweep_file(SWEEP_OK), sub=True),
+    C("sweep-zero-workers", "sweep run {tmp}/s.yaml --workers 0", "--workers=0", sweep_file(SWEEP_OK)),
+    C("sweep-search-log-from-zero", "sweep run {tmp}/s.yaml", "search.space.logits.tau.low=0",
+      sweep_file("name: s\nbase: tiny\nsearch: {trials: 2, space: {logits.tau: {low: 0, high: 2, log: true}}}\n")),
+    C("sweep-group-by-not-in-grid", "sweep run {tmp}/s.yaml", "group_by=['model.preset']",
+      sweep_file(SWEEP_OK + "group_by: [model.preset]\n")),
+    C("sweep-duplicate-seed", "sweep run {tmp}/s.yaml", "seeds=[0, 0]", sweep_file(SWEEP_OK + "seeds: [0, 0]\n")),
+    C("report-before-any-run", "report {tmp}/s.yaml", ("no finished, evaluated runs",), sweep_file(SWEEP_OK), sub=True),
+    C("quickstart-out-is-a-file", "quickstart --out {tmp}/s.yaml", ("--out=", "is a file"), sweep_file(SWEEP_OK)),
     # ---- the command line itself
     C("cli-missing-action", "logits", "ACTION", sub=True),
     C("cli-unknown-command", "trian tiny", "trian"),

@@ -73,3 +73,23 @@ def test_report_command_on_the_quickstart_runs(quickstart_dir, tmp_path):
     missing = pdl("report", str(sweep), "--scale", "tiny", "--out", str(tmp_path / "none"), cwd=out)
     assert missing.returncode == 2 and "no finished, evaluated runs" in missing.stderr
     assert "Traceback" not in missing.stderr and not (tmp_path / "none").exists()
+
+
+def test_overview_notebook_on_the_quickstart_store(quickstart_dir, monkeypatch):
+    """The notebooks run on a store of real trained-and-evaluated runs, not only on logged numbers."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    out, _ = quickstart_dir
+    monkeypatch.setenv("PDL_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    nb = nbformat.read(Path(__file__).resolve().parents[1] / "notebooks" / "overview.ipynb", as_version=4)
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(out)}}).execute()
+    shown = []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            assert output["output_type"] != "error", output
+            data = output.get("data", {})
+            shown += [output.get("text", ""), data.get("text/markdown", ""), data.get("text/plain", "")]
+    text = "\n".join(shown)
+    assert "quickstart" in text and "LLM-LM" in text and "Vanilla PD" in text
