@@ -15,8 +15,18 @@ from analysis.tables import (AVERAGE, AVERAGE_CI, DELTA, DELTA_CI, DELTA_PER_COM
 from pd_lightning.errors import ConfigError
 
 SIG_MARK = "*"
-FOOTNOTE = ("± is the 95% t-interval over seeds; * marks a Δ whose 95% interval excludes 0 "
-            "(delta method, Welch degrees of freedom).")
+FOOTNOTES = {
+    "pooled": ("± is the 95% t-interval over seeds, with the seed variance pooled over the table's configurations; "
+               "* marks a Δ whose 95% interval excludes 0 (delta method)."),
+    "welch": ("± is the 95% t-interval over seeds; * marks a Δ whose 95% interval excludes 0 "
+              "(delta method, Welch degrees of freedom)."),
+}
+FOOTNOTE = FOOTNOTES["welch"]
+
+
+def footnote(table: pd.DataFrame) -> str:
+    """The interval footnote for the method the table was computed with."""
+    return FOOTNOTES.get(table.attrs.get("ci", "welch"), FOOTNOTE)
 
 
 def _check_table(table: pd.DataFrame) -> None:
@@ -95,7 +105,7 @@ def to_markdown(table: pd.DataFrame) -> str:
         else:
             out.append(line(content))  # type: ignore[arg-type]
     text = "\n".join(out) + "\n"
-    return text + f"\n{FOOTNOTE}\n" if _needs_footnote(table) else text
+    return text + f"\n{footnote(table)}\n" if _needs_footnote(table) else text
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -130,7 +140,7 @@ def to_latex(table: pd.DataFrame, caption: str | None = None) -> str:
         first = False
     out += [r"\bottomrule", r"\end{tabular}"]
     if _needs_footnote(table):
-        out.append(r"\\[2pt]{\footnotesize " + latex_escape(FOOTNOTE) + "}")
+        out.append(r"\\[2pt]{\footnotesize " + latex_escape(footnote(table)) + "}")
     if caption:
         out.append(r"\end{table}")
     return "\n".join(out) + "\n"
@@ -157,7 +167,7 @@ def to_html(table: pd.DataFrame) -> str:
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
     if _needs_footnote(table):
-        out.append(f'<p class="footnote">{esc(FOOTNOTE)}</p>')
+        out.append(f'<p class="footnote">{esc(footnote(table))}</p>')
     return "\n".join(out) + "\n"
 
 

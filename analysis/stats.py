@@ -143,3 +143,50 @@ def delta_ci(config: np.ndarray | list[float], baseline: np.ndarray | list[float
     else:
         return Delta(value, math.nan)
     return Delta(value, t975(df) * math.sqrt(var))
+
+
+CI_METHODS = ("pooled", "welch")
+
+
+def pooled_variance(samples: list[np.ndarray] | list[list[float]]) -> tuple[float, int]:
+    """The within-configuration variance pooled over configurations, and its degrees of freedom.
+
+    s² = Σ (n_i - 1) s_i² / Σ (n_i - 1) over every configuration with at least two seeds: the error
+    term of a one-way layout (ANOVA; Dunnett's comparisons with a control use it too). It assumes
+    seed noise is alike across the configurations of a table, which is what lets two seeds per row
+    give an interval at all: with Welch, n = 2 on both sides leaves 1–2 degrees of freedom.
+    """
+    num, df = 0.0, 0
+    for s in samples:
+        v = np.asarray(s, dtype=float)
+        v = v[~np.isnan(v)]
+        if v.size >= 2:
+            num += float(((v - v.mean()) ** 2).sum())
+            df += v.size - 1
+    return (num / df, df) if df else (math.nan, 0)
+
+
+def mean_ci_pooled(values: np.ndarray | list[float], s2: float, df: int) -> tuple[float, float]:
+    """Mean and the 95% half-width with a pooled variance `s2` on `df` degrees of freedom."""
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return math.nan, math.nan
+    if not df or not np.isfinite(s2):
+        return float(v.mean()), math.nan
+    return float(v.mean()), t975(df) * math.sqrt(s2 / v.size)
+
+
+def delta_ci_pooled(config: np.ndarray | list[float], baseline: np.ndarray | list[float], s2: float, df: int) -> Delta:
+    """Δ% against the baseline with the pooled variance: Var(Δ) ≈ s² ((100/m_b)²/n_c + (100 m_c/m_b²)²/n_b)."""
+    c = np.asarray(config, dtype=float)
+    b = np.asarray(baseline, dtype=float)
+    c, b = c[~np.isnan(c)], b[~np.isnan(b)]
+    if c.size == 0 or b.size == 0 or float(b.mean()) == 0:
+        return Delta(math.nan, math.nan)
+    m_c, m_b = float(c.mean()), float(b.mean())
+    value = 100.0 * (m_c / m_b - 1.0)
+    if not df or not np.isfinite(s2):
+        return Delta(value, math.nan)
+    var = s2 * ((100.0 / m_b) ** 2 / c.size + (100.0 * m_c / m_b**2) ** 2 / b.size)
+    return Delta(value, t975(df) * math.sqrt(var))

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.stats import delta_ci, mean_ci
+from analysis.stats import CI_METHODS, delta_ci, delta_ci_pooled, mean_ci, mean_ci_pooled, pooled_variance
 from pd_lightning.errors import ConfigError
 
 # The paper's eight tasks in its column order, with the names its tables print.
@@ -172,9 +172,14 @@ def _agg_keep(values: pd.Series) -> object:
     return v.iloc[0]
 
 
-def _config_row(cfg: pd.DataFrame, base: pd.DataFrame | None, task_cols: list[str], keep: Sequence[str]) -> dict:
-    """Statistics of one configuration (its runs = seeds) against its group's baseline runs."""
-    avg, avg_ci = mean_ci(cfg[_AVG_RUN])
+def _config_row(cfg: pd.DataFrame, base: pd.DataFrame | None, task_cols: list[str], keep: Sequence[str],
+                pooled: tuple[float, int] | None = None) -> dict:
+    """Statistics of one configuration (its runs = seeds) against its group's baseline runs.
+
+    `pooled`: (variance, degrees of freedom) pooled over the group's configurations (ci="pooled");
+    None: each configuration's own seeds (ci="welch").
+    """
+    avg, avg_ci = mean_ci(cfg[_AVG_RUN]) if pooled is None else mean_ci_pooled(cfg[_AVG_RUN], *pooled)
     row: dict[str, object] = {task_name(c): float(cfg[c].mean()) for c in task_cols}
     row.update({AVERAGE: avg, AVERAGE_CI: avg_ci})
     is_base = bool(cfg["_baseline"].all())
@@ -184,7 +189,8 @@ def _config_row(cfg: pd.DataFrame, base: pd.DataFrame | None, task_cols: list[st
     if base is None or is_base:
         row.update({DELTA: np.nan, DELTA_CI: np.nan, DELTA_SIG: False, DELTA_PER_COMPUTE: np.nan})
     else:
-        d = delta_ci(cfg[_AVG_RUN].to_numpy(), base[_AVG_RUN].to_numpy())
+        d = (delta_ci(cfg[_AVG_RUN].to_numpy(), base[_AVG_RUN].to_numpy()) if pooled is None
+             else delta_ci_pooled(cfg[_AVG_RUN].to_numpy(), base[_AVG_RUN].to_numpy(), *pooled))
         row.update({DELTA: d.value, DELTA_CI: d.ci95, DELTA_SIG: d.excludes_zero})
         base_flops = base["cost.total_flops"].mean() if "cost.total_flops" in base else np.nan
         extra = flops / base_flops - 1 if base_flops and np.isfinite(base_flops) else np.nan
@@ -197,13 +203,15 @@ def _config_row(cfg: pd.DataFrame, base: pd.DataFrame | None, task_cols: list[st
 
 
 def summarize(runs: pd.DataFrame, baseline: str | None = None, tasks: Sequence[str] | None = None, *,
-              group_by: str | Sequence[str] | None = None, keep: Sequence[str] = ()) -> pd.DataFrame:
+              group_by: str | Sequence[str] | None = None, keep: Sequence[str] = (), ci: str = "pooled") -> pd.DataFrame:
     """Per-configuration statistics (all columns of `paper_table` plus cost and `keep` columns).
 
     `keep` names run columns to carry along per configuration (numeric: mean over seeds; other:
     first value), e.g. the swept parameter a figure puts on its x axis.
     """
     _check_runs(runs)
+    if ci not in CI_METHODS:
+        raise ConfigError(f"ci={ci!r} is not allowed; expected one of {', '.join(CI_METHODS)}")
     task_cols = _resolve_tasks(runs, tasks)
     work = runs.copy()
     work["_label"] = config_labels(runs)
@@ -221,8 +229,9 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None, tasks: Sequence[s
                               "pass baseline=<label> to choose one")
         base = g[g["_label"] == base_labels[0]] if base_labels else None
         labels = base_labels + [lab for lab in dict.fromkeys(g["_label"]) if lab not in base_labels]
+        pooled = pooled_variance([g.loc[g["_label"] == lab, _AVG_RUN].to_numpy() for lab in labels]) if ci == "pooled" else None
         for label in labels:
-            row = _config_row(g[g["_label"] == label], base, task_cols, keep)
+            row = _config_row(g[g["_label"] == label], base, task_cols, keep, pooled)
             rows.append({"group": group, "label": label, **row})
     return pd.DataFrame(rows)
 
@@ -244,13 +253,15 @@ def _select_rows(table: pd.DataFrame, rows: Sequence[str]) -> pd.DataFrame:
 
 def paper_table(runs: pd.DataFrame, baseline: str | None = None, tasks: Sequence[str] | None = None,
                 rows: Sequence[str] | None = None, *, group_by: str | Sequence[str] | None = None,
-                cost: bool = False) -> pd.DataFrame:
+                cost: bool = False, ci: str = "pooled") -> pd.DataFrame:
     """The paper's table: one row per configuration, task scores (%), Average and Δ% with 95% CIs.
 
     Columns: group ("" without groups), label, one column per task (printed names, mean over
     seeds), Average (mean over seeds of each run's mean task score), Average ci95 (half-width of the
     t-interval over seeds; NaN for one seed), Δ% = 100·(Average / Average_baseline − 1) against the
-    baseline of the same group, Δ% ci95 (delta method, Welch; see `analysis.stats.delta_ci`),
+    baseline of the same group, Δ% ci95 (delta method; `ci="pooled"`: seed variance pooled over the
+    group's configurations, `analysis.stats.pooled_variance`; `ci="welch"`: each configuration's own
+    seeds, Welch degrees of freedom, `analysis.stats.delta_ci`),
     Δ ci excludes 0 (bool), n (seeds), baseline (bool; baseline rows have no Δ). With `cost=True`
     also PFLOPs (cost.total_flops), store GB (cost.store_bytes_read) and Δ per 10% extra compute
     (Δ% divided by the extra compute over the baseline in units of 10%) — NaN where not logged.
@@ -259,11 +270,12 @@ def paper_table(runs: pd.DataFrame, baseline: str | None = None, tasks: Sequence
     names (default: every percent `eval.<task>` scored in all runs). `rows`: labels to show, in
     order. `group_by`: run columns that define groups (default: the pd.group tag).
     """
-    table = summarize(runs, baseline, tasks, group_by=group_by)
+    table = summarize(runs, baseline, tasks, group_by=group_by, ci=ci)
     if rows is not None:
         table = _select_rows(table, rows)
     if not cost:
         table = table.drop(columns=COST_COLUMNS)
+    table.attrs["ci"] = ci  # the renderers' footnote names the method
     return table
 
 

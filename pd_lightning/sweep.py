@@ -391,7 +391,11 @@ def load_sweep(path: str | Path, scale: str | None = None) -> SweepSpec:
         if not isinstance(budget, dict) or budget.get("kind") not in BUDGET_KINDS:
             raise _fail(path, f"budget={budget!r} must be {{kind: tokens|flops|wall, value: number}}")
         _check_keys(path, "budget.", budget, ("kind", "value"))
-        if not isinstance(budget.get("value"), (int, float)) or not budget["value"] > 0:
+        budget = dict(budget)
+        with contextlib.suppress(TypeError, ValueError):  # YAML 1.1 reads 3.15e12 (no sign) as a string
+            budget["value"] = float(budget["value"]) if isinstance(budget.get("value"), str) else budget.get("value")
+        if (not isinstance(budget.get("value"), (int, float)) or isinstance(budget["value"], bool)
+                or not math.isfinite(budget["value"]) or not budget["value"] > 0):
             raise _fail(path, f"budget.value={budget.get('value')!r} must be a number > 0")
     runner = raw.get("runner") or {}
     _check_keys(path, "runner.", runner, RUNNER_KEYS)
@@ -1089,7 +1093,7 @@ def _watch(study, spec: SweepSpec, tasks: list[Task], procs: list) -> None:
     from optuna.trial import TrialState
 
     total = len(tasks) + (spec.search["trials"] if spec.search else 0)
-    started, last_line, last_print = time.time(), "", 0.0
+    started, last_counts, last_print = time.time(), None, 0.0
     while any(p.poll() is None for p, _ in procs):
         time.sleep(2.0)
         trials = study.get_trials(deepcopy=False)
@@ -1108,9 +1112,10 @@ def _watch(study, spec: SweepSpec, tasks: list[Task], procs: list) -> None:
             top = pick(complete, key=lambda t: t.value)
             best = f", best {spec.objective_metric} {top.value:.4g} ({top.user_attrs.get('pdl.label', top.number)})"
         line = f"sweep: {len(complete)}/{total} done, {running} running, {failed} failed{eta}{best}"
-        if line != last_line or time.time() - last_print > 60:
+        counts = (len(complete), running, failed)
+        if counts != last_counts or time.time() - last_print > 60:  # on every change, else once a minute
             print(f"{line} [{_duration(time.time() - started)}]", flush=True)
-            last_line, last_print = line, time.time()
+            last_counts, last_print = counts, time.time()
 
 
 def _duration(seconds: float) -> str:

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 import analysis
 from analysis import paper_data as P
-from analysis.stats import delta_ci, t975
+from analysis.stats import delta_ci, delta_ci_pooled, pooled_variance, t975
 from pd_lightning.errors import ConfigError, DataError, UserError
 
 DEMO = "demo"  # experiment of the hand-made sweeps below (the paper's tables are in experiment "paper")
@@ -207,7 +207,7 @@ def test_table11_one_baseline_per_student_size(paper_store):
 
 
 def test_seed_intervals_and_excludes_zero_mark(paper_store):
-    table = analysis.paper_table(analysis.load_runs(paper_store, sweep="seeds_demo"))
+    table = analysis.paper_table(analysis.load_runs(paper_store, sweep="seeds_demo"), ci="welch")
     assert table["label"].tolist() == ["LM", "clear gain", "noisy"]
     assert table["n"].tolist() == [3, 3, 3]
     clear, noisy, lm = _row(table, "clear gain"), _row(table, "noisy"), _row(table, "LM")
@@ -217,6 +217,31 @@ def test_seed_intervals_and_excludes_zero_mark(paper_store):
     assert clear["Δ ci excludes 0"] and 0 < clear["Δ% ci95"] < clear["Δ%"]
     assert not noisy["Δ ci excludes 0"] and noisy["Δ% ci95"] > abs(noisy["Δ%"])
     assert math.isnan(lm["Δ%"]) and not lm["Δ ci excludes 0"]
+
+
+def test_pooled_interval_uses_every_configurations_seeds(paper_store):
+    assert pooled_variance([[1.0, 3.0], [2.0, 2.0], [5.0, 7.0, 9.0]]) == (pytest.approx(10 / 4), 4)  # SS 2+0+8, df 1+1+2
+    runs = analysis.load_runs(paper_store, sweep="seeds_demo")
+    table = analysis.paper_table(runs)  # ci="pooled" is the default
+    averages = analysis.run_averages(runs)
+    s2, df = pooled_variance([averages[runs["pd.label"] == label].to_numpy() for label in ("LM", "clear gain", "noisy")])
+    clear = _row(table, "clear gain")
+    assert df == 6 and clear["Average ci95"] == pytest.approx(t975(6) * math.sqrt(s2 / 3), rel=1e-6)
+    assert "pooled" in analysis.to_markdown(table)
+    with pytest.raises(ConfigError, match="ci='anova'"):
+        analysis.paper_table(runs, ci="anova")
+
+
+def test_pooled_delta_interval_covers_95_percent_with_two_seeds_per_row():
+    rng = np.random.default_rng(1)
+    true = [37.7, 39.0, 38.0, 40.0, 36.5]  # the baseline, then four configurations
+    sd, trials, hits = 0.8, 2000, 0
+    for _ in range(trials):
+        samples = [rng.normal(m, sd, 2) for m in true]
+        s2, df = pooled_variance(samples)
+        d = delta_ci_pooled(samples[1], samples[0], s2, df)
+        hits += abs(d.value - 100 * (true[1] / true[0] - 1)) <= d.ci95
+    assert 0.925 <= hits / trials <= 0.975, hits / trials
 
 
 def test_t_quantiles_match_scipy():

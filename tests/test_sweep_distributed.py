@@ -26,7 +26,7 @@ def study_url(postgres_server) -> str:
 
 def test_three_machines_share_one_study_and_survive_a_killed_worker(tmp_path, study_url, mlflow_server):
     path = write_sweep(tmp_path, "shared", grid={"loss.alpha": [0.0, 0.5, 1.0]}, seeds=[0, 1],
-                       set={"tracking.tracking_uri": mlflow_server, "trainer.max_steps": 60},
+                       set={"tracking.tracking_uri": mlflow_server, "trainer.max_steps": 40},
                        runner={"heartbeat_interval": 1, "grace_period": 6})
     cache = tmp_path / "cache"
     procs = []
