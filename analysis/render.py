@@ -16,6 +16,8 @@ from pd_lightning.errors import ConfigError
 
 SIG_MARK = "*"
 FOOTNOTES = {
+    "auto": ("± is the 95% t-interval over seeds (rows or baselines with fewer than 3 seeds pool the seed variance "
+             "over the table's configurations); * marks a Δ whose 95% interval excludes 0 (delta method)."),
     "pooled": ("± is the 95% t-interval over seeds, with the seed variance pooled over the table's configurations; "
                "* marks a Δ whose 95% interval excludes 0 (delta method)."),
     "welch": ("± is the 95% t-interval over seeds; * marks a Δ whose 95% interval excludes 0 "

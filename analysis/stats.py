@@ -145,7 +145,8 @@ def delta_ci(config: np.ndarray | list[float], baseline: np.ndarray | list[float
     return Delta(value, t975(df) * math.sqrt(var))
 
 
-CI_METHODS = ("pooled", "welch")
+CI_METHODS = ("auto", "pooled", "welch")
+AUTO_MIN_SEEDS = 3  # "auto": Welch when both sides have this many seeds, else the pooled variance
 
 
 def pooled_variance(samples: list[np.ndarray] | list[list[float]]) -> tuple[float, int]:

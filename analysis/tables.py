@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.stats import CI_METHODS, delta_ci, delta_ci_pooled, mean_ci, mean_ci_pooled, pooled_variance
+from analysis.stats import AUTO_MIN_SEEDS, CI_METHODS, delta_ci, delta_ci_pooled, mean_ci, mean_ci_pooled, pooled_variance
 from pd_lightning.errors import ConfigError
 
 # The paper's eight tasks in its column order, with the names its tables print.
@@ -173,12 +173,17 @@ def _agg_keep(values: pd.Series) -> object:
 
 
 def _config_row(cfg: pd.DataFrame, base: pd.DataFrame | None, task_cols: list[str], keep: Sequence[str],
-                pooled: tuple[float, int] | None = None) -> dict:
+                pooled: tuple[float, int] | None = None, ci: str = "welch") -> dict:
     """Statistics of one configuration (its runs = seeds) against its group's baseline runs.
 
-    `pooled`: (variance, degrees of freedom) pooled over the group's configurations (ci="pooled");
-    None: each configuration's own seeds (ci="welch").
+    `pooled`: (variance, degrees of freedom) pooled over the group's configurations, used with
+    ci="pooled", and with ci="auto" where this row or its baseline has fewer than AUTO_MIN_SEEDS seeds.
     """
+    n_cfg = int(cfg[_AVG_RUN].notna().sum())
+    n_base = int(base[_AVG_RUN].notna().sum()) if base is not None else n_cfg
+    use_pooled = ci == "pooled" or (ci == "auto" and min(n_cfg, n_base) < AUTO_MIN_SEEDS)
+    if not use_pooled:
+        pooled = None
     avg, avg_ci = mean_ci(cfg[_AVG_RUN]) if pooled is None else mean_ci_pooled(cfg[_AVG_RUN], *pooled)
     row: dict[str, object] = {task_name(c): float(cfg[c].mean()) for c in task_cols}
     row.update({AVERAGE: avg, AVERAGE_CI: avg_ci})
@@ -203,7 +208,7 @@ def _config_row(cfg: pd.DataFrame, base: pd.DataFrame | None, task_cols: list[st
 
 
 def summarize(runs: pd.DataFrame, baseline: str | None = None, tasks: Sequence[str] | None = None, *,
-              group_by: str | Sequence[str] | None = None, keep: Sequence[str] = (), ci: str = "pooled") -> pd.DataFrame:
+              group_by: str | Sequence[str] | None = None, keep: Sequence[str] = (), ci: str = "auto") -> pd.DataFrame:
     """Per-configuration statistics (all columns of `paper_table` plus cost and `keep` columns).
 
     `keep` names run columns to carry along per configuration (numeric: mean over seeds; other:
@@ -229,9 +234,9 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None, tasks: Sequence[s
                               "pass baseline=<label> to choose one")
         base = g[g["_label"] == base_labels[0]] if base_labels else None
         labels = base_labels + [lab for lab in dict.fromkeys(g["_label"]) if lab not in base_labels]
-        pooled = pooled_variance([g.loc[g["_label"] == lab, _AVG_RUN].to_numpy() for lab in labels]) if ci == "pooled" else None
+        pooled = pooled_variance([g.loc[g["_label"] == lab, _AVG_RUN].to_numpy() for lab in labels]) if ci != "welch" else None
         for label in labels:
-            row = _config_row(g[g["_label"] == label], base, task_cols, keep, pooled)
+            row = _config_row(g[g["_label"] == label], base, task_cols, keep, pooled, ci)
             rows.append({"group": group, "label": label, **row})
     return pd.DataFrame(rows)
 
@@ -253,15 +258,17 @@ def _select_rows(table: pd.DataFrame, rows: Sequence[str]) -> pd.DataFrame:
 
 def paper_table(runs: pd.DataFrame, baseline: str | None = None, tasks: Sequence[str] | None = None,
                 rows: Sequence[str] | None = None, *, group_by: str | Sequence[str] | None = None,
-                cost: bool = False, ci: str = "pooled") -> pd.DataFrame:
+                cost: bool = False, ci: str = "auto") -> pd.DataFrame:
     """The paper's table: one row per configuration, task scores (%), Average and Δ% with 95% CIs.
 
     Columns: group ("" without groups), label, one column per task (printed names, mean over
     seeds), Average (mean over seeds of each run's mean task score), Average ci95 (half-width of the
     t-interval over seeds; NaN for one seed), Δ% = 100·(Average / Average_baseline − 1) against the
-    baseline of the same group, Δ% ci95 (delta method; `ci="pooled"`: seed variance pooled over the
-    group's configurations, `analysis.stats.pooled_variance`; `ci="welch"`: each configuration's own
-    seeds, Welch degrees of freedom, `analysis.stats.delta_ci`),
+    baseline of the same group, Δ% ci95 (delta method; `ci="welch"`: each configuration's own seeds,
+    Welch degrees of freedom, `analysis.stats.delta_ci`; `ci="pooled"`: the seed variance pooled
+    over the group's configurations, `analysis.stats.pooled_variance` — with two seeds a row, Welch
+    leaves 1-2 degrees of freedom; `ci="auto"` (default): Welch where the row and its baseline both
+    have >= 3 seeds, else pooled),
     Δ ci excludes 0 (bool), n (seeds), baseline (bool; baseline rows have no Δ). With `cost=True`
     also PFLOPs (cost.total_flops), store GB (cost.store_bytes_read) and Δ per 10% extra compute
     (Δ% divided by the extra compute over the baseline in units of 10%) — NaN where not logged.

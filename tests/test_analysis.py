@@ -222,12 +222,17 @@ def test_seed_intervals_and_excludes_zero_mark(paper_store):
 def test_pooled_interval_uses_every_configurations_seeds(paper_store):
     assert pooled_variance([[1.0, 3.0], [2.0, 2.0], [5.0, 7.0, 9.0]]) == (pytest.approx(10 / 4), 4)  # SS 2+0+8, df 1+1+2
     runs = analysis.load_runs(paper_store, sweep="seeds_demo")
-    table = analysis.paper_table(runs)  # ci="pooled" is the default
+    table = analysis.paper_table(runs, ci="pooled")
     averages = analysis.run_averages(runs)
     s2, df = pooled_variance([averages[runs["pd.label"] == label].to_numpy() for label in ("LM", "clear gain", "noisy")])
     clear = _row(table, "clear gain")
     assert df == 6 and clear["Average ci95"] == pytest.approx(t975(6) * math.sqrt(s2 / 3), rel=1e-6)
     assert "pooled" in analysis.to_markdown(table)
+    auto = analysis.paper_table(runs)  # "auto": 3 seeds on both sides -> Welch, as ci="welch"
+    assert _row(auto, "clear gain")["Δ% ci95"] == pytest.approx(_row(analysis.paper_table(runs, ci="welch"), "clear gain")["Δ% ci95"])
+    two = runs[runs["pd.seed"].astype(str) != "2"]  # 2 seeds a row -> pooled
+    assert _row(analysis.paper_table(two), "clear gain")["Δ% ci95"] == pytest.approx(
+        _row(analysis.paper_table(two, ci="pooled"), "clear gain")["Δ% ci95"])
     with pytest.raises(ConfigError, match="ci='anova'"):
         analysis.paper_table(runs, ci="anova")
 
@@ -341,7 +346,7 @@ def test_renderers_print_arrows_booktabs_and_intervals(paper_store, tmp_path):
     assert back["Average"].tolist() == pytest.approx(table["Average"].tolist())
     assert back["label"].tolist() == table["label"].tolist()
 
-    seeds = analysis.to_markdown(analysis.paper_table(analysis.load_runs(paper_store, sweep="seeds_demo")))
+    seeds = analysis.to_markdown(analysis.paper_table(analysis.load_runs(paper_store, sweep="seeds_demo"), ci="welch"))
     clear_line = next(line for line in seeds.splitlines() if line.startswith("| clear gain"))
     noisy_line = next(line for line in seeds.splitlines() if line.startswith("| noisy"))
     assert re.search(r"\| 39\.0 ± 0\.2 \| ↑ 3\.4% ± 0\.\d\* \| 3 \|$", clear_line), clear_line
