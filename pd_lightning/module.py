@@ -393,3 +393,7 @@ class OnlineLogitWriter(pl.Callback):
 
     def on_train_end(self, trainer, module) -> None:
         self.async_writer.close()
+
+    def on_exception(self, trainer, module, exception) -> None:
+        # training failed (a full disk on this writer's thread included): stop the thread quietly, keep whole shards
+        self.async_writer.__exit__(type(exception), exception, None)

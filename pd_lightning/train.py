@@ -245,15 +245,20 @@ def _online_store_writer(cfg: PDLConfig, manifest: dict, teacher_out: Path, teac
     """The callback that writes an online store while the teacher trains (fresh store, sequence map saved)."""
     import numpy as np
 
-    from pd_lightning.logits.store import LogitStoreWriter
+    from pd_lightning.logits.store import LogitStoreWriter, store_write_error
     from pd_lightning.module import BatchStepSampler, OnlineLogitWriter
 
     t, lg = cfg.teacher, cfg.logits
     store = Path(lg.store)
+    # a full disk or an unwritable store: one line, as for `pdl logits generate` (the same command starts over)
+    rerun = "the teacher trains again from its first step and rewrites this online store"
     if store.exists():
         if any(p for p in store.iterdir() if not p.name.startswith(("shard-", "manifest", SEQUENCE_MAP))):
             raise ConfigError(f"logits.store={str(store)!r} holds files that are not a logit store; choose another dir")
-        shutil.rmtree(store)  # a partial online store from an interrupted teacher run: the teacher restarts too
+        try:
+            shutil.rmtree(store)  # a partial online store from an interrupted teacher run: the teacher restarts too
+        except OSError as e:
+            raise store_write_error(store, e, "removing the partial online store", rerun) from None
     start, end = int(lg.online_start_frac * t.max_steps), int(lg.online_end_frac * t.max_steps)
     if end <= start:
         raise ConfigError(f"logits.online_start_frac={lg.online_start_frac} and online_end_frac={lg.online_end_frac} "
@@ -261,13 +266,16 @@ def _online_store_writer(cfg: PDLConfig, manifest: dict, teacher_out: Path, teac
     n_train = int(manifest["splits"]["train"]["num_sequences"])
     stream = iter(BatchStepSampler(n_train, t.batch_size, t.seed, start_batch=start))
     sequence_map = np.array([next(stream) for _ in range(end - start)], dtype=np.int64).reshape(-1)
-    store.mkdir(parents=True)
-    np.save(store / SEQUENCE_MAP, sequence_map, allow_pickle=False)
+    try:
+        store.mkdir(parents=True)
+        np.save(store / SEQUENCE_MAP, sequence_map, allow_pickle=False)
+    except OSError as e:
+        raise store_write_error(store, e, f"writing {SEQUENCE_MAP}", rerun) from None
     writer = LogitStoreWriter(
         store, vocab_size=int(manifest["vocab_size"]), p=lg.store_p, k=lg.store_k,
         positions_per_sequence=int(manifest["seq_len"]) - 1, num_sequences=len(sequence_map),
         sequences_per_shard=lg.sequences_per_shard, teacher=str(teacher_out.resolve()), teacher_config_hash=teacher_hash,
-        tokenizer_hash=manifest["tokenizer_hash"])
+        tokenizer_hash=manifest["tokenizer_hash"], rerun=rerun)
     return OnlineLogitWriter(writer, start, end, t.batch_size)
 
 

@@ -17,6 +17,10 @@ deterministic facts, so a resumed store stays byte-identical to an uninterrupted
 not deterministic and lives in `generation_stats-rank<r>.json`, one per rank, accumulated over every
 session that worked on the store (a killed session counts up to its last finished shard);
 `inspect_store` adds them up.
+
+A full disk, a quota, a read-only or an unwritable `logits.store` ends generation with one DataError
+line naming the store, the reason and the file (exit 2 from the CLI), also when the write failed on
+the background thread; no torn shard keeps a final name, so the same command resumes once fixed.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from pd_lightning.cost import model_cost_shape, store_cost_meta
 from pd_lightning.data.shards import TokenShards, read_manifest, write_json_atomic
 from pd_lightning.data.tokenizer import load_tokenizer, tokenizer_hash
 from pd_lightning.errors import DataError
-from pd_lightning.logits.store import MANIFEST, AsyncShardWriter, LogitStoreWriter, load_manifest, shard_name
+from pd_lightning.logits.store import (MANIFEST, AsyncShardWriter, LogitStoreWriter, load_manifest, shard_name,
+                                       store_write_error)
 from pd_lightning.models import load_causal_lm
 from pd_lightning.progress import ProgressBar
 
@@ -151,10 +156,14 @@ def generate_store(cfg: PDLConfig, *, quiet: bool = False) -> Path:
 
     def record_stats() -> None:
         elapsed = time.perf_counter() - started
-        write_json_atomic(stats_file, {
-            "seconds": round(earlier + elapsed, 3), "seconds_this_session": round(elapsed, 3),
-            "sequences_this_session": done_sequences, "device": _device_name(device),
-            "tokens_per_s": round(done_sequences * shards.seq_len / max(elapsed, 1e-9))})
+        try:
+            write_json_atomic(stats_file, {
+                "seconds": round(earlier + elapsed, 3), "seconds_this_session": round(elapsed, 3),
+                "sequences_this_session": done_sequences, "device": _device_name(device),
+                "tokens_per_s": round(done_sequences * shards.seq_len / max(elapsed, 1e-9))})
+        except OSError as e:
+            async_writer.flush()  # a shard that failed to write on the same disk is the better message
+            raise store_write_error(store_dir, e, f"writing {stats_file.name}") from None
 
     started = time.perf_counter()
     with ProgressBar(todo * shards.seq_len, "tokens", "logits generate") as bar, AsyncShardWriter(writer) as async_writer:

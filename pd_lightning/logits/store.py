@@ -23,6 +23,7 @@ Shard binary (little-endian; sections 8-byte aligned, offsets from the file star
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -80,11 +81,46 @@ def _dumps(obj: Any) -> str:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _discard(tmp)
+        raise
+
+
+def _discard(path: Path) -> None:
+    """Remove a partly written file, best effort (a full disk gets the space back; a read-only one keeps it)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+# What to do about an OSError while writing a store, by errno (the reason itself is os.strerror's).
+_WRITE_FIXES = {
+    errno.ENOSPC: "free space",
+    errno.EDQUOT: "free space (or raise the disk quota)",
+    errno.EROFS: "make it writable (or choose another logits.store)",
+    errno.EACCES: "fix its permissions",
+    errno.EPERM: "fix its permissions",
+}
+GENERATION_RERUN = "generation resumes from the last whole shard"
+
+
+def store_write_error(store: str | Path, exc: OSError, doing: str, rerun: str = GENERATION_RERUN) -> DataError:
+    """The one-line error for an OSError while writing a store (full disk, quota, read-only, permissions).
+
+    E.g. "logits.store='/x': no space left on device while writing shard-000003.bin; free space and run
+    the same command again: generation resumes from the last whole shard". `rerun` says what the same
+    command does then (an online store's teacher run starts over instead).
+    """
+    reason = os.strerror(exc.errno).lower() if exc.errno else (str(exc) or type(exc).__name__)
+    fix = _WRITE_FIXES.get(exc.errno, "fix the cause")
+    return DataError(f"logits.store={str(store)!r}: {reason} while {doing}; {fix} and run the same command again: {rerun}")
 
 
 def _encoding_info(encoding: str, value_step: float, vocab_size: int) -> dict[str, Any]:
@@ -124,6 +160,7 @@ class LogitStoreWriter:
         rank: int = 0,
         world_size: int = 1,
         verify_existing: bool = True,
+        rerun: str = GENERATION_RERUN,
     ):
         if encoding not in codec.ENCODINGS:
             raise choice_error("logits.encoding", encoding, codec.ENCODINGS)
@@ -152,12 +189,20 @@ class LogitStoreWriter:
             "encoding": _encoding_info(encoding, self.value_step, self.vocab_size),
         }
         self.num_shards = num_shards(self.num_sequences, self.sequences_per_shard)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.rerun = rerun  # what running the same command again does, for the one-line write errors
         self._lock = threading.Lock()
         self._parts: dict[int, dict[int, codec.EncodedBatch]] = {}
         self._received: dict[int, np.ndarray] = {}
         self.finished: set[int] = set()
-        self._resume(verify_existing)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._resume(verify_existing)
+        except OSError as e:
+            raise self.write_error(e, "opening the store for writing") from None
+
+    def write_error(self, exc: OSError, doing: str) -> DataError:
+        """The one-line DataError for an OSError while writing this store (see `store_write_error`)."""
+        return store_write_error(self.path, exc, doing, self.rerun)
 
     # -- resume -------------------------------------------------------------------------------
 
@@ -277,25 +322,34 @@ class LogitStoreWriter:
         bin_path = self.path / shard_name(index)
         tmp = bin_path.with_name(bin_path.name + ".tmp")
         h = hashlib.blake2b(digest_size=32)
-        with open(tmp, "wb") as f:
-            def put(data: bytes | memoryview) -> None:
-                f.write(data)
-                h.update(data)
-            put(MAGIC + np.uint32(len(head)).astype("<u4").tobytes() + head)
-            for name, a in cols.items():
-                pad = sections[name][0] - f.tell()
-                put(b"\0" * pad)
-                put(memoryview(np.ascontiguousarray(a)).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
-        os.replace(tmp, bin_path)
+        try:  # a full disk or an unwritable dir: drop the torn .tmp, keep every finished shard (resumable)
+            with open(tmp, "wb") as f:
+                def put(data: bytes | memoryview) -> None:
+                    f.write(data)
+                    h.update(data)
+                put(MAGIC + np.uint32(len(head)).astype("<u4").tobytes() + head)
+                for name, a in cols.items():
+                    pad = sections[name][0] - f.tell()
+                    put(b"\0" * pad)
+                    put(memoryview(np.ascontiguousarray(a)).cast("B"))
+                f.flush()
+                os.fsync(f.fileno())
+                size = f.tell()
+            os.replace(tmp, bin_path)
+        except OSError as e:
+            _discard(tmp)
+            raise self.write_error(e, f"writing {bin_path.name}") from None
         entry = {
             "file": bin_path.name, "index": index, "first_sequence": rng.start, "num_sequences": len(rng),
             "num_tokens": len(rng) * self.positions, "num_entries": n_entries, "bytes": size,
             "checksum": h.hexdigest(), "settings": self.settings,
         }
-        _write_atomic(self.path / bin_path.name.replace(".bin", ".json"), _dumps(entry).encode())
+        side = self.path / bin_path.name.replace(".bin", ".json")
+        try:
+            _write_atomic(side, _dumps(entry).encode())
+        except OSError as e:
+            _discard(bin_path)  # a .bin without its sidecar is redone on resume anyway: give its space back now
+            raise self.write_error(e, f"writing {side.name}") from None
         with self._lock:
             self.finished.add(index)
 
@@ -328,7 +382,10 @@ class LogitStoreWriter:
             "total_bytes": int(sum(e["bytes"] for e in shards)),
             "shards": shards, "meta": dict(meta or {}),
         }
-        _write_atomic(self.path / MANIFEST, _dumps(manifest).encode())
+        try:
+            _write_atomic(self.path / MANIFEST, _dumps(manifest).encode())
+        except OSError as e:
+            raise self.write_error(e, f"writing {MANIFEST}") from None
         return manifest
 
 
@@ -356,7 +413,8 @@ class AsyncShardWriter:
 
     `submit(first_sequence, logits)` takes dense logits [B, P, V] (truncated to the writer's top-p-k
     in the background) or ready SparseLogits; at most `max_pending` batches wait, so memory stays
-    bounded. Errors from the thread are raised by the next submit() or close(). With a GPU teacher
+    bounded. Errors from the thread are raised by the next submit() or close(); after one, the thread
+    writes nothing more (finished shards stay, the failed one is left to the resume). With a GPU teacher
     at V ≈ 150k, dense [B, P, V] batches are large: truncate on the GPU in the forward's thread
     (`truncate_top_p_k` is cheap there) and submit the SparseLogits, leaving encode + write here.
     """
@@ -365,19 +423,20 @@ class AsyncShardWriter:
         self.writer = writer
         self._q: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
+        self._failed = False  # set with the first error; stays set after the error is raised
         self._thread = threading.Thread(target=self._run, name="logit-store-writer", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while (item := self._q.get()) is not None:
-            if self._error is None:
+            if not self._failed:
                 try:
                     first, data = item
                     if not isinstance(data, SparseLogits):
                         data = truncate_top_p_k(data.detach(), self.writer.p, self.writer.k)
                     self.writer.write_sequences(first, data.to("cpu"))
                 except BaseException as e:  # handed to the caller's thread
-                    self._error = e
+                    self._error, self._failed = e, True
             self._q.task_done()
         self._q.task_done()
 
@@ -398,10 +457,13 @@ class AsyncShardWriter:
 
     def close(self) -> None:
         """Flush, stop the thread, re-raise any background error."""
+        self._stop()
+        self._raise()
+
+    def _stop(self) -> None:
         if self._thread.is_alive():
             self._q.put(None)
             self._thread.join()
-        self._raise()
 
     def __enter__(self) -> "AsyncShardWriter":
         return self
@@ -409,9 +471,10 @@ class AsyncShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        else:  # the caller failed: stop quietly, keep only whole shards already written
+        else:  # the caller failed: stop quietly (its error is the one to report), keep only whole shards
+            self._failed = True
+            self._stop()
             self._error = None
-            self.close()
 
 
 # ----------------------------------------------------------------------------- reader
@@ -695,5 +758,5 @@ def inspect_store(path: str | Path, checksums: bool = True) -> dict[str, Any]:
 
 __all__ = [
     "AsyncShardWriter", "LogitStore", "LogitStoreWriter", "check_compatible", "file_checksum", "generation_cost",
-    "inspect_store", "load_manifest", "num_shards", "shard_name", "shard_range", "verify_store",
+    "inspect_store", "load_manifest", "num_shards", "shard_name", "shard_range", "store_write_error", "verify_store",
 ]
