@@ -137,14 +137,16 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
 
 def build_report(runs: pd.DataFrame, out_dir: str | Path, *, title: str, description: str = "",
                  baseline: str | None = None, group_by: str | Sequence[str] | None = None,
-                 figures: Sequence[str] | None = None, rows: Sequence[str] | None = None) -> Path:
+                 figures: Sequence[str] | None = None, rows: Sequence[str] | None = None,
+                 curves: pd.DataFrame | None = None) -> Path:
     """Write a report of `runs` into `out_dir` and return the path of its index.html.
 
     Files: index.html (title, description, the paper table, links, figures as <img> with relative
     paths), table.md, table.csv, table.tex, and fig_<name>.png/.svg per figure. `figures`: names
     from FIGURE_NAMES ("param:<column>" for Δ vs any run column); default: `auto_figures`.
     `baseline`, `group_by`, `rows`: as in `paper_table` (which is computed with cost columns when
-    the runs carry cost metrics).
+    the runs carry cost metrics). `curves`: `checkpoint_curves(...)` of runs scored at several
+    checkpoints; with at least two steps it adds Fig. 5 (score vs consumed tokens).
     """
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
@@ -162,6 +164,9 @@ def build_report(runs: pd.DataFrame, out_dir: str | Path, *, title: str, descrip
             stem = _file_stem(name)
             if draw(runs, tmp / stem) is not None:  # fig_compute gives None without cost metrics
                 drawn.append((stem, _caption(name)))
+        if curves is not None and not curves.empty and curves["step"].nunique() >= 2:
+            F.fig_checkpoints(curves, tmp / "fig_checkpoints")
+            drawn.append(("fig_checkpoints", "Average vs consumed tokens, from intermediate checkpoints (Fig. 5)"))
         (tmp / "index.html").write_text(_page(title, description, to_html(table), drawn), encoding="utf-8")
         _swap_into_place(tmp, out_dir)
     except BaseException:

@@ -37,7 +37,13 @@ def report_sweep(spec: SweepSpec, out: str | Path | None = None) -> tuple[Path, 
     title = f"{spec.name} [{spec.scale}]" + (f" — {spec.table}" if spec.table else "")
     rows = [t.label for t in spec.baseline_points()[:1] + spec.grid_points()]
     rows = None if spec.search else list(dict.fromkeys(r for r in rows if r in set(runs["pd.label"])))
-    index = build_report(runs, out_dir, title=title, description=spec.description, rows=rows or None)
+    curves = None
+    exports = runs.get("param.trainer.export_every_n_steps")
+    if exports is not None and not exports.astype(str).isin(["0", "None", "nan", ""]).all():  # Table 12 runs
+        group = runs["pd.group"].fillna("").astype(str) if "pd.group" in runs else ""
+        labelled = runs.assign(_curve=(group + " " + runs["pd.label"].astype(str)).str.strip())
+        curves = analysis.checkpoint_curves(uri, labelled, label_column="_curve")
+    index = build_report(runs, out_dir, title=title, description=spec.description, rows=rows or None, curves=curves)
     table = analysis.paper_table(runs, rows=rows or None)
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(spec.experiment)

@@ -843,13 +843,15 @@ def run_task(spec: SweepSpec, task: Task, place: Place, *, parent_id: str, trial
     if run.data.tags.get("pd.trial") != str(trial_number):  # a re-run trial reuses the run: point it here
         client.set_tag(info["run_id"], "pd.trial", str(trial_number))
     if spec.evaluate and "eval.average" not in run.data.metrics:
+        final_step = int(info.get("steps", cfg.trainer.max_steps))
         for export in info.get("exports", []):  # intermediate checkpoints (Table 12): scores by step
+            if int(export["step"]) >= final_step:
+                continue  # the final model is scored below
             result = evaluate_with_config(export["path"], cfg, quiet=False)
             for key, value in _eval_metrics(result).items():
                 client.log_metric(info["run_id"], key, value, step=int(export["step"]))
         result = evaluate_with_config(Path(cfg.trainer.out) / "model", cfg, quiet=False)
-        log_to_mlflow(result, info["run_id"], tracking_uri=tracking_settings(cfg)["tracking_uri"],
-                      step=int(info.get("steps", cfg.trainer.max_steps)))
+        log_to_mlflow(result, info["run_id"], tracking_uri=tracking_settings(cfg)["tracking_uri"], step=final_step)
     metrics = client.get_run(info["run_id"]).data.metrics
     if spec.objective_metric not in metrics:
         raise UserError(f"objective.metric={spec.objective_metric!r} was not logged by the run; it logged "

@@ -255,3 +255,19 @@ def test_invalid_point_fails_alone_and_is_recorded(tmp_path, cache):
     assert runs["τ = 1.0"].info.status == "FINISHED"
     status = pdl("sweep", "status", str(path), cwd=tmp_path)
     assert "failed" in status.stdout and "logits.tau=-2.0" in status.stdout
+
+
+def test_checkpoint_sweep_scores_every_export_and_reports_figure_5(tmp_path, cache):
+    path = write_sweep(tmp_path, "ckpt", baseline={"label": "LM Loss", "set": {"loss.alpha": 0.0}},
+                       rows=[{"label": "KD Loss", "set": {"loss.alpha": 1.0}}], seeds=[0],
+                       set={"trainer.export_every_n_steps": 10})
+    result = pdl("sweep", "run", str(path), "--workers", "2", "--cache", str(cache), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for run in child_runs(tmp_path, "ckpt"):  # the export at step 10 and the final model at step 20
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval.average"))
+        assert steps == [10, 20], steps
+    report = pdl("report", str(path), "--out", str(tmp_path / "report"), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "fig_checkpoints.png" in page and (tmp_path / "report" / "fig_checkpoints.png").is_file()
