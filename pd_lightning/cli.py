@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "report", formatter_class=fmt, help="a sweep's paper-style table and figures as index.html (and in MLflow)",
         description="Load the sweep's finished runs from MLflow and write the paper's table (task scores, Average, "
-                    "Δ%% against the LM-only baseline, 95%% intervals over seeds) as Markdown, CSV, LaTeX and HTML, "
+                    "Δ% against the LM-only baseline, 95% intervals over seeds) as Markdown, CSV, LaTeX and HTML, "
                     "the figures that fit the sweep (PNG + SVG) and index.html; also logged to the sweep's parent run.",
         epilog=textwrap.dedent("""\
             examples:
@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         """))
     p.add_argument("--out", default="pdl-quickstart", help="directory for everything (default ./pdl-quickstart)")
     p.add_argument("--workers", type=int, help="trial worker processes (default: 2 on a machine with 2+ cores)")
-    p.add_argument("--scale", default="tiny", help="tiny (the default, ~15 min on 2 cores) or smoke (~2 min: checks "
+    p.add_argument("--scale", default="tiny", help="tiny (the default, ~13 min on 2 cores) or smoke (~3 min: checks "
                                                     "an install; too small for PD to beat LM)")
     p.set_defaults(func=cmd_quickstart)
 
