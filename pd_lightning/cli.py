@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
         """))
     sweep_args(sr)
     sr.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
-    sr.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
+    sr.add_argument("--threads", type=int, help="torch threads per worker, fixed (default: cores / workers, and a "
+                    "worker left without work lends its cores to the workers still training)")
     sr.add_argument("--retry-failed", action="store_true", help="also re-run trials that failed with an error")
     sr.set_defaults(func=cmd_sweep_run)
     ss = sweep_sub.add_parser(

@@ -611,6 +611,14 @@ def _process_start(pid: int) -> float | None:
         return None
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def process_namespace() -> str:
     """Where a pid means something: host name + pid namespace (containers on one host share a host name)."""
     try:
@@ -796,6 +804,78 @@ class Heartbeat:
         self._thread.join()
 
 
+class CoreShare:
+    """This machine's cores, split among its local workers that are running a trial.
+
+    `pdl sweep run --workers N` starts each worker with cores // N torch threads. A worker left without
+    work (the tail of a sweep, fewer tasks than workers) would leave its cores idle, so the workers that
+    are still training take them (torch.set_num_threads, re-checked every few seconds between steps) and
+    hand them back when the idle one claims a task again. A worker marks itself busy with a file named by
+    its pid in a directory of the sweep's logs; only this pid namespace's live workers count, so a sweep
+    dir shared by several machines splits each machine's cores among its own workers.
+    """
+
+    def __init__(self, directory: Path, cores: int, every_s: float = 2.0):
+        self.directory, self.cores, self.every_s = Path(directory), max(1, int(cores)), every_s
+        self.directory.mkdir(parents=True, exist_ok=True)
+        host = hashlib.sha1(process_namespace().encode()).hexdigest()[:12]
+        self.prefix = f"{host}-"
+        self.marker = self.directory / f"{host}-{os.getpid()}"
+        self._checked = 0.0
+
+    def busy_workers(self) -> int:
+        busy = 0
+        for path in self.directory.glob(self.prefix + "*"):
+            try:
+                os.kill(int(path.name[len(self.prefix):]), 0)
+                busy += 1
+            except ProcessLookupError:  # a worker killed mid-trial left its marker
+                path.unlink(missing_ok=True)
+            except (ValueError, PermissionError):
+                continue
+        return busy
+
+    def threads(self) -> int:
+        return max(1, self.cores // max(1, self.busy_workers()))
+
+    def apply(self) -> int:
+        """Set this process's torch threads to its share now; returns it."""
+        import torch
+
+        self._checked = time.monotonic()
+        n = self.threads()
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)  # per calling thread under OpenMP: call from the training thread
+            print(f"sweep: worker {os.getpid()} now uses {n} torch thread(s) of {self.cores} cores", flush=True)
+        return n
+
+    def maybe_apply(self) -> None:
+        if time.monotonic() - self._checked >= self.every_s:
+            self.apply()
+
+    def busy(self) -> None:
+        """This worker has a task (kept from one task to the next, so the others do not grab its cores between)."""
+        if not self.marker.exists():
+            self.marker.touch()
+        self.apply()
+
+    def idle(self) -> None:
+        """This worker has nothing to run (or is leaving): its cores go to the busy ones."""
+        self.marker.unlink(missing_ok=True)
+
+    def callback(self):
+        """A Lightning callback that re-checks the share between training steps."""
+        from lightning.pytorch.callbacks import Callback
+
+        share = self
+
+        class ShareCores(Callback):
+            def on_train_batch_start(self, *args: Any) -> None:
+                share.maybe_apply()
+
+        return ShareCores()
+
+
 def parent_run(spec: SweepSpec, study, storage_url: str) -> str:
     """The sweep's MLflow parent run (created once; its id is kept in the study)."""
     from mlflow.tracking import MlflowClient
@@ -821,8 +901,12 @@ def parent_run(spec: SweepSpec, study, storage_url: str) -> str:
         return run.info.run_id
 
 
-def run_task(spec: SweepSpec, task: Task, place: Place, *, parent_id: str, trial_number: int) -> dict[str, Any]:
-    """Train (resuming or reusing a finished run) and evaluate one task; returns its run summary and objective."""
+def run_task(spec: SweepSpec, task: Task, place: Place, *, parent_id: str, trial_number: int,
+             share: CoreShare | None = None) -> dict[str, Any]:
+    """Train (resuming or reusing a finished run) and evaluate one task; returns its run summary and objective.
+
+    `share`: re-split the machine's cores among busy workers while this task trains and before it scores.
+    """
     from mlflow.tracking import MlflowClient
 
     from pd_lightning.evaluation import evaluate_with_config, log_to_mlflow
@@ -837,7 +921,7 @@ def run_task(spec: SweepSpec, task: Task, place: Place, *, parent_id: str, trial
             "pd.study": spec.study_name, "pd.trial": str(trial_number), "pd.label": task.label,
             "pd.point": task.point, "pd.baseline": str(task.baseline).lower(), "pd.group": task.group,
             "pd.task": task.task_id}
-    info = train(cfg, quiet=False, tags=tags)
+    info = train(cfg, quiet=False, tags=tags, callbacks=[share.callback()] if share else None)
     client = MlflowClient(tracking_uri=tracking_settings(cfg)["tracking_uri"])
     run = client.get_run(info["run_id"])
     if run.data.tags.get("pd.trial") != str(trial_number):  # a re-run trial reuses the run: point it here
@@ -847,9 +931,13 @@ def run_task(spec: SweepSpec, task: Task, place: Place, *, parent_id: str, trial
         for export in info.get("exports", []):  # intermediate checkpoints (Table 12): scores by step
             if int(export["step"]) >= final_step:
                 continue  # the final model is scored below
+            if share:
+                share.apply()
             result = evaluate_with_config(export["path"], cfg, quiet=False)
             for key, value in _eval_metrics(result).items():
                 client.log_metric(info["run_id"], key, value, step=int(export["step"]))
+        if share:
+            share.apply()
         result = evaluate_with_config(Path(cfg.trainer.out) / "model", cfg, quiet=False)
         log_to_mlflow(result, info["run_id"], tracking_uri=tracking_settings(cfg)["tracking_uri"], step=final_step)
     metrics = client.get_run(info["run_id"]).data.metrics
@@ -898,8 +986,12 @@ def _one_line(exc: BaseException) -> str:
     return text if isinstance(exc, UserError) else f"{type(exc).__name__}: {text}"
 
 
-def worker(spec: SweepSpec, place: Place, *, retry_failed: bool = False, poll_s: float = 3.0) -> int:
-    """Claim and run tasks until none is left (waiting while others run, in case one of them dies)."""
+def worker(spec: SweepSpec, place: Place, *, retry_failed: bool = False, poll_s: float = 3.0,
+           share: CoreShare | None = None) -> int:
+    """Claim and run tasks until none is left (waiting while others run, in case one of them dies).
+
+    `share`: split this machine's cores among the workers that are running a trial (see CoreShare).
+    """
     import optuna
     from optuna.trial import TrialState
 
@@ -912,6 +1004,8 @@ def worker(spec: SweepSpec, place: Place, *, retry_failed: bool = False, poll_s:
     while True:
         claimed = claim(study, spec, place.storage, retry_failed=retry_failed and ran == 0)
         if claimed is None:
+            if share:
+                share.idle()
             if study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
                 time.sleep(poll_s)  # someone is still running: if they die, their task is ours
                 continue
@@ -920,10 +1014,12 @@ def worker(spec: SweepSpec, place: Place, *, retry_failed: bool = False, poll_s:
         print(f"sweep: trial {trial.number} ({', '.join(f'{t.label} seed {t.seed}' for t in tasks)}) on pid {os.getpid()}",
               flush=True)
         values, error = [], None
+        if share:
+            share.busy()
         with Heartbeat(storage, trial._trial_id, spec.heartbeat_interval):
             for task in tasks:
                 try:
-                    result = run_task(spec, task, place, parent_id=parent_id, trial_number=trial.number)
+                    result = run_task(spec, task, place, parent_id=parent_id, trial_number=trial.number, share=share)
                     values.append(result["value"])
                     trial.set_user_attr("pdl.run_id" if len(tasks) == 1 else f"pdl.run_id.seed{task.seed}", result["run_id"])
                 except Exception as exc:  # the sweep goes on; the error is kept in Optuna and MLflow
@@ -1019,13 +1115,17 @@ def run_sweep(spec: SweepSpec, place: Place, *, workers: int = 1, retry_failed: 
         return len(_failed_trials(study))
     build_prerequisites(spec, place)
     _set_parent_status(spec, parent_id, "RUNNING")
-    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    cores = usable_cores()
+    fixed = threads is not None  # --threads N: exactly N each; otherwise busy workers share the cores
+    threads = threads or max(1, cores // workers)
     logs = place.out / "logs"
     logs.mkdir(exist_ok=True)
     procs = []
     for i in range(workers):
         log = open(logs / f"worker-{i}.log", "a")
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PDL_TORCH_THREADS=str(threads))
+        if not fixed:
+            env.update(PDL_CORE_SHARE=str(logs / "busy"), PDL_CORES=str(cores))
         cmd = [sys.executable, "-m", "pd_lightning.sweep", "worker", str(spec.path), "--scale", spec.scale,
                "--storage", place.storage, "--out", str(place.out), "--cache", str(place.cache)]
         if retry_failed:
@@ -1205,11 +1305,17 @@ def _worker_main(argv: list[str]) -> int:
     _quiet_libraries()
     spec = load_sweep(args.sweep, args.scale)
     place = Place(Path(args.out), Path(args.cache), args.storage)
+    share = None
+    if os.environ.get("PDL_CORE_SHARE"):
+        share = CoreShare(Path(os.environ["PDL_CORE_SHARE"]), int(os.environ.get("PDL_CORES") or usable_cores()))
     try:
-        ran = worker(spec, place, retry_failed=args.retry_failed)
+        ran = worker(spec, place, retry_failed=args.retry_failed, share=share)
     except UserError as exc:
         print(f"pdl: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    finally:
+        if share:
+            share.idle()
     print(f"sweep: worker {os.getpid()} done after {ran} trial(s)", flush=True)
     return 0
 

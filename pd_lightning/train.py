@@ -458,11 +458,14 @@ def _run_cost(steps: int, sequences_per_step: int, tokens: int, student_step_flo
     return metrics
 
 
-def train(cfg: PDLConfig, *, quiet: bool = False, tags: dict[str, str] | None = None) -> dict:
+def train(cfg: PDLConfig, *, quiet: bool = False, tags: dict[str, str] | None = None,
+          callbacks: list | None = None) -> dict:
     """One training run (α = 0: the LM-only baseline); returns its summary (run id, held-out loss, paths).
 
-    `tags` are added to the MLflow run (a sweep passes its study, trial and `mlflow.parentRunId`).
+    `tags` are added to the MLflow run (a sweep passes its study, trial and `mlflow.parentRunId`);
+    `callbacks` are extra Lightning callbacks (a sweep worker's core sharing).
     """
+    extra_callbacks = list(callbacks or [])
     tr = cfg.trainer
     check_devices(cfg)
     data_dir, out = Path(cfg.data.out), Path(tr.out)
@@ -529,7 +532,7 @@ def train(cfg: PDLConfig, *, quiet: bool = False, tags: dict[str, str] | None = 
     # monitor=None with save_top_k=1 keeps only the newest periodic checkpoint.
     clock = WallClock(tr.budget if tr.budget_kind == "wall" else None)
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
-                                 every_n_train_steps=tr.checkpoint_every_n_steps, save_top_k=1), clock]
+                                 every_n_train_steps=tr.checkpoint_every_n_steps, save_top_k=1), clock, *extra_callbacks]
     tokenizer = load_tokenizer(data_dir / "tokenizer", what="data tokenizer")
     info = {"run_id": run_id, "config_hash": digest, "preset": cfg.model.preset, "teacher": teacher,
             "seq_len": seq_len, "data": str(data_dir.resolve())}

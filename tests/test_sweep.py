@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from pd_lightning.errors import ConfigError
-from pd_lightning.sweep import load_sweep, point_label
+from pd_lightning.sweep import CoreShare, load_sweep, point_label, usable_cores
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 
@@ -242,8 +242,11 @@ def test_tpe_search_runs(tmp_path, cache):
 
 def test_invalid_point_fails_alone_and_is_recorded(tmp_path, cache):
     path = write_sweep(tmp_path, "invalid", grid={"logits.tau": [1.0, -2.0]}, seeds=[0])
-    result = pdl("sweep", "run", str(path), "--cache", str(cache), cwd=tmp_path)
+    result = pdl("sweep", "run", str(path), "--workers", "2", "--cache", str(cache), cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
+    if usable_cores() >= 2:  # the worker whose trial failed at once lends its core to the one still training
+        logs = "".join(p.read_text() for p in (tmp_path / "runs/sweeps/invalid/default/logs").glob("worker-*.log"))
+        assert f"now uses 2 torch thread(s) of {usable_cores()} cores" in logs, logs[-3000:]
     assert "1 trial(s) failed" in result.stderr
     study = study_of(tmp_path, "invalid")
     states = {t.user_attrs["pdl.label"]: t for t in study.trials}
@@ -271,3 +274,27 @@ def test_checkpoint_sweep_scores_every_export_and_reports_figure_5(tmp_path, cac
     assert report.returncode == 0, report.stderr[-3000:]
     page = (tmp_path / "report" / "index.html").read_text()
     assert "fig_checkpoints.png" in page and (tmp_path / "report" / "fig_checkpoints.png").is_file()
+
+
+def test_core_share_lends_an_idle_workers_cores(tmp_path):
+    """Busy local workers split the cores; a dead worker's marker is dropped; another machine's is ignored."""
+    import torch
+
+    before = torch.get_num_threads()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        share = CoreShare(tmp_path / "busy", cores=4, every_s=0)
+        other_marker = share.directory / f"{share.prefix}{other.pid}"
+        (share.directory / f"0123456789ab-{other.pid}").touch()  # the same pid on another machine
+        share.busy()
+        assert share.marker.exists() and torch.get_num_threads() == 4  # alone: every core
+        other_marker.touch()  # a second local worker claims a task
+        assert share.apply() == 2 and torch.get_num_threads() == 2
+        other.kill()
+        other.wait()
+        assert share.apply() == 4 and torch.get_num_threads() == 4 and not other_marker.exists()
+        share.idle()
+        assert not share.marker.exists() and share.busy_workers() == 0
+    finally:
+        other.kill()
+        torch.set_num_threads(before)
