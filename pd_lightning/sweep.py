@@ -560,12 +560,12 @@ def with_prerequisites(cfg: PDLConfig, cache: Path, *, build: bool = True, quiet
 
             with file_lock(cache / ".locks" / f"teacher-{key}.lock"):
                 train_teacher(cfg, quiet=quiet)
-    teacher_id = cfg.teacher.path or cfg.teacher.out
+    teacher_id = store_teacher_id(cfg)
     found = find_store(cache, teacher_id, data_key, lg.store_p, lg.store_k)
     if found is not None:
         lg.store, lg.store_p, lg.store_k = str(found[0]), found[1], found[2]
         return cfg
-    key = config_hash("offline", str(Path(teacher_id).resolve()), data_key, lg.store_p, lg.store_k)
+    key = config_hash("offline", teacher_id, data_key, lg.store_p, lg.store_k)
     lg.store = str(cache / f"logits-{key}")
     if build:
         from pd_lightning.logits.generate import generate_store
@@ -573,8 +573,29 @@ def with_prerequisites(cfg: PDLConfig, cache: Path, *, build: bool = True, quiet
         with file_lock(cache / ".locks" / f"logits-{key}.lock"):
             generate_store(cfg, quiet=quiet)
             (Path(lg.store) / "pdl_cache.json").write_text(json.dumps({
-                "teacher": str(Path(teacher_id).resolve()), "data": data_key, "p": lg.store_p, "k": lg.store_k}))
+                "teacher_id": teacher_id, "teacher": str(Path(cfg.teacher.path or cfg.teacher.out).resolve()),
+                "data": data_key, "p": lg.store_p, "k": lg.store_k}))
     return cfg
+
+
+def store_teacher_id(cfg: PDLConfig) -> str:
+    """What a cached store's teacher is, for its cache key.
+
+    A teacher the cache trained is named by its settings' hash, so the key survives moving the cache
+    dir. A teacher of the user's (`teacher.path`) is named by its path, config and weight files (name,
+    size, modification time): retraining it in place makes a new store instead of reusing the old one.
+    """
+    if not cfg.teacher.path:
+        return f"cache:{Path(cfg.teacher.out).name}"
+    path = Path(cfg.teacher.path).resolve()
+    h = hashlib.sha256(str(path).encode())
+    with contextlib.suppress(OSError):  # a missing dir: generation names the problem
+        h.update((path / "config.json").read_bytes())
+        for f in sorted(path.iterdir()):
+            if f.suffix in {".safetensors", ".bin", ".pt"} or f.name.endswith(".index.json"):
+                st = f.stat()
+                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return f"path:{path}:{h.hexdigest()[:16]}"
 
 
 def _teacher_key(cfg: PDLConfig, data_key: str) -> str:
@@ -583,15 +604,16 @@ def _teacher_key(cfg: PDLConfig, data_key: str) -> str:
                        o.beta1, o.beta2, o.eps, o.min_lr_ratio, o.grad_clip)
 
 
-def find_store(cache: Path, teacher: str, data_key: str, p: float, k: int) -> tuple[Path, float, int] | None:
-    """A finished cached store of this teacher and data at least as loose as (p, k): the tightest such."""
+def find_store(cache: Path, teacher_id: str, data_key: str, p: float, k: int) -> tuple[Path, float, int] | None:
+    """A finished cached store of this teacher (`store_teacher_id`) and data at least as loose as (p, k): the
+    tightest such."""
     best = None
     for marker in cache.glob("logits-*/pdl_cache.json"):
         try:
             info = json.loads(marker.read_text())
         except (OSError, ValueError):
             continue
-        if (info.get("teacher") == str(Path(teacher).resolve()) and info.get("data") == data_key
+        if (info.get("teacher_id") == teacher_id and info.get("data") == data_key
                 and float(info["p"]) >= p and int(info["k"]) >= k and (marker.parent / "manifest.json").is_file()):
             if best is None or (info["k"], info["p"]) < (best[2], best[1]):
                 best = (marker.parent, float(info["p"]), int(info["k"]))

@@ -298,3 +298,30 @@ def test_core_share_lends_an_idle_workers_cores(tmp_path):
     finally:
         other.kill()
         torch.set_num_threads(before)
+
+
+def test_cached_store_survives_moving_the_cache_and_not_retraining_the_teacher(tmp_path):
+    """The store key names a cache-built teacher by its settings (not its path) and a user's teacher by its
+    files: a moved cache finds its store; a teacher retrained in place does not get the old one."""
+    import shutil
+
+    from pd_lightning.sweep import with_prerequisites
+
+    spec = load_sweep(write_sweep(tmp_path, "keys", rows=[{"label": "PD", "set": {"loss.alpha": 1.0}}], seeds=[0]))
+    cfg = spec.config_for(spec.tasks()[0])
+    built = with_prerequisites(cfg, tmp_path / "cache")
+    assert (Path(built.logits.store) / "manifest.json").is_file()
+    shutil.move(tmp_path / "cache", tmp_path / "moved")
+    found = with_prerequisites(cfg, tmp_path / "moved", build=False)
+    assert Path(found.logits.store) == tmp_path / "moved" / Path(built.logits.store).name
+
+    teacher = tmp_path / "my-teacher"  # a teacher of the user's, outside the cache
+    shutil.copytree(found.teacher.out, teacher)
+    cfg.teacher.path = str(teacher)
+    mine = with_prerequisites(cfg, tmp_path / "moved")
+    assert Path(mine.logits.store) != Path(found.logits.store)  # another teacher: its own store
+    assert with_prerequisites(cfg, tmp_path / "moved", build=False).logits.store == mine.logits.store
+    weights = next(teacher.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # retrained in place
+    again = with_prerequisites(cfg, tmp_path / "moved", build=False)
+    assert again.logits.store != mine.logits.store and not Path(again.logits.store).exists()
