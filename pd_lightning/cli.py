@@ -360,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
                     optuna-dashboard sqlite:///optuna.db --host 127.0.0.1
         """))
     sweep_args(sr)
-    sr.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+    sr.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1); on a GPU "
+                    "machine each gets its own trainer.devices GPUs")
     sr.add_argument("--threads", type=int, help="torch threads per worker, fixed (default: cores / workers, and a "
                     "worker left without work lends its cores to the workers still training)")
     sr.add_argument("--retry-failed", action="store_true", help="also re-run trials that failed with an error")

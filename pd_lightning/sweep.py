@@ -641,6 +641,38 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def visible_gpus(listed: str | None = None, count: int | None = None) -> list[str]:
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES entries (none on a CPU machine).
+
+    `listed` / `count` default to this process's CUDA_VISIBLE_DEVICES and torch's device count.
+    """
+    if count is None:
+        import torch
+
+        count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES") if listed is None else listed
+    if listed is None:
+        return [str(i) for i in range(count)]
+    return [d.strip() for d in listed.split(",") if d.strip()][:count]  # CUDA ignores entries past the count
+
+
+def gpu_groups(workers: int, per_worker: int, visible: list[str]) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES for each local worker: its own `per_worker` GPUs, so workers never share one.
+
+    None for every worker when no GPU is visible (CPU workers). Too few GPUs for workers x per_worker is
+    refused: two trials on one GPU would run out of memory or crawl.
+    """
+    if not visible:
+        return [None] * workers
+    need = workers * per_worker
+    if need > len(visible):
+        fits = len(visible) // per_worker
+        raise ConfigError(f"--workers={workers} with trainer.devices={per_worker} needs {need} GPUs and "
+                          f"{len(visible)} are visible ({','.join(visible)}); use --workers {max(1, fits)}"
+                          + ("" if fits else " and fewer trainer.devices"))
+    return [",".join(visible[i * per_worker:(i + 1) * per_worker]) for i in range(workers)]
+
+
 def process_namespace() -> str:
     """Where a pid means something: host name + pid namespace (containers on one host share a host name)."""
     try:
@@ -1118,6 +1150,8 @@ def run_sweep(spec: SweepSpec, place: Place, *, workers: int = 1, retry_failed: 
     """Run or continue a sweep with `workers` local worker processes; returns the number of failed tasks."""
     if workers < 1:
         raise ConfigError(f"--workers={workers} must be >= 1")
+    trainer = spec.base_config().trainer  # each local worker gets its own trainer.devices GPUs, if any
+    gpus = gpu_groups(workers, trainer.devices, [] if trainer.accelerator == "cpu" else visible_gpus())
     study, parent_id = create_study(spec, place)
     tasks = spec.tasks()
     invalid = check_points(spec)
@@ -1148,6 +1182,8 @@ def run_sweep(spec: SweepSpec, place: Place, *, workers: int = 1, retry_failed: 
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PDL_TORCH_THREADS=str(threads))
         if not fixed:
             env.update(PDL_CORE_SHARE=str(logs / "busy"), PDL_CORES=str(cores))
+        if gpus[i] is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i]
         cmd = [sys.executable, "-m", "pd_lightning.sweep", "worker", str(spec.path), "--scale", spec.scale,
                "--storage", place.storage, "--out", str(place.out), "--cache", str(place.cache)]
         if retry_failed:

@@ -325,3 +325,23 @@ def test_cached_store_survives_moving_the_cache_and_not_retraining_the_teacher(t
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # retrained in place
     again = with_prerequisites(cfg, tmp_path / "moved", build=False)
     assert again.logits.store != mine.logits.store and not Path(again.logits.store).exists()
+
+
+def test_gpu_groups_give_each_worker_its_own_devices(monkeypatch):
+    import torch
+
+    from pd_lightning.sweep import gpu_groups, visible_gpus
+
+    assert gpu_groups(2, 1, []) == [None, None]  # CPU machine: no CUDA_VISIBLE_DEVICES set
+    assert gpu_groups(4, 2, [str(i) for i in range(8)]) == ["0,1", "2,3", "4,5", "6,7"]
+    assert gpu_groups(2, 1, ["3", "5", "7"]) == ["3", "5"]
+    with pytest.raises(ConfigError, match=r"--workers=3 with trainer.devices=2 needs 6 GPUs and 4 are visible "
+                                          r"\(0,1,2,3\); use --workers 2$"):
+        gpu_groups(3, 2, ["0", "1", "2", "3"])
+    with pytest.raises(ConfigError, match="use --workers 1 and fewer trainer.devices"):
+        gpu_groups(1, 8, ["0", "1"])
+    assert visible_gpus("2, 6,", count=2) == ["2", "6"] and visible_gpus(None, count=3) == ["0", "1", "2"]
+    assert visible_gpus("-1", count=0) == [] and visible_gpus("0,1", count=0) == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # set on a machine without CUDA: still CPU workers
+    if not torch.cuda.is_available():
+        assert visible_gpus() == []
