@@ -190,9 +190,11 @@ def bench_steps(a, cfg, spec, vocab: int) -> dict:
 
 
 class _NoTrainer:
-    """What train_dataloader() reads from the Trainer: only global_step (a fresh run starts at 0)."""
+    """What train_dataloader() reads from the Trainer: the step (a fresh run starts at 0) and one rank."""
 
     global_step = 0
+    global_rank = 0
+    world_size = 1
 
 
 def bench_loader(a, cfg, spec, num_workers: int) -> dict:

@@ -37,6 +37,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import sys
+
 import numpy as np
 import torch
 
@@ -148,8 +150,13 @@ def _build_payload(streams: list[tuple[np.ndarray, np.ndarray]], seq_entry_start
 
 def _read_fields(buf: np.ndarray, pos: np.ndarray, width: np.ndarray) -> np.ndarray:
     """Read `width`-bit MSB-first fields at bit positions pos from buf (padded by >= 8 bytes)."""
-    idx = (pos >> 3)[:, None] + np.arange(8)
-    words = np.ascontiguousarray(buf[idx]).view(">u8").ravel().astype(np.uint64)
+    # The big-endian 64-bit word starting at every byte (an unaligned, overlapping view: no copy),
+    # so each field costs one 8-byte gather instead of eight 1-byte ones.
+    buf = np.ascontiguousarray(buf, dtype=np.uint8)
+    at_byte = np.ndarray((len(buf) - 7,), dtype=np.uint64, buffer=buf, strides=(1,))
+    words = np.take(at_byte, pos >> 3)
+    if sys.byteorder == "little":
+        words = words.byteswap()
     words = (words << (pos & 7).astype(np.uint64)) >> np.uint64(1)
     return (words >> (63 - width).astype(np.uint64)).astype(np.int64)
 

@@ -584,6 +584,32 @@ class _Shard:
             raise DataError(f"logit store shard {self.name}: {e}; the shard is corrupt (run `pdl logits verify`)") from None
 
 
+_MALLOC_TUNED = False
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Let glibc reuse freed blocks of up to 64 MiB instead of unmapping them (once per process).
+
+    Decoding a batch allocates and frees dozens of 0.1-10 MB numpy arrays. By default glibc serves
+    each from a fresh mmap and unmaps it when freed, so every array is page-faulted in again; with
+    the blocks kept, decoding a 16 x 128-token batch of ~92 entries per token takes 9.9 ms instead of
+    14.7 (measured, one core). The heap keeps up to 128 MiB of freed memory. Skipped off glibc and
+    where the user set MALLOC_MMAP_THRESHOLD_ themselves. Returns whether it applied.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return _MALLOC_TUNED
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+        return bool(libc.mallopt(m_mmap_threshold, 64 << 20)) and bool(libc.mallopt(m_trim_threshold, 128 << 20))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 class LogitStore:
     """Read-only store: `store.sequence(i)`, `store.sequences(ids)` -> SparseLogits of P positions each.
 
@@ -607,6 +633,7 @@ class LogitStore:
         self._starts = np.array([e["first_sequence"] for e in m["shards"]] + [m["num_sequences"]], dtype=np.int64)
         self._shards: dict[int, _Shard] = {}
         self._lock = threading.Lock()
+        keep_freed_memory_for_reuse()  # in this process: the trainer's, or a DataLoader worker's (__setstate__)
 
     # DataLoader workers get a copy without open memmaps and reopen lazily (no pickled arrays)
     def __getstate__(self) -> dict[str, Any]:
