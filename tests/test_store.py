@@ -327,3 +327,29 @@ def test_writer_rejects_bad_settings(tmp_path):
                       (dict(rank=2, world=2), "rank=2")):
         with pytest.raises(ConfigError, match=field):
             writer(tmp_path / "w", **kw)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 40))
+def test_read_fields_matches_a_bit_by_bit_reader(seed, n_bytes):
+    """The unaligned 8-byte gather reads the same MSB-first fields as reading bits one at a time,
+    at every bit offset up to the buffer's last byte (the 8 padding bytes are zeros)."""
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, n_bytes, dtype=np.uint8)
+    buf = np.concatenate([data, np.zeros(8, np.uint8)])
+    bits = np.unpackbits(data)
+    width = rng.integers(1, codec.MAX_FIELD_BITS + 1, 50)
+    pos = rng.integers(0, len(bits), 50)
+    expected = [int("".join(map(str, np.concatenate([bits, np.zeros(64, np.uint8)])[p:p + w])), 2)
+                for p, w in zip(pos, width)]
+    assert codec._read_fields(buf, pos.astype(np.int64), width.astype(np.int64)).tolist() == expected
+
+
+def test_opening_a_store_keeps_freed_memory_on_glibc():
+    import platform
+
+    from pd_lightning.logits.store import keep_freed_memory_for_reuse
+
+    applied = keep_freed_memory_for_reuse()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        assert applied
