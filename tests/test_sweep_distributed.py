@@ -33,7 +33,7 @@ def test_three_machines_share_one_study_and_survive_a_killed_worker(tmp_path, st
     for machine in range(3):  # distinct PDL_WORKER_HOST: to each other they are other machines (heartbeats only)
         env = dict(os.environ, OMP_NUM_THREADS="1", PDL_WORKER_HOST=f"machine-{machine}")
         cmd = [sys.executable, "-m", "pd_lightning.cli", "sweep", "run", str(path), "--storage", study_url,
-               "--cache", str(cache), "--out", str(tmp_path / "out")]
+               "--cache", str(cache), "--out", str(tmp_path / "out"), "--threads", "1"]  # 3 "machines" on 2 cores
         procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     storage = optuna.storages.RDBStorage(study_url)
