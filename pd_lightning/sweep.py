@@ -885,7 +885,9 @@ class CoreShare:
                 busy += 1
             except ProcessLookupError:  # a worker killed mid-trial left its marker
                 path.unlink(missing_ok=True)
-            except (ValueError, PermissionError):
+            except PermissionError:  # alive, run by another user
+                busy += 1
+            except ValueError:  # not a marker of ours
                 continue
         return busy
 
