@@ -865,8 +865,9 @@ class CoreShare:
     work (the tail of a sweep, fewer tasks than workers) would leave its cores idle, so the workers that
     are still training take them (torch.set_num_threads, re-checked every few seconds between steps) and
     hand them back when the idle one claims a task again. A worker marks itself busy with a file named by
-    its pid in a directory of the sweep's logs; only this pid namespace's live workers count, so a sweep
-    dir shared by several machines splits each machine's cores among its own workers.
+    its pid in `.workers/` of the prerequisite cache, which every sweep on the machine shares by default
+    (two sweeps side by side split the cores too); only this pid namespace's live workers count, so a
+    cache shared by several machines splits each machine's cores among its own workers.
     """
 
     def __init__(self, directory: Path, cores: int, every_s: float = 2.0):
@@ -1183,7 +1184,7 @@ def run_sweep(spec: SweepSpec, place: Place, *, workers: int = 1, retry_failed: 
         log = open(logs / f"worker-{i}.log", "a")
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PDL_TORCH_THREADS=str(threads))
         if not fixed:
-            env.update(PDL_CORE_SHARE=str(logs / "busy"), PDL_CORES=str(cores))
+            env.update(PDL_CORE_SHARE=str(place.cache.resolve() / ".workers"), PDL_CORES=str(cores))
         if gpus[i] is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i]
         cmd = [sys.executable, "-m", "pd_lightning.sweep", "worker", str(spec.path), "--scale", spec.scale,
