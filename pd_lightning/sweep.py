@@ -1153,6 +1153,8 @@ def run_sweep(spec: SweepSpec, place: Place, *, workers: int = 1, retry_failed: 
     """Run or continue a sweep with `workers` local worker processes; returns the number of failed tasks."""
     if workers < 1:
         raise ConfigError(f"--workers={workers} must be >= 1")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads={threads} must be >= 1 (or left out: the cores are split among the workers)")
     trainer = spec.base_config().trainer  # each local worker gets its own trainer.devices GPUs, if any
     gpus = gpu_groups(workers, trainer.devices, [] if trainer.accelerator == "cpu" else visible_gpus())
     study, parent_id = create_study(spec, place)

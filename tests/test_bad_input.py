@@ -290,6 +290,7 @@ CASES = [
     C("sweep-bad-storage", "sweep run {tmp}/s.yaml --storage mongodb://db/x", "--storage='mongodb://db/x'",
       sweep_file(SWEEP_OK), sub=True),
     C("sweep-zero-workers", "sweep run {tmp}/s.yaml --workers 0", "--workers=0", sweep_file(SWEEP_OK)),
+    C("sweep-zero-threads", "sweep run {tmp}/s.yaml --threads 0", "--threads=0", sweep_file(SWEEP_OK)),
     C("sweep-search-log-from-zero", "sweep run {tmp}/s.yaml", "search.space.logits.tau.low=0",
       sweep_file("name: s\nbase: tiny\nsearch: {trials: 2, space: {logits.tau: {low: 0, high: 2, log: true}}}\n")),
     C("sweep-group-by-not-in-grid", "sweep run {tmp}/s.yaml", "group_by=['model.preset']",

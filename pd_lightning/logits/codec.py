@@ -35,9 +35,8 @@ Chunks are padded to whole bytes with 1 bits (so padding never reads as a unary 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
