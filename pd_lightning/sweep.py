@@ -585,17 +585,15 @@ def store_teacher_id(cfg: PDLConfig) -> str:
     dir. A teacher of the user's (`teacher.path`) is named by its path, config and weight files (name,
     size, modification time): retraining it in place makes a new store instead of reusing the old one.
     """
+    from pd_lightning.logits.generate import teacher_identity
+
     if not cfg.teacher.path:
         return f"cache:{Path(cfg.teacher.out).name}"
     path = Path(cfg.teacher.path).resolve()
-    h = hashlib.sha256(str(path).encode())
-    with contextlib.suppress(OSError):  # a missing dir: generation names the problem
-        h.update((path / "config.json").read_bytes())
-        for f in sorted(path.iterdir()):
-            if f.suffix in {".safetensors", ".bin", ".pt"} or f.name.endswith(".index.json"):
-                st = f.stat()
-                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return f"path:{path}:{h.hexdigest()[:16]}"
+    try:
+        return f"path:{path}:{teacher_identity(path, mtimes=True)}"
+    except OSError:  # a missing or unreadable dir: generation names the problem
+        return f"path:{path}"
 
 
 def _teacher_key(cfg: PDLConfig, data_key: str) -> str:

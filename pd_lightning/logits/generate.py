@@ -65,12 +65,17 @@ def teacher_dir(cfg: PDLConfig) -> Path:
     return Path(cfg.teacher.path or cfg.teacher.out)
 
 
-def teacher_identity(path: Path) -> str:
-    """A cheap, stable identity of a teacher dir: its config and the names and sizes of its weight files."""
+def teacher_identity(path: Path, *, mtimes: bool = False) -> str:
+    """A cheap, stable identity of a teacher dir: its config and the names and sizes of its weight files.
+
+    `mtimes=True` adds the weight files' modification times, so a teacher retrained in place differs
+    (the sweep cache's key); the store manifests record the identity without them.
+    """
     h = hashlib.sha256((path / "config.json").read_bytes())
     for f in sorted(path.iterdir()):
         if f.suffix in {".safetensors", ".bin", ".pt"} or f.name.endswith(".index.json"):
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}".encode() + (f":{st.st_mtime_ns}".encode() if mtimes else b""))
     return h.hexdigest()[:16]
 
 

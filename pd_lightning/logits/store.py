@@ -593,7 +593,7 @@ def keep_freed_memory_for_reuse() -> bool:
     Decoding a batch allocates and frees dozens of 0.1-10 MB numpy arrays. By default glibc serves
     each from a fresh mmap and unmaps it when freed, so every array is page-faulted in again; with
     the blocks kept, decoding a 16 x 128-token batch of ~92 entries per token takes 9.9 ms instead of
-    14.7 (measured, one core). The heap keeps up to 128 MiB of freed memory. Skipped off glibc and
+    20.3 (measured, one core). The heap keeps up to 128 MiB of freed memory. Skipped off glibc and
     where the user set MALLOC_MMAP_THRESHOLD_ themselves. Returns whether it applied.
     """
     global _MALLOC_TUNED
