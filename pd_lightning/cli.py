@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_sub = p.add_subparsers(dest="sweep_command", required=True, metavar="{run,status,validate}")
 
     def sweep_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("sweep", metavar="SWEEP.yaml", help="a sweep file, e.g. sweeps/table10_alpha.yaml")
+        sp.add_argument("sweep", metavar="SWEEP.yaml", help="a sweep file, e.g. sweeps/table4_alpha.yaml")
         sp.add_argument("--scale", help="a scale the file defines (tiny: CPU minutes; paper: GPU cluster); "
                                         "default: the file's default_scale or tiny")
         sp.add_argument("--storage", help="Optuna storage URL shared by all workers (default: sqlite optuna.db "
@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=textwrap.dedent("""\
             examples:
               pdl sweep run sweeps/quickstart.yaml --workers 2
-              pdl sweep run sweeps/table10_alpha.yaml --scale tiny
+              pdl sweep run sweeps/table4_alpha.yaml --scale tiny
               pdl sweep run sweeps/table8_top_p_k.yaml --scale paper --storage postgresql://pdl@db-host/pdl   # on every machine
             browse: mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
                     optuna-dashboard sqlite:///optuna.db --host 127.0.0.1

@@ -345,3 +345,13 @@ def test_gpu_groups_give_each_worker_its_own_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # set on a machine without CUDA: still CPU workers
     if not torch.cuda.is_available():
         assert visible_gpus() == []
+
+
+def test_every_sweep_file_named_in_docs_and_help_exists():
+    import re
+
+    root = SWEEPS.parent
+    texts = {name: (root / name).read_text() for name in ("README.md", "sweeps/README.md", "pd_lightning/cli.py")}
+    named = {(where, m) for where, text in texts.items() for m in re.findall(r"sweeps/([A-Za-z0-9_.-]+\.yaml)", text)}
+    assert named, "no sweep file is named anywhere"
+    assert [(where, m) for where, m in sorted(named) if not (SWEEPS / m).is_file()] == []
