@@ -140,12 +140,13 @@ _T11 = {
     "6.8B": ((63.0, 59.9, 75.5, 36.7, 4.6, 61.8, 37.1, 20.9, 44.9), (66.0, 62.3, 76.3, 41.2, 5.7, 64.4, 43.0, 25.5, 48.0),
              (66.2, 62.3, 76.6, 41.4, 5.1, 63.7, 41.4, 22.7, 47.4)),
 }
-# Table 13: the better configuration PD*. Its exact settings are not in the public summary; the coordinates
-# below are a stand-in (the best rows of Tables 5 and 8), used only as tags.
+# Table 13: the better configuration PD*. Its settings are not in the paper's reachable text; the coordinates
+# below follow a secondary source (AI-made summaries of its appendix A.6, as sweeps/table13_pd_star.yaml),
+# used only as tags.
 _T13 = {"1.9B": (56.9, 59.1, 73.9, 29.8, 3.7, 59.0, 35.2, 12.4, 41.2),
         "3.8B": (62.4, 61.2, 76.0, 38.1, 5.0, 62.8, 38.5, 21.5, 45.7),
         "6.8B": (67.4, 65.1, 76.6, 44.3, 5.6, 67.1, 44.7, 27.4, 49.8)}
-PD_STAR = {"k": "50", "alpha": "0.9", "alpha_schedule": "wsd_alpha", "lr_schedule": "wsd"}
+PD_STAR = {"k": "50", "tau": "2.0", "loss": "kld", "alpha": "0.9", "alpha_schedule": "wsd_alpha", "lr_schedule": "wsd"}
 
 
 def _group(size: str) -> str:

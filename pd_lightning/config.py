@@ -23,8 +23,9 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from pd_lightning.cost import BUDGET_KINDS
 from pd_lightning.errors import ConfigError, choice_error, did_you_mean
 from pd_lightning.logits.processing import METHODS as TEMPERATURE_METHODS
-from pd_lightning.losses import LOSS_KINDS
-from pd_lightning.schedules import ALPHA_SCHEDULES, DECAY_SHAPES, LR_SCHEDULES
+from pd_lightning.logits.processing import WTTM_WEIGHTS, check_power_exponents
+from pd_lightning.losses import LOSS_KINDS, NORMKD_STUDENT_TAU
+from pd_lightning.schedules import ALPHA_SCHEDULES, DECAY_SHAPES, LR_SCHEDULES, WSD_ALPHA_SCHEDULES
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
@@ -87,13 +88,22 @@ class LogitsConfig:
     tau: float = 1.0  # the temperature (method none), or the base temperature of AdaKD
     method: str = "none"  # none (fixed tau) | normkd | wttm | adakd_sd | adakd_h
     normkd_t: float = 1.5  # NormKD's T_norm
+    # NormKD's student temperature τ_s = normkd_t * std(z_s): graph = in the autograd graph, as in
+    # Chi et al. 2023 | detached = a constant (the lab before issue 16; same loss, other gradient)
+    normkd_student_tau: str = "graph"
     wttm_gamma: float = 0.5  # WTTM's power transform exponent
+    # WTTM's token weight U: full = Σ over the whole vocabulary of q^γ (the original method; needs the
+    # store's power sums, see store_power_exponents) | support = Σ over the kept entries (a departure)
+    wttm_weight: str = "full"
     adakd_beta: float = 1.0  # AdaKD: exponent of the statistic's ratio to its batch mean
     adakd_min_tau: Optional[float] = None  # AdaKD clip range; None = tau / 2 and 2 * tau
     adakd_max_tau: Optional[float] = None
     store: str = "runs/logits"  # the store directory
     store_p: float = 0.95  # truncation the store is generated at (the loosest a sweep needs)
     store_k: int = 100
+    # exponents a of the per-token log Σ_v q_v^a the store keeps, beyond those this config's own method
+    # needs (WTTM with wttm_weight=full: γ/τ and 1/τ, added by itself); sweeps fill in their rows' needs
+    store_power_exponents: list[float] = field(default_factory=list)
     batch_size: int = 16  # sequences per teacher forward during generation
     sequences_per_shard: int = 1024
     mode: str = "offline"  # offline | online_store | cotrain (the paper's Table 6: logits of a teacher in training)
@@ -106,8 +116,13 @@ class LossConfig:
     """L = (1 - alpha) * L_lm + alpha * L_kd (the paper's Eq. 1) and how alpha moves."""
 
     kind: str = "nll"  # nll | kld | mse | rkl | jsd | tvd
-    alpha: float = 1.0  # peak alpha; 0 is the LM-only baseline
+    alpha: float = 1.0  # the schedule's alpha (formulas: pd_lightning.schedules); 0 is the LM-only baseline
     alpha_schedule: str = "constant"
+    # Peak of the quantity the WSD shape scales (0 -> peak -> 0): alpha for wsd_alpha, beta = 1 - alpha for
+    # wsd_beta; other schedules reject it. null: loss.alpha for wsd_alpha; 0.9 for wsd_beta (alpha 1 -> 0.1 -> 1,
+    # the reading that fits Table 5's printed +1.1%; 0.1 = the other reading, alpha 1 -> 0.9 -> 1).
+    # wsd_beta requires loss.alpha = 1 (alpha starts and ends at 1).
+    wsd_peak: Optional[float] = None
     alpha_warmup_frac: float = 0.1  # WSD on alpha / beta: warmup share of training
     alpha_decay_frac: float = 0.1  # WSD on alpha / beta: final decay share
     alpha_periods: int = 4  # periodic alpha: number of full periods over training
@@ -424,7 +439,10 @@ def validate(cfg: PDLConfig) -> None:
     _require(lg.tau > 0 and math.isfinite(lg.tau), "logits.tau", lg.tau, "a number > 0")
     _choice("logits.method", lg.method, TEMPERATURE_METHODS)
     _require(lg.normkd_t > 0, "logits.normkd_t", lg.normkd_t, "a number > 0")
+    _choice("logits.normkd_student_tau", lg.normkd_student_tau, NORMKD_STUDENT_TAU)
     _require(lg.wttm_gamma > 0, "logits.wttm_gamma", lg.wttm_gamma, "a number > 0")
+    _choice("logits.wttm_weight", lg.wttm_weight, WTTM_WEIGHTS)
+    check_power_exponents(lg.store_power_exponents)
     _require(lg.adakd_beta > 0, "logits.adakd_beta", lg.adakd_beta, "a number > 0")
     lo = lg.tau / 2 if lg.adakd_min_tau is None else lg.adakd_min_tau
     hi = 2 * lg.tau if lg.adakd_max_tau is None else lg.adakd_max_tau
@@ -451,6 +469,16 @@ def validate(cfg: PDLConfig) -> None:
     _require(ls.alpha_warmup_frac + ls.alpha_decay_frac <= 1, "loss.alpha_decay_frac", ls.alpha_decay_frac,
              f"alpha_warmup_frac + alpha_decay_frac <= 1 (warmup is {ls.alpha_warmup_frac})")
     _positive_int("loss.alpha_periods", ls.alpha_periods)
+    if ls.wsd_peak is not None:
+        _require(ls.alpha_schedule in WSD_ALPHA_SCHEDULES, "loss.wsd_peak", ls.wsd_peak,
+                 f"null unless loss.alpha_schedule is wsd_alpha or wsd_beta (it is {ls.alpha_schedule!r})")
+        _fraction("loss.wsd_peak", ls.wsd_peak)
+    if ls.alpha_schedule == "wsd_beta":
+        _require(ls.alpha == 1.0, "loss.alpha", ls.alpha, "1.0 with loss.alpha_schedule='wsd_beta' (alpha = 1 - beta "
+                 "starts and ends at 1; beta's peak is loss.wsd_peak, default 0.9)")
+    if ls.alpha_schedule == "wsd_alpha" and ls.wsd_peak is not None:
+        _require(ls.alpha in (1.0, ls.wsd_peak), "loss.alpha", ls.alpha,
+                 f"1.0 or loss.wsd_peak ({ls.wsd_peak}) with wsd_alpha: its peak alpha is loss.wsd_peak")
     _require(0 < ls.jsd_beta < 1, "loss.jsd_beta", ls.jsd_beta, "(0, 1)")
     _positive_int("loss.chunk_size", ls.chunk_size)
 

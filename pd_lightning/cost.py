@@ -1,20 +1,37 @@
 """Compute and storage cost of a run: FLOPs of student and teacher, and steps for a fixed budget.
 
-FLOP convention (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", Table 1; the
-convention Chinchilla's `C ≈ 6ND` rests on):
+FLOP convention (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", Table 1, with its
+de-embedding row kept). Per token a decoder is run on, the forward pass costs exactly
 
-* forward pass, per token:  `2·N + 2·n_layers·seq_len·d_model`
-* training (forward + backward = 3 × forward), per token:  `6·N + 6·n_layers·seq_len·d_model`
+    C_forward = 2·N  +  2·d_model·n_vocab  +  2·n_layer·n_ctx·d_attn
 
-`N` is the non-embedding parameter count (every weight except the token-embedding matrix and,
-when it is not tied, the LM head). The second term is attention over the context (QKᵀ scores and
-their application to V, counted once at the full `seq_len` as Kaplan does, not halved for the
-causal mask). Not counted, as in Kaplan: the embedding lookup, the LM head's `2·d_model·vocab`
-per token, softmax, norms and the KD loss. At the paper's sizes the head is a few percent of `N`;
-for the tiny CPU presets it is large (tiny-1m at a 2,048-token vocabulary: 0.26M head weights
-beside N = 0.79M), so tiny-scale absolute FLOPs are an undercount — comparisons between runs, which
-share the convention, are not affected. Tokens are the tokens the model is run on (`seq_len` per
-sequence), for the teacher as for the student.
+and training (forward + backward, the backward counted as twice the forward) `C_train = 3·C_forward`
+= `6·N + 6·d_model·n_vocab + 6·n_layer·n_ctx·d_attn`, term by term:
+
+* `2·N`: every non-embedding weight, two FLOPs (a multiply-add) per weight per token. `N` is
+  Kaplan's non-embedding parameter count: all parameters except the token-embedding matrix and the
+  LM head (the q/k/v/o projections, the SwiGLU gate/up/down and the RMSNorm gains — the gains are
+  elementwise, so they add 2 FLOPs per gain where the hardware does one multiply: 0.15% of tiny-1m's
+  N, less at larger sizes). `N` does not depend on the vocabulary or on tying.
+* `2·d_model·n_vocab`: the LM head's `[d_model] x [d_model, n_vocab]` matmul, Kaplan's
+  "de-embed" row. It is computed on every token whether or not the head is tied to the embedding,
+  so it is counted for tied models too (the weights are shared, the matmul is not). The embedding
+  *lookup* is a gather, not a matmul: not counted.
+* `2·n_layer·n_ctx·d_attn`: Kaplan's attention term, `n_ctx` = the sequence length, `d_attn` =
+  heads × head_dim. It equals the QKᵀ scores alone over the full context (2·n_ctx·d_attn a layer),
+  or the scores plus their application to V (4·n_ctx·d_attn at full context) over a causal context
+  of n_ctx/2 keys per query on average (exactly (n_ctx+1)/2, so the term is n_ctx/(n_ctx+1) of that
+  causal count: 0.8% under it at 128 tokens). A dense count of scores and values, what eager
+  attention's matmuls do without skipping the masked half, is twice the term.
+
+Not counted: the embedding lookup, softmax, the norms' reductions, activations, the optimizer and
+the loss (KD or LM) beyond the head's matmul. Tokens are the tokens the model is run on (`n_ctx`
+per sequence), for the teacher as for the student. The head's share of the total is large at a big
+vocabulary and small width: at n_vocab = 151,552 and n_ctx = 4,096 it is 40% of the 330M's
+training FLOPs, 18% of the 1.9B's and 9% of the 6.8B's (leaving it out, as Kaplan's `C ≈ 6N` does,
+would undercount them by 68%, 21% and 10%); for tiny-1m at 2,048 tokens and n_ctx = 128, 23.5%.
+Teacher and student differ in that share, so a FLOP budget or a "Δ per extra compute" that left it
+out would be biased between them.
 """
 
 from __future__ import annotations
@@ -29,35 +46,61 @@ import torch
 
 from pd_lightning.errors import ConfigError, choice_error
 
-FLOP_CONVENTION = "kaplan2020: train 6N+6·L·T·d, forward 2N+2·L·T·d per token; N non-embedding"
+FLOP_CONVENTION = ("kaplan2020+head: forward 2N+2·d_model·V+2·L·T·d_attn per token, train 3x forward; "
+                   "N non-embedding")
+# The convention of stores written before the LM head was counted (its forward lacked 2·d_model·V).
+_KAPLAN_NO_HEAD = "kaplan2020: train 6N+6·L·T·d, forward 2N+2·L·T·d per token; N non-embedding"
 BUDGET_KINDS = ("none", "tokens", "flops", "wall")
 
 
 @dataclass(frozen=True)
 class CostShape:
-    """What the FLOP formulas need to know about a decoder: N (non-embedding), layers, width."""
+    """What the FLOP formulas need to know about a decoder.
+
+    `non_embedding_params` (N), `n_layers`, `d_attn` (heads × head_dim, the attention term's width),
+    `d_model` (the hidden size, the LM head's input) and `vocab_size` (the LM head's output).
+    """
 
     non_embedding_params: int
     n_layers: int
+    d_attn: int
     d_model: int
+    vocab_size: int
+
+    def forward_terms(self, seq_len: int) -> dict[str, float]:
+        """Forward FLOPs per token, by term: `non_embedding` 2·N, `head` 2·d_model·V, `attention` 2·L·T·d_attn."""
+        return forward_terms(self.non_embedding_params, self.n_layers, self.d_attn, seq_len,
+                             d_model=self.d_model, vocab_size=self.vocab_size)
 
     def training_flops(self, seq_len: int, tokens: float) -> float:
         """Forward + backward FLOPs of training on `tokens` tokens in sequences of `seq_len`."""
-        return training_flops(self.non_embedding_params, self.n_layers, self.d_model, seq_len, tokens)
+        return training_flops(self.non_embedding_params, self.n_layers, self.d_attn, seq_len, tokens,
+                              d_model=self.d_model, vocab_size=self.vocab_size)
 
     def forward_flops(self, seq_len: int, tokens: float) -> float:
         """Forward-only FLOPs (a teacher producing logits) on `tokens` tokens."""
-        return forward_flops(self.non_embedding_params, self.n_layers, self.d_model, seq_len, tokens)
+        return forward_flops(self.non_embedding_params, self.n_layers, self.d_attn, seq_len, tokens,
+                             d_model=self.d_model, vocab_size=self.vocab_size)
 
 
-def training_flops(n_non_embed: int, n_layers: int, d_model: int, seq_len: int, tokens: float) -> float:
-    """Training FLOPs: `6·N·tokens + 6·n_layers·seq_len·d_model·tokens` (Kaplan's fwd+bwd count)."""
-    return 6.0 * n_non_embed * tokens + 6.0 * n_layers * seq_len * d_model * tokens
+def forward_terms(n_non_embed: int, n_layers: int, d_attn: int, seq_len: int, *, d_model: int,
+                  vocab_size: int) -> dict[str, float]:
+    """Forward FLOPs per token by term (the module docstring): 2·N, 2·d_model·V (LM head), 2·L·T·d_attn."""
+    return {"non_embedding": 2.0 * n_non_embed, "head": 2.0 * d_model * vocab_size,
+            "attention": 2.0 * n_layers * seq_len * d_attn}
 
 
-def forward_flops(n_non_embed: int, n_layers: int, d_model: int, seq_len: int, tokens: float) -> float:
-    """Forward FLOPs, a third of training: `2·N·tokens + 2·n_layers·seq_len·d_model·tokens`."""
-    return 2.0 * n_non_embed * tokens + 2.0 * n_layers * seq_len * d_model * tokens
+def forward_flops(n_non_embed: int, n_layers: int, d_attn: int, seq_len: int, tokens: float, *, d_model: int,
+                  vocab_size: int) -> float:
+    """Forward FLOPs: `(2·N + 2·d_model·V + 2·n_layers·seq_len·d_attn)·tokens`."""
+    t = forward_terms(n_non_embed, n_layers, d_attn, seq_len, d_model=d_model, vocab_size=vocab_size)
+    return (t["non_embedding"] + t["head"] + t["attention"]) * tokens
+
+
+def training_flops(n_non_embed: int, n_layers: int, d_attn: int, seq_len: int, tokens: float, *, d_model: int,
+                   vocab_size: int) -> float:
+    """Training FLOPs, 3 x forward: `(6·N + 6·d_model·V + 6·n_layers·seq_len·d_attn)·tokens`."""
+    return 3.0 * forward_flops(n_non_embed, n_layers, d_attn, seq_len, tokens, d_model=d_model, vocab_size=vocab_size)
 
 
 def _meta_model(config: Any) -> torch.nn.Module:
@@ -71,7 +114,8 @@ def non_embedding_params(model_or_config: Any) -> int:
     """N: parameters of a causal LM (module or transformers config) less its embedding matrices.
 
     The LM head counts as an embedding matrix (Kaplan's "de-embedding") whether tied or not, so a
-    preset's N does not depend on the vocabulary or on tying.
+    preset's N does not depend on the vocabulary or on tying; the head's matmul is counted by its own
+    term, 2·d_model·vocab per forward token (CostShape.forward_terms).
     """
     model = model_or_config if isinstance(model_or_config, torch.nn.Module) else _meta_model(model_or_config)
     total = sum(p.numel() for p in model.parameters())  # tied weights appear once in parameters()
@@ -84,11 +128,19 @@ def non_embedding_params(model_or_config: Any) -> int:
 
 
 def model_cost_shape(model_or_config: Any) -> CostShape:
-    """The CostShape of a transformers causal LM (module or config); attention width = heads × head_dim."""
-    config = model_or_config.config if isinstance(model_or_config, torch.nn.Module) else model_or_config
+    """The CostShape of a transformers causal LM (module or config).
+
+    d_attn = heads × head_dim; d_model and vocab_size are the LM head's weight shape `[vocab, d_model]`
+    (tied or not), read from the module, or from a meta-device build of the config.
+    """
+    model = model_or_config if isinstance(model_or_config, torch.nn.Module) else _meta_model(model_or_config)
+    config = model.config
     heads = int(config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    return CostShape(non_embedding_params(model_or_config), int(config.num_hidden_layers), heads * head_dim)
+    head = model.get_output_embeddings()
+    vocab, d_model = head.weight.shape if head is not None else (int(config.vocab_size), int(config.hidden_size))
+    return CostShape(non_embedding_params(model), int(config.num_hidden_layers), heads * head_dim, int(d_model),
+                     int(vocab))
 
 
 def preset_cost_shape(preset: str, vocab: int) -> CostShape:
@@ -135,15 +187,18 @@ def store_cost_meta(shape: CostShape, num_sequences: int, seq_len: int) -> dict[
     tokens = num_sequences * seq_len  # the teacher runs on every token; the store keeps seq_len - 1 positions
     return {"generation_flops": shape.forward_flops(seq_len, tokens), "generation_tokens": tokens,
             "flops_convention": FLOP_CONVENTION, "teacher_non_embedding_params": shape.non_embedding_params,
-            "teacher_layers": shape.n_layers, "teacher_d_model": shape.d_model}
+            "teacher_layers": shape.n_layers, "teacher_d_attn": shape.d_attn, "teacher_d_model": shape.d_model,
+            "teacher_vocab_size": shape.vocab_size}
 
 
 def store_generation_flops(manifest: dict[str, Any]) -> float:
     """Teacher forward FLOPs that produced a logit store, in this module's convention.
 
     Read from the manifest when it was written under FLOP_CONVENTION; for stores written before,
-    recomputed from the teacher dir's config.json when it is still there; else the legacy figure
-    (2 × all parameters × positions) or 0.
+    recomputed from the teacher dir's config.json when it is still there; else, for a store written
+    under the convention without the LM head, its figure plus the head's 2·d·V per generated token
+    (d = the recorded attention width, the hidden size of every preset and of Llama/GLM-style
+    teachers; V = the store's vocabulary); else the legacy figure (2 × all parameters × positions) or 0.
     """
     meta = manifest.get("meta") or {}
     if meta.get("flops_convention") == FLOP_CONVENTION and "generation_flops" in meta:
@@ -158,10 +213,15 @@ def store_generation_flops(manifest: dict[str, Any]) -> float:
             return shape.forward_flops(seq_len, int(manifest["num_sequences"]) * seq_len)
         except (OSError, ValueError, KeyError, json.JSONDecodeError):
             pass
+    if (meta.get("flops_convention") == _KAPLAN_NO_HEAD and "generation_flops" in meta
+            and "teacher_d_model" in meta and "generation_tokens" in meta and "vocab_size" in manifest):
+        head = 2.0 * int(meta["teacher_d_model"]) * int(manifest["vocab_size"]) * int(meta["generation_tokens"])
+        return float(meta["generation_flops"]) + head
     return float(meta.get("generation_flops", 0.0))
 
 
 __all__ = [
-    "BUDGET_KINDS", "FLOP_CONVENTION", "CostShape", "forward_flops", "model_cost_shape", "non_embedding_params",
-    "preset_cost_shape", "steps_for_budget", "store_cost_meta", "store_generation_flops", "training_flops",
+    "BUDGET_KINDS", "FLOP_CONVENTION", "CostShape", "forward_flops", "forward_terms", "model_cost_shape",
+    "non_embedding_params", "preset_cost_shape", "steps_for_budget", "store_cost_meta", "store_generation_flops",
+    "training_flops",
 ]

@@ -506,10 +506,25 @@ def score_task(spec: TaskSpec, results: dict[str, Any]) -> TaskScore:
         task=spec.task, metric=metric, value=float(row[f"{metric},{spec.filter}"]) * scale,
         stderr=None if stderr is None else stderr * scale, percent=percent,
         in_average=percent if spec.in_average is None else bool(spec.in_average),
-        num_fewshot=results.get("n-shot", {}).get(spec.task, spec.num_fewshot), samples=n,
+        num_fewshot=_single(ran) if (ran := effective_shots(results)) else spec.num_fewshot, samples=n,
         higher_is_better=results.get("higher_is_better", {}).get(spec.task, {}).get(metric),
         extra={m: v for m in metrics if m != metric and (v := scaled(m)) is not None},
     )
+
+
+def effective_shots(results: dict[str, Any]) -> dict[str, int]:
+    """The shot count each leaf task of one harness call ran at, from the configs the harness built.
+
+    One `simple_evaluate` call per suite task, so every config in `results` belongs to that task (a
+    group such as mmlu has one per subject).
+    """
+    return {name: cfg.get("num_fewshot") for name, cfg in results.get("configs", {}).items()}
+
+
+def _single(shots: dict[str, int]) -> Optional[int]:
+    """The one shot count all leaves ran at (None if they differ or none is known)."""
+    values = set(shots.values())
+    return values.pop() if len(values) == 1 else None
 
 
 def _merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -595,6 +610,15 @@ def evaluate(
             log.warning(failed[spec.task])
             continue
         parts.append(out)
+        # Per-task shots are the `num_fewshot` of this task's own harness call. The harness never
+        # overrides a task whose YAML pins `num_fewshot: 0` (it only logs that), so say so if a
+        # leaf ran at another count than asked.
+        ran = {leaf: k for leaf, k in effective_shots(out).items() if shots is not None and k != shots}
+        if ran:
+            log.warning(f"task {spec.task!r}: asked for {shots}-shot, but the harness ran "
+                        + ", ".join(f"{leaf} {k}-shot" for leaf, k in sorted(ran.items())[:3])
+                        + (f" and {len(ran) - 3} more" if len(ran) > 3 else "")
+                        + " (a task config that pins num_fewshot: 0 is never overridden)")
         scores[spec.task] = score_task(spec, out)
         if not quiet:
             print(f"eval: {format_score(scores[spec.task])}", flush=True)

@@ -18,6 +18,17 @@ The default "tokens" normaliser makes WTTM exact (mean(U · KL)) and keeps L_kd 
 as L_lm whatever the weights; "weights" gives a true weighted mean. Ignored tokens (-100) count in
 neither term, so padding should be masked through the labels.
 
+NormKD (Chi et al. 2023) tempers the student by its own spread: τ_s = T_norm · σ(z) per token, σ the
+population std of the row over V (σ² = Σ_V (z_j - μ)² / V), floored at NORMKD_MIN_TAU. τ_s is a
+function of z, so by default ("graph", as in the authors' code) the gradient flows through it too:
+
+    dL/dz_j = ∂L/∂z_j|τ_s + (dL/dτ_s) · ∂τ_s/∂z_j,   dL/dτ_s = -⟨g, z⟩ / τ_s,
+    ∂τ_s/∂z_j = T_norm · (z_j - μ) / (V · σ)          (0 where the floor is active),
+
+g = ∂L_kd/∂z|τ_s fixed, the KD part of the gradient in that row. "detached" drops the second term
+(τ_s treated as a constant): same loss value, a different gradient, NOT the cited method. σ is
+computed from each whole row inside the chunk loop, so both modes are exact chunked and fused.
+
 Distances D_t (all computed from log p^τ gathered on S, never from a dense teacher):
 
     nll  -Σ_S q_i log p_i                                         (soft cross-entropy)
@@ -53,6 +64,9 @@ from pd_lightning.errors import ConfigError, choice_error
 IGNORE_INDEX = -100
 LOSS_KINDS = ("nll", "kld", "mse", "rkl", "jsd", "tvd")
 KD_NORMS = ("tokens", "weights")
+# NormKD's student temperature: in the autograd graph (the method) or treated as a constant.
+NORMKD_STUDENT_TAU = ("graph", "detached")
+NORMKD_MIN_TAU = 1e-3  # the floor logits.processing.std_temperature puts on the teacher's τ_t too
 # Auto chunk size keeps each fp32 [chunk, V] temporary near this size (≈221 tokens at V = 151,552).
 DEFAULT_CHUNK_BYTES = 128 * 2**20
 
@@ -114,17 +128,46 @@ def sparse_kd_distance(logp_s: Tensor, q: Tensor, kind: str, *, sum_p2: Tensor |
     raise choice_error("loss.kind", kind, LOSS_KINDS)
 
 
+def std_tau(z: Tensor, t_norm: float) -> tuple[Tensor, Tensor, Tensor]:
+    """NormKD's student temperature per row: τ_s = max(T_norm · σ(z), NORMKD_MIN_TAU).
+
+    z [n, V] -> (τ_s [n, 1], σ [n], μ [n]) in z's dtype; σ is the population std over V
+    (correction 0), the statistic `logits.processing.logit_std` records for the teacher's τ_t.
+    """
+    sigma, mu = torch.std_mean(z, -1, correction=0)
+    return (t_norm * sigma).clamp_min(NORMKD_MIN_TAU)[:, None], sigma, mu
+
+
+def add_std_tau_grad(dz: Tensor, g_tau: Tensor, z: Tensor, sigma: Tensor, mu: Tensor, t_norm: float) -> Tensor:
+    """dz += (dL/dτ_s) · ∂τ_s/∂z in place, ∂τ_s/∂z_j = T_norm · (z_j - μ) / (V · σ); returns dz.
+
+    dz, z [n, V]; g_tau = dL/dτ_s, sigma, mu [n] (from `std_tau`). Rows whose τ_s is floored get
+    nothing (the floor is flat). Two in-place passes over dz, no [n, V] temporary.
+    """
+    live = t_norm * sigma > NORMKD_MIN_TAU
+    r = torch.where(live, g_tau * t_norm / (z.shape[-1] * sigma.clamp_min(torch.finfo(z.dtype).tiny)), 0.0)
+    dz.addcmul_(z, r[:, None])
+    return dz.sub_((r * mu)[:, None])
+
+
 def _chunk(z: Tensor, labels: Tensor, lm_coef: Tensor, idx: Tensor | None, q: Tensor | None,
            kd_coef: Tensor | None, tau: Tensor | float | None, kind: str, jsd_beta: float,
-           alpha: float, need_grad: bool, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+           alpha: float, need_grad: bool, out: Tensor | None = None, t_norm: float | None = None,
+           tau_grad: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
     """One chunk: returns (Σ lm_coef·lm_t, Σ kd_coef·D_t, dL/dz or None), z upcast already.
 
     Gradients come from the chain rule through the few gathered quantities the loss depends on:
     ∂ log p_k / ∂z_j = δ_jk - p_j and ∂(Σ_V p²)/∂z_j = 2 p_j (p_j - Σ_V p²); the sparse part is
     differentiated by autograd on [n, K] tensors, the dense part is one in-place pass over p.
     `out`, if given, is a [n, V] buffer of z's dtype that receives log p and then the gradient.
+    `t_norm` set (NormKD): τ_s = std_tau(z, t_norm) replaces `tau`; with `tau_grad` its gradient
+    (module docstring) is added, which needs the whole row of z: chunks split tokens, never V.
     """
     do_kd = alpha > 0.0
+    std_stats = None
+    if do_kd and t_norm is not None:
+        tau, sigma, mu = std_tau(z, t_norm)
+        std_stats = (sigma, mu) if tau_grad else None
     lab = labels.clamp_min(0)[:, None]  # ignored rows have lm_coef = 0; any valid index will do
     logp = torch.log_softmax(z, -1, out=out) if out is not None else torch.log_softmax(z, -1)
     logp_lab = logp.gather(1, lab).squeeze(1)
@@ -185,10 +228,15 @@ def _chunk(z: Tensor, labels: Tensor, lm_coef: Tensor, idx: Tensor | None, q: Te
                 dk.add_(coef_k[:, None]).mul_(pk)
             else:
                 dk = pk.mul_(coef_k[:, None])
+            if std_stats is not None:
+                # g = dk + scatter(idx, gb) is ∂L_kd/∂z at fixed τ_s, so dL/dτ_s = -⟨g, z⟩ / τ_s.
+                g_tau = -(torch.linalg.vecdot(dk, z) + (gb * z.gather(1, idx)).sum(-1)) / tau.squeeze(-1)
             dz.add_(dk)
     dz.scatter_add_(1, lab, ga[:, None])
     if do_kd:
         dz.scatter_add_(1, idx, gb)
+        if std_stats is not None:
+            add_std_tau_grad(dz, g_tau, z, *std_stats, t_norm)
     return lm_sum.detach(), kd_sum.detach(), dz
 
 
@@ -196,7 +244,8 @@ class _SparseDistill(torch.autograd.Function):
     """Chunked PD loss from given logits; dL/dlogits is written during forward, backward scales it."""
 
     @staticmethod
-    def forward(ctx, logits, labels, lm_coef, idx, q, kd_coef, tau, kind, jsd_beta, alpha, chunk, need_grad):
+    def forward(ctx, logits, labels, lm_coef, idx, q, kd_coef, tau, kind, jsd_beta, alpha, chunk, need_grad,
+                t_norm, tau_grad):
         cdtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         n_tok = logits.shape[0]
         grad = torch.empty_like(logits) if need_grad else None
@@ -208,7 +257,8 @@ class _SparseDistill(torch.autograd.Function):
             # Same dtype: log p and then the gradient live directly in the grad buffer (no copy).
             out = grad[s:e] if (need_grad and logits.dtype == cdtype) else None
             lm, kd, dz = _chunk(z, labels[s:e], lm_coef[s:e], _sl(idx, s, e), _sl(q, s, e), _sl(kd_coef, s, e),
-                                _sl(tau, s, e), kind, jsd_beta, alpha, need_grad, out=out)
+                                _sl(tau, s, e), kind, jsd_beta, alpha, need_grad, out=out, t_norm=t_norm,
+                                tau_grad=tau_grad)
             lm_tot += lm
             kd_tot += kd
             if need_grad and out is None:
@@ -225,7 +275,7 @@ class _SparseDistill(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if float(g_loss) != 1.0:  # the usual loss.backward() passes 1: skip a pass over [N, V]
             grad = grad * g_loss.to(grad.dtype)
-        return (grad,) + (None,) * 11
+        return (grad,) + (None,) * 13
 
 
 class _FusedLinearDistill(torch.autograd.Function):
@@ -233,7 +283,7 @@ class _FusedLinearDistill(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, lm_coef, idx, q, kd_coef, tau, kind, jsd_beta, alpha, chunk,
-                need_grad, mm_dtype):
+                need_grad, mm_dtype, t_norm, tau_grad):
         cdtype = torch.float64 if mm_dtype == torch.float64 else torch.float32
         n_tok = hidden.shape[0]
         w = weight.to(mm_dtype)
@@ -247,7 +297,7 @@ class _FusedLinearDistill(torch.autograd.Function):
             h = hidden[s:e].to(mm_dtype)
             z = (h @ w.t()).to(cdtype)
             lm, kd, dz = _chunk(z, labels[s:e], lm_coef[s:e], _sl(idx, s, e), _sl(q, s, e), _sl(kd_coef, s, e),
-                                _sl(tau, s, e), kind, jsd_beta, alpha, need_grad)
+                                _sl(tau, s, e), kind, jsd_beta, alpha, need_grad, t_norm=t_norm, tau_grad=tau_grad)
             del z
             lm_tot += lm
             kd_tot += kd
@@ -271,7 +321,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         if float(g_loss) != 1.0:
             grad_h = grad_h * g_loss.to(grad_h.dtype)
             grad_w = grad_w * g_loss.to(grad_w.dtype)
-        return (grad_h, grad_w) + (None,) * 12
+        return (grad_h, grad_w) + (None,) * 14
 
 
 def _sl(x, s: int, e: int):
@@ -296,6 +346,8 @@ def distillation_loss(
     student_tau: float | Tensor | None = None,
     tau_sq_scale: float | Tensor | None = None,
     jsd_beta: float = 0.5,
+    normkd_t: float | None = None,
+    normkd_student_tau: str = "graph",
 ) -> LossOutput:
     """L = (1-α)·L_lm + α·L_kd on the teacher's sparse support, chunked (and fused with the LM head).
 
@@ -304,7 +356,11 @@ def distillation_loss(
     With fused=True pass hidden [N, H] and lm_head_weight [V, H] instead of student_logits.
     alpha = 0 returns exactly F.cross_entropy(student_logits, labels, ignore_index=-100) (unfused)
     and never touches the teacher tensors (they may be None). student_tau (scalar or [N], a
-    constant: no gradient flows into it) tempers the student in the KD term only: p^τ = softmax(z/τ_s).
+    constant: a tensor that requires grad is refused) tempers the student in the KD term only:
+    p^τ = softmax(z/τ_s). normkd_t = T_norm instead sets NormKD's τ_s = T_norm·std(z_s) per token
+    (population std over V, from each row inside the chunk loop, fused too); normkd_student_tau
+    "graph" (default, Chi et al. 2023) differentiates through τ_s, "detached" holds it constant,
+    which departs from the method (see the module docstring for both gradients).
     tau_sq_scale τ (scalar or [N]) multiplies each token's D by τ². chunk_size None = auto
     (≈128 MiB of fp32 per [chunk, V] buffer). If every label is ignored, the α > 0 path gives 0.
     Returns LossOutput(loss, lm_loss.detach(), kd_loss.detach()).
@@ -320,6 +376,13 @@ def distillation_loss(
         raise ConfigError(f"loss.jsd_beta={jsd_beta!r} is out of range; expected 0 < beta < 1")
     if chunk_size is not None and int(chunk_size) < 1:
         raise ConfigError(f"loss.chunk_size={chunk_size!r} is out of range; expected a positive integer or None")
+    if normkd_student_tau not in NORMKD_STUDENT_TAU:
+        raise choice_error("logits.normkd_student_tau", normkd_student_tau, NORMKD_STUDENT_TAU)
+    if normkd_t is not None:
+        if not float(normkd_t) > 0.0:
+            raise ConfigError(f"logits.normkd_t={normkd_t!r} is out of range; expected a number > 0")
+        if student_tau is not None:
+            raise ValueError("pass student_tau (a constant τ_s) or normkd_t (τ_s = normkd_t·std(z_s)), not both")
 
     if fused:
         if hidden is None or lm_head_weight is None:
@@ -364,6 +427,8 @@ def distillation_loss(
             t = torch.as_tensor(tau_sq_scale, dtype=cdtype, device=device).detach()
             kd_coef = kd_coef * t.reshape(-1) ** 2 if t.dim() > 0 else kd_coef * t**2
         tau = _student_tau(student_tau, n_tok, cdtype, device)
+    t_norm = float(normkd_t) if normkd_t is not None else None
+    tau_grad = normkd_student_tau == "graph"
 
     if fused:
         need_grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
@@ -376,12 +441,13 @@ def distillation_loss(
             raise ValueError(f"hidden is {hidden.dtype} but lm_head_weight is {lm_head_weight.dtype}")
         with torch.autocast(dev_type, enabled=False):
             loss, lm, kd = _FusedLinearDistill.apply(hidden, lm_head_weight, labels, lm_coef, idx, q, kd_coef, tau,
-                                                     kind, jsd_beta, alpha, chunk, need_grad, mm_dtype)
+                                                     kind, jsd_beta, alpha, chunk, need_grad, mm_dtype, t_norm,
+                                                     tau_grad)
     else:
         need_grad = torch.is_grad_enabled() and logits.requires_grad
         with torch.autocast(device.type, enabled=False):
             loss, lm, kd = _SparseDistill.apply(logits, labels, lm_coef, idx, q, kd_coef, tau, kind, jsd_beta,
-                                                alpha, chunk, need_grad)
+                                                alpha, chunk, need_grad, t_norm, tau_grad)
     return LossOutput(loss, lm.detach(), kd.detach())
 
 
@@ -395,7 +461,10 @@ def _student_tau(student_tau: float | Tensor | None, n_tok: int, dtype: torch.dt
         if not t > 0.0:
             raise ConfigError(f"loss.student_tau={student_tau!r} is out of range; expected a number > 0")
         return None if t == 1.0 else t
-    t = student_tau.detach().to(device=device, dtype=dtype)
+    if student_tau.requires_grad:  # detaching it silently would drop a gradient the caller meant to keep
+        raise ValueError("student_tau is a constant here; for NormKD's τ_s = T·std(z_s) with its gradient pass "
+                         "normkd_t (and normkd_student_tau='detached' for the constant form)")
+    t = student_tau.to(device=device, dtype=dtype)
     if t.dim() == 0:
         t = t.expand(n_tok)
     t = t.reshape(-1)

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pd_lightning.config import LogitsConfig, LossConfig, OptimConfig
 from pd_lightning.data.shards import TokenShards
-from pd_lightning.logits.processing import logit_std, std_temperature, teacher_targets, truncate_top_p_k
+from pd_lightning.errors import ConfigError
+from pd_lightning.logits.processing import needed_power_exponents, teacher_targets, truncate_top_p_k
 from pd_lightning.losses import distillation_loss
 from pd_lightning.schedules import alpha_at, lr_multiplier
 
@@ -47,10 +48,16 @@ class TargetSpec:
         if lg.method == "normkd":
             params = {"t_norm": lg.normkd_t}
         elif lg.method == "wttm":
-            params = {"gamma": lg.wttm_gamma}
+            params = {"gamma": lg.wttm_gamma, "weight": lg.wttm_weight}
         elif lg.method in ("adakd_sd", "adakd_h"):
             params = {"beta": lg.adakd_beta, "tau_min": lg.adakd_min_tau, "tau_max": lg.adakd_max_tau}
         return TargetSpec(lg.p, lg.k, lg.tau, lg.method, store_p, store_k, params)
+
+    @property
+    def power_exponents(self) -> tuple[float, ...]:
+        """The power sums these targets need from the teacher's full distribution (WTTM's U)."""
+        return needed_power_exponents(self.method, self.params.get("gamma", 0.5), self.tau,
+                                      self.params.get("weight", "full"))
 
 
 class StepSampler(Sampler[int]):
@@ -215,12 +222,15 @@ class DistillationModule(pl.LightningModule):
     """Eq. 1 on a transformers causal LM; α and the LR follow their schedules over `max_steps`."""
 
     def __init__(self, model: torch.nn.Module, *, loss: LossConfig, optim: OptimConfig, max_steps: int,
-                 normkd_t: float | None = None, tau_sq: float | None = None, teacher: torch.nn.Module | None = None,
-                 teacher_optim: OptimConfig | None = None, cotrain_targets: TargetSpec | None = None):
+                 normkd_t: float | None = None, normkd_student_tau: str = "graph", tau_sq: float | None = None,
+                 teacher: torch.nn.Module | None = None, teacher_optim: OptimConfig | None = None,
+                 cotrain_targets: TargetSpec | None = None):
         super().__init__()
         self.model = model
         self.loss_cfg, self.optim_cfg, self.max_steps = loss, optim, max_steps
         self.normkd_t = normkd_t  # set when the teacher targets use NormKD: the student is tempered too
+        # τ_s = normkd_t·std(z_s) in the graph (the method) or "detached" (a constant; departs from it)
+        self.normkd_student_tau = normkd_student_tau
         self.tau_sq = tau_sq  # Hinton's τ² factor on the KD term (NormKD carries its τ_t² in the weights)
         # Co-training (Table 6, online): a teacher pre-trained in the same steps supplies the targets.
         self.teacher, self.teacher_optim, self.cotrain_targets = teacher, teacher_optim, cotrain_targets
@@ -236,7 +246,7 @@ class DistillationModule(pl.LightningModule):
         """α at the current step."""
         c = self.loss_cfg
         return alpha_at(self.progress(), c.alpha_schedule, c.alpha, periods=c.alpha_periods,
-                        warmup=c.alpha_warmup_frac, decay=c.alpha_decay_frac)
+                        warmup=c.alpha_warmup_frac, decay=c.alpha_decay_frac, peak=c.wsd_peak)
 
     def compute_loss(self, batch: dict[str, torch.Tensor], alpha: float):
         """LossOutput of Eq. 1 for one batch (position t of every sequence predicts token t+1)."""
@@ -247,7 +257,11 @@ class DistillationModule(pl.LightningModule):
         teacher = (batch["teacher_indices"], batch["teacher_probs"]) if kd else (None, None)
         weights = batch.get("token_weights") if kd else None
         tau_sq = self.tau_sq if kd else None
+        normkd = kd and self.normkd_t is not None
         if c.fused and kd:
+            if normkd:  # train() refuses this config first; a module built by hand must not drop τ_s silently
+                raise ConfigError("loss.fused=true cannot be combined with logits.method='normkd'; "
+                                  "set loss.fused=false")
             hidden = self.model.model(input_ids=ids).last_hidden_state[:, :-1]
             return distillation_loss(None, labels, *teacher, alpha=alpha, kind=c.kind, hidden=hidden,
                                      lm_head_weight=self.model.lm_head.weight, fused=True, chunk_size=c.chunk_size,
@@ -255,12 +269,11 @@ class DistillationModule(pl.LightningModule):
         logits = self.model(input_ids=ids).logits[:, :-1]
         if self.capture_logits:
             self.captured_logits = logits.detach()
-        student_tau = None
-        if kd and self.normkd_t is not None:
-            student_tau = std_temperature(logit_std(logits.detach().reshape(-1, logits.size(-1))), self.normkd_t)
+        # NormKD: the loss computes τ_s = normkd_t·std(z_s) row by row (and its gradient, in "graph" mode).
+        nk = {"normkd_t": self.normkd_t, "normkd_student_tau": self.normkd_student_tau} if normkd else {}
         return distillation_loss(logits, labels, *teacher, alpha=alpha if kd else 0.0, kind=c.kind,
-                                 chunk_size=c.chunk_size, token_weights=weights, student_tau=student_tau,
-                                 jsd_beta=c.jsd_beta, tau_sq_scale=tau_sq)
+                                 chunk_size=c.chunk_size, token_weights=weights, jsd_beta=c.jsd_beta,
+                                 tau_sq_scale=tau_sq, **nk)
 
     def cotrain_teacher_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Co-training: the teacher's own LM loss on the batch; its detached top-p-k targets join the batch."""
@@ -269,7 +282,8 @@ class DistillationModule(pl.LightningModule):
         teacher_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), ids[:, 1:].reshape(-1))
         t = self.cotrain_targets
         with torch.no_grad():
-            sparse = truncate_top_p_k(logits.detach().float().reshape(-1, logits.size(-1)), t.store_p, t.store_k)
+            sparse = truncate_top_p_k(logits.detach().float().reshape(-1, logits.size(-1)), t.store_p, t.store_k,
+                                      power_exponents=t.power_exponents)
             target = teacher_targets(sparse, t.p, t.k, t.tau, t.method, t.store_p, t.store_k, **t.params)
         batch["teacher_indices"], batch["teacher_probs"] = target.indices, target.probs
         if target.token_weights is not None:

@@ -2,18 +2,33 @@
 
 t = step / total_steps (clamped to [0, 1]). The paper (Table 5) names the schedules but not their
 phase lengths; one summary reports 10% warmup and a peak α of 0.9. The defaults below are this
-project's choices, each with its reason:
+project's choices, each with its reason. Loss: L = (1 - α)·L_lm + α·L_kd, β = 1 - α (the LM share).
 
-- α schedules take `alpha`, the α of the schedule's long phase: the constant value, the end points
-  of the linear ramps (Linear Inc 0 → alpha, Linear Dec alpha → 0), the peak of Period and of
-  WSD-α, and the stable-phase value of WSD-β (there β = 1 - α runs 0 → 1-alpha → 0, so α runs
-  1 → alpha → 1). DEFAULT_ALPHA = 0.9: the best constant α of Table 4 and the summary's peak.
+α(t) of each schedule (`alpha` = `loss.alpha`, `peak` = `loss.wsd_peak`, s(t) = wsd_shape(t) ∈ [0, 1]):
+- constant:   α = alpha.
+- linear_inc: α = alpha·t            (paper: "Linear Inc (α 0→1)", so Table 5 uses alpha = 1).
+- linear_dec: α = alpha·(1 - t)      (Table 5: alpha = 1).
+- period:     α = alpha·½(1 - cos(2π·periods·t)), 4 periods: starts and ends at 0 (the paper gives
+  only "oscillates periodically"; the smooth cosine wave averages alpha / 2 like any symmetric one).
+- wsd_alpha:  α = P·s(t), P = peak if set, else alpha: α runs 0 → P → 0. Table 5 and the quickstart
+  use alpha = 0.9 (the summary's peak; also the best constant α of Table 4, +3.6%).
+- wsd_beta:   β = P·s(t), α = 1 - P·s(t), P = peak if set, else DEFAULT_WSD_BETA_PEAK = 0.9:
+  β runs 0 → 0.9 → 0, so α runs 1 → 0.1 → 1. `alpha` is not used (α starts and ends at 1 by
+  definition; the config requires loss.alpha = 1, which also keeps the teacher's logits loaded).
+  The paper says only "WSD-β denotes applying the WSD scheduler to the proportion of LM loss"; the
+  peak of β is this project's inference from the printed numbers (Table 5 Δ vs LLM-LM):
+    WSD-β+WSD-LR +1.1%, 0-α+WSD-LR (LM only, WSD-LR) +1.2%, 1-α+WSD-LR (α = 1, WSD-LR) +5.0%;
+    Table 4 (cosine LR): α = 0.1 → +0.1%, α = 0.9 → +3.6%, α = 1.0 → +1.6%.
+  β peaking at 0.9 (α = 0.1 for the stable 80%) is an LM-dominated run with WSD-LR: α = 0.1 adds
+  about nothing to LM-only (+0.1%), so it should land near 0-α+WSD-LR's +1.2%, as the printed +1.1%
+  does. β peaking at 0.1 (α 1 → 0.9 → 1, the WSD-α peak mirrored) would differ from 1-α+WSD-LR only
+  by α = 0.9 instead of 1 in the stable phase, which Table 4 says helps, so it should score about
+  +5% or more, not +1.1%. That reading stays reachable with loss.wsd_peak = 0.1 (the code's former
+  one: β peaked at 1 - alpha = 0.1).
 - α WSD phases: warmup 10% (the summary's number), decay 10% (mirrors warmup; unknown), linear.
 - LR warmup 1% (a common LLM pre-training choice; 10% would waste a tenth of the budget at low LR).
 - LR WSD decay 10% with shape "1-sqrt" (MiniCPM uses ~10% decay; Hägele et al. 2024 found 1-sqrt
   the best cooldown shape), down to 0; cosine decays to 10% of the peak (Chinchilla's convention).
-- Period: α = alpha · ½(1 - cos(2π·periods·t)), 4 periods: starts and ends at 0 (the paper gives
-  only "oscillates periodically"; the smooth cosine wave averages alpha / 2 like any symmetric one).
 """
 
 from __future__ import annotations
@@ -27,10 +42,12 @@ import torch
 from pd_lightning.errors import ConfigError, choice_error
 
 ALPHA_SCHEDULES = ("constant", "linear_inc", "linear_dec", "period", "wsd_alpha", "wsd_beta")
+WSD_ALPHA_SCHEDULES = ("wsd_alpha", "wsd_beta")  # the α schedules that take a peak (loss.wsd_peak)
 LR_SCHEDULES = ("constant", "cosine", "wsd")
 DECAY_SHAPES = ("linear", "1-sqrt")
 
 DEFAULT_ALPHA = 0.9
+DEFAULT_WSD_BETA_PEAK = 0.9  # β's peak for wsd_beta (α 1 → 0.1 → 1): the reading that fits Table 5's +1.1%
 DEFAULT_ALPHA_WARMUP = 0.1
 DEFAULT_ALPHA_DECAY = 0.1
 DEFAULT_ALPHA_DECAY_SHAPE = "linear"
@@ -74,6 +91,18 @@ def wsd_shape(t: float, warmup: float, decay: float, decay_shape: str = "linear"
     return floor + (1.0 - floor) * f
 
 
+def wsd_peak_of(schedule: str, alpha: float = DEFAULT_ALPHA, peak: float | None = None) -> float:
+    """Peak of the quantity a WSD α schedule scales: α for wsd_alpha (None: `alpha`), β for wsd_beta (None: 0.9)."""
+    if schedule not in WSD_ALPHA_SCHEDULES:
+        raise ConfigError(f"loss.wsd_peak={peak!r} is not used by loss.alpha_schedule={schedule!r}; "
+                          f"expected one of {', '.join(WSD_ALPHA_SCHEDULES)}")
+    if peak is None:
+        return float(alpha) if schedule == "wsd_alpha" else DEFAULT_WSD_BETA_PEAK
+    if not 0.0 <= float(peak) <= 1.0:
+        raise ConfigError(f"loss.wsd_peak={peak!r} is out of range; expected a number in [0, 1]")
+    return float(peak)
+
+
 def alpha_at(
     t: float,
     schedule: str = "constant",
@@ -83,12 +112,15 @@ def alpha_at(
     warmup: float = DEFAULT_ALPHA_WARMUP,
     decay: float = DEFAULT_ALPHA_DECAY,
     decay_shape: str = DEFAULT_ALPHA_DECAY_SHAPE,
+    peak: float | None = None,
 ) -> float:
-    """α(t) for an α schedule; `alpha` is the long-phase value (see the module docstring)."""
+    """α(t) for an α schedule (formulas in the module docstring); `peak` (loss.wsd_peak) only for the WSD ones."""
     if schedule not in ALPHA_SCHEDULES:
         raise choice_error("loss.alpha_schedule", schedule, ALPHA_SCHEDULES)
     if not 0.0 <= float(alpha) <= 1.0:
         raise ConfigError(f"loss.alpha={alpha!r} is out of range; expected a number in [0, 1]")
+    if peak is not None and schedule not in WSD_ALPHA_SCHEDULES:
+        wsd_peak_of(schedule, alpha, peak)  # raises: a peak would be silently ignored
     t = _clamp01(t)
     if schedule == "constant":
         return float(alpha)
@@ -100,10 +132,11 @@ def alpha_at(
         if int(periods) < 1:
             raise ConfigError(f"loss.alpha_periods={periods!r} is out of range; expected an integer >= 1")
         return alpha * 0.5 * (1.0 - math.cos(2.0 * math.pi * int(periods) * t))
+    p = wsd_peak_of(schedule, alpha, peak)
     shape = wsd_shape(t, warmup, decay, decay_shape)
     if schedule == "wsd_alpha":
-        return alpha * shape
-    return 1.0 - (1.0 - alpha) * shape  # wsd_beta: β = (1 - alpha)·shape
+        return p * shape  # α = peak·shape: 0 → peak → 0
+    return 1.0 - p * shape  # wsd_beta: β = peak·shape, α = 1 - β: 1 → 1 - peak → 1
 
 
 def lr_multiplier(
@@ -165,18 +198,20 @@ def lambda_lr(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int,
 
 @dataclass(frozen=True)
 class PDSetting:
-    """One Table 5 configuration: distance, α schedule (with its α) and LR schedule."""
+    """One Table 5 configuration: distance, α schedule (with its α and WSD peak) and LR schedule."""
 
     loss_kind: str
     alpha_schedule: str
-    alpha: float
+    alpha: float  # loss.alpha
     lr_schedule: str
+    wsd_peak: float | None = None  # loss.wsd_peak (None: the schedule's default, see wsd_peak_of)
 
 
 # Table 5 rows by their printed names. Assumptions, as the paper leaves them open: the rows without
 # "LR" use the default cosine LR (the 0-α+WSD-LR row exists because the plain LLM-LM baseline did not
 # use WSD; LLM-LM is that baseline, added as the Δ reference); schedule rows use the vanilla distance NLL (LLM-NLL is the vanilla PD row, Table 1 = LLM-KD);
-# linear and period rows span α ∈ [0, 1] (paper: "Linear Inc (α 0→1)"); WSD rows use the peak α 0.9.
+# linear and period rows span α ∈ [0, 1] (paper: "Linear Inc (α 0→1)"); WSD-α rows peak at α 0.9; WSD-β
+# peaks at β 0.9 (α 1 → 0.1 → 1: the reading that fits the printed +1.1%, see the module docstring).
 TABLE5_ROWS: dict[str, PDSetting] = {
     "LLM-LM": PDSetting("nll", "constant", 0.0, "cosine"),  # the Δ reference of every table
     "0-α+WSD-LR": PDSetting("nll", "constant", 0.0, "wsd"),
@@ -188,7 +223,7 @@ TABLE5_ROWS: dict[str, PDSetting] = {
     "Period": PDSetting("nll", "period", 1.0, "cosine"),
     "1-α+WSD-LR": PDSetting("nll", "constant", 1.0, "wsd"),
     "WSD-α+Cos-LR": PDSetting("nll", "wsd_alpha", DEFAULT_ALPHA, "cosine"),
-    "WSD-β+WSD-LR": PDSetting("nll", "wsd_beta", DEFAULT_ALPHA, "wsd"),
+    "WSD-β+WSD-LR": PDSetting("nll", "wsd_beta", 1.0, "wsd", wsd_peak=DEFAULT_WSD_BETA_PEAK),
     "WSD-α+WSD-LR": PDSetting("nll", "wsd_alpha", DEFAULT_ALPHA, "wsd"),
 }
 

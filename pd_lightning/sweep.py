@@ -44,6 +44,8 @@ import yaml
 
 from pd_lightning.config import PDLConfig, config_hash, load_config, resolve_config_path
 from pd_lightning.errors import ConfigError, UserError, did_you_mean
+from pd_lightning.logits import codec
+from pd_lightning.logits.processing import power_exponents_for
 
 SWEEP_KEYS = ("name", "description", "table", "base", "experiment", "set", "grid", "rows", "baseline", "group_by",
               "seeds", "search", "objective", "eval", "budget", "scales", "default_scale", "runner")
@@ -182,6 +184,17 @@ class SweepSpec:
         base = self.base_config()
         return max(ps + [base.logits.p]), max(ks + [base.logits.k])
 
+    def power_exponents(self) -> list[float]:
+        """The power sums the store must keep for every configuration's targets (WTTM's full-vocabulary U)."""
+        found: set[float] = set()
+        base_method = self.base_config().logits.method
+        for t in self.baseline_points() + self.grid_points():
+            keys = {key: v for key, v in (self.common | t.overrides).items() if key.startswith("logits.")}
+            if keys.get("logits.method", base_method) != "wttm" and "logits.store_power_exponents" not in keys:
+                continue
+            found.update(power_exponents_for(self.base_config(keys).logits))
+        return sorted(found)
+
     def base_config(self, extra: dict[str, Any] | None = None) -> PDLConfig:
         """The base config with the sweep's common overrides (and `extra`)."""
         return load_config(self.base, overrides_to_args(self.common | (extra or {})))
@@ -189,7 +202,7 @@ class SweepSpec:
     def config_for(self, task: Task) -> PDLConfig:
         """The full config of one task (before prerequisite paths are filled in)."""
         p, k = self.loosest_truncation()
-        extra = {"logits.store_p": max(p, 1e-9), "logits.store_k": k}
+        extra = {"logits.store_p": max(p, 1e-9), "logits.store_k": k, "logits.store_power_exponents": self.power_exponents()}
         seeds = {"trainer.seed": task.seed, "model.init_seed": task.seed}
         budget = {}
         if self.budget:
@@ -561,11 +574,13 @@ def with_prerequisites(cfg: PDLConfig, cache: Path, *, build: bool = True, quiet
             with file_lock(cache / ".locks" / f"teacher-{key}.lock"):
                 train_teacher(cfg, quiet=quiet)
     teacher_id = store_teacher_id(cfg)
-    found = find_store(cache, teacher_id, data_key, lg.store_p, lg.store_k)
+    exps = list(power_exponents_for(lg))
+    found = find_store(cache, teacher_id, data_key, lg.store_p, lg.store_k, exps)
     if found is not None:
         lg.store, lg.store_p, lg.store_k = str(found[0]), found[1], found[2]
         return cfg
-    key = config_hash("offline", teacher_id, data_key, lg.store_p, lg.store_k)
+    # the encoding version and power sums are part of what a store holds (v1 stores at p = 1 are refused)
+    key = config_hash("offline", teacher_id, data_key, lg.store_p, lg.store_k, codec.ENCODING_VERSION, exps)
     lg.store = str(cache / f"logits-{key}")
     if build:
         from pd_lightning.logits.generate import generate_store
@@ -574,7 +589,8 @@ def with_prerequisites(cfg: PDLConfig, cache: Path, *, build: bool = True, quiet
             generate_store(cfg, quiet=quiet)
             (Path(lg.store) / "pdl_cache.json").write_text(json.dumps({
                 "teacher_id": teacher_id, "teacher": str(Path(cfg.teacher.path or cfg.teacher.out).resolve()),
-                "data": data_key, "p": lg.store_p, "k": lg.store_k}))
+                "data": data_key, "p": lg.store_p, "k": lg.store_k, "encoding_version": codec.ENCODING_VERSION,
+                "power_exponents": exps}))
     return cfg
 
 
@@ -602,16 +618,19 @@ def _teacher_key(cfg: PDLConfig, data_key: str) -> str:
                        o.beta1, o.beta2, o.eps, o.min_lr_ratio, o.grad_clip)
 
 
-def find_store(cache: Path, teacher_id: str, data_key: str, p: float, k: int) -> tuple[Path, float, int] | None:
-    """A finished cached store of this teacher (`store_teacher_id`) and data at least as loose as (p, k): the
-    tightest such."""
+def find_store(cache: Path, teacher_id: str, data_key: str, p: float, k: int,
+               power_exponents: list[float] | tuple[float, ...] = ()) -> tuple[Path, float, int] | None:
+    """A finished cached store of this teacher (`store_teacher_id`) and data at least as loose as (p, k), of the
+    current encoding version and keeping every power sum asked for: the tightest such."""
     best = None
     for marker in cache.glob("logits-*/pdl_cache.json"):
         try:
             info = json.loads(marker.read_text())
         except (OSError, ValueError):
             continue
+        kept = {float(a) for a in info.get("power_exponents", [])}
         if (info.get("teacher_id") == teacher_id and info.get("data") == data_key
+                and info.get("encoding_version", 1) == codec.ENCODING_VERSION and kept >= set(map(float, power_exponents))
                 and float(info["p"]) >= p and int(info["k"]) >= k and (marker.parent / "manifest.json").is_file()):
             if best is None or (info["k"], info["p"]) < (best[2], best[1]):
                 best = (marker.parent, float(info["p"]), int(info["k"]))

@@ -9,7 +9,8 @@ on CPU, ends with the weights an uninterrupted run would have.
 Cost (issue 11): every run also logs what it cost (`pd_lightning.cost` FLOP convention), as metrics
 at its last step:
 
-    cost.student_flops            student training FLOPs: 6·N·tokens + attention term
+    cost.student_flops            student training FLOPs: (6·N + 6·d_model·V + 6·n_layers·seq_len·d_attn)
+                                  × tokens (LM head included; pd_lightning.cost)
     cost.teacher_flops            teacher FLOPs charged to this run: offline / online-store logits =
                                   the store's generation FLOPs × (sequences this run read / sequences
                                   in the store), i.e. the teacher's forward over the tokens consumed
@@ -26,7 +27,8 @@ at its last step:
     cost.tokens_per_second        tokens / cost.wall_seconds
     store.entries_per_token, store.bytes_per_token   the store's, at its own (loosest) truncation
 
-and the tag `cost.device` ("cpu", "cuda:<GPU name>", " x<world size>" when distributed).
+the tag `cost.device` ("cpu", "cuda:<GPU name>", " x<world size>" when distributed) and the tag
+`cost.flops_convention` (pd_lightning.cost.FLOP_CONVENTION; absent on runs costed without the LM head).
 
 Budgets: `trainer.budget_kind=tokens|flops` turns `trainer.budget` into max_steps (replacing
 `trainer.max_steps`, so the LR and α schedules span the budget): the largest step count whose
@@ -57,6 +59,7 @@ from pd_lightning.config import LossConfig, OptimConfig, PDLConfig, config_hash,
 from pd_lightning.data.shards import read_manifest
 from pd_lightning.data.tokenizer import load_tokenizer
 from pd_lightning.errors import ConfigError, DataError, UserError
+from pd_lightning.logits.processing import missing_power_exponents, power_exponents_for
 from pd_lightning.models import build_model
 from pd_lightning.module import DistillationDataModule, DistillationModule, ProgressLines, TargetSpec, heldout_loss
 
@@ -174,6 +177,8 @@ def train_teacher(cfg: PDLConfig, *, quiet: bool = False) -> Path:
     lg = cfg.logits
     online = (lg.mode, lg.store, lg.store_p, lg.store_k, lg.online_start_frac, lg.online_end_frac,
               lg.sequences_per_shard) if lg.mode == "online_store" else None
+    if online and power_exponents_for(lg):  # (appended only when set: earlier online teachers keep their hash)
+        online += (power_exponents_for(lg),)
     digest = config_hash(t.preset, t.max_steps, t.batch_size, t.lr, t.warmup_frac, t.seed, manifest["config_hash"],
                          cfg.optim.weight_decay, cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps,
                          cfg.optim.min_lr_ratio, cfg.optim.grad_clip, online)
@@ -275,7 +280,7 @@ def _online_store_writer(cfg: PDLConfig, manifest: dict, teacher_out: Path, teac
         store, vocab_size=int(manifest["vocab_size"]), p=lg.store_p, k=lg.store_k,
         positions_per_sequence=int(manifest["seq_len"]) - 1, num_sequences=len(sequence_map),
         sequences_per_shard=lg.sequences_per_shard, teacher=str(teacher_out.resolve()), teacher_config_hash=teacher_hash,
-        tokenizer_hash=manifest["tokenizer_hash"], rerun=rerun)
+        tokenizer_hash=manifest["tokenizer_hash"], rerun=rerun, power_exponents=power_exponents_for(lg))
     return OnlineLogitWriter(writer, start, end, t.batch_size)
 
 
@@ -300,6 +305,13 @@ def _check_store(cfg: PDLConfig, data_manifest: dict) -> tuple[dict, int]:
     if int(m["vocab_size"]) < int(data_manifest["vocab_size"]):
         raise DataError(f"logit store vocab_size={m['vocab_size']} is smaller than the shards' vocabulary "
                         f"({data_manifest['vocab_size']}); regenerate the store with the student's tokenizer")
+    missing = missing_power_exponents(cfg.logits, m.get("power_exponents", []))
+    if missing:
+        a = ", ".join(f"{x:g}" for x in missing)
+        raise ConfigError(f"logits.method=wttm (wttm_gamma={cfg.logits.wttm_gamma:g}, tau={cfg.logits.tau:g}) needs "
+                          f"log Σ q^a for a = {a} per token, which logits.store={str(store)!r} does not keep "
+                          f"(it keeps {m.get('power_exponents') or 'none'}); regenerate the store with "
+                          f"logits.store_power_exponents=[{a}] or set logits.wttm_weight=support")
     meta = m.get("meta") or {}
     wrong_data = meta.get("data_hash") not in (None, data_manifest["config_hash"])
     if wrong_data or int(m["positions_per_sequence"]) != int(data_manifest["seq_len"]) - 1:
@@ -523,6 +535,7 @@ def train(cfg: PDLConfig, *, quiet: bool = False, tags: dict[str, str] | None = 
     kd = use_store or cotrain
     module = DistillationModule(model, loss=cfg.loss, optim=cfg.optim, max_steps=max_steps,
                                 normkd_t=cfg.logits.normkd_t if kd and cfg.logits.method == "normkd" else None,
+                                normkd_student_tau=cfg.logits.normkd_student_tau,
                                 tau_sq=tau_sq, **cotrain_kwargs)
     data = DistillationDataModule(data_dir, tr.batch_size, tr.seed, store_root=cfg.logits.store if use_store else None,
                                   targets=targets, num_workers=tr.num_workers, val_batches=tr.val_batches,
@@ -587,6 +600,7 @@ def train(cfg: PDLConfig, *, quiet: bool = False, tags: dict[str, str] | None = 
     for key, value in run_cost.items():
         client.log_metric(run_id, key, value, step=steps)
     client.set_tag(run_id, "cost.device", _device_tag(trainer))
+    client.set_tag(run_id, "cost.flops_convention", cost.FLOP_CONVENTION)  # runs costed before the head counted lack it
     client.log_artifacts(run_id, str(out / "model"), "model")
     client.set_terminated(run_id, "FINISHED")
     info.pop("_file")

@@ -247,6 +247,11 @@ CASES = [
     C("train-store-truncated-shard", TRAIN + " logits.store={tmp}/store", "shard-000004.bin", store(truncate("shard-000004.bin"))),
     C("train-store-missing-shard", TRAIN + " logits.store={tmp}/store", "shard-000001.bin", store(remove("shard-000001.bin"))),
     C("train-p-beyond-store", TRAIN + " logits.store={store} logits.store_p=1.0 logits.p=1.0", "logits.p"),
+    C("train-wttm-store-without-power-sums", TRAIN + " logits.store={store} logits.method=wttm",
+      ("logits.method=wttm", "store_power_exponents=[0.5]", "wttm_weight=support")),
+    C("store-v1-at-p-1", "logits inspect {tmp}/store", ("p=1", "earlier version", "pdl logits generate"),
+      store(manifest(p=1.0, encoding={"name": "egsqrt", "version": 1, "index_bits": 9, "value_step": 1 / 384}))),
+    C("config-bad-power-exponent", "config show tiny logits.store_power_exponents=[0]", "logits.store_power_exponents"),
     C("train-missing-data", TRAIN.replace("data.out={data}", "data.out={tmp}/no-data") + " loss.alpha=0", "no-data"),
     # ---- model dirs for `pdl eval` and `pdl logits generate`
     C("eval-missing-dir", "eval {tmp}/no-model", "no-model", sub=True),

@@ -72,12 +72,17 @@ BAD_OVERRIDES = [
     ("logits.k=200", "<= logits.store_k"),
     ("logits.p=0.99", "<= logits.store_p"),
     ("logits.method=normkd logits.tau=2", "not used by"),
+    ("logits.normkd_student_tau=detach", "did you mean 'detached'"),
     ("loss.alpha=1.2", "[0, 1]"),
     ("loss.alpha=-0.1", "loss.alpha"),
     ("loss.alpha=abc", "loss.alpha"),
     ("loss.kind=kldd", "did you mean 'kld'"),
     ("loss.alpha_schedule=wsd-alpha", "did you mean 'wsd_alpha'"),
     ("loss.alpha_warmup_frac=0.95", "loss.alpha_decay_frac"),
+    ("loss.wsd_peak=0.5", "loss.wsd_peak=0.5"),  # the constant schedule has no peak
+    ("loss.alpha_schedule=wsd_beta loss.wsd_peak=1.5", "loss.wsd_peak=1.5"),
+    ("loss.alpha_schedule=wsd_beta loss.alpha=0.9", "loss.alpha=0.9"),  # wsd_beta: α starts and ends at 1
+    ("loss.alpha_schedule=wsd_alpha loss.alpha=0.5 loss.wsd_peak=0.7", "loss.alpha=0.5"),
     ("loss.jsd_beta=1", "loss.jsd_beta"),
     ("loss.chunk_size=0", "loss.chunk_size"),
     ("optim.lr=0", "optim.lr"),

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from transformers import AutoModelForCausalLM
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from pd_lightning import cost
 from pd_lightning.cli import main
@@ -48,14 +49,74 @@ def test_flop_formulas_match_a_hand_count_for_tiny_1m():
     assert cost.non_embedding_params(build_config("tiny-1m", VOCAB)) == n
     assert cost.non_embedding_params(build_model("tiny-1m", VOCAB)) == n  # a real module counts the same
     shape = cost.preset_cost_shape("tiny-1m", VOCAB)
-    assert (shape.non_embedding_params, shape.n_layers, shape.d_model) == (n, 4, 128)
+    assert (shape.non_embedding_params, shape.n_layers, shape.d_attn, shape.d_model, shape.vocab_size) == (n, 4, 128, 128, VOCAB)
     tokens = BATCH * SEQ  # one step
-    # Kaplan: 6·N per token + 6·n_layers·seq_len·d_model per token for the attention scores (fwd + bwd).
-    hand = 6 * 787_584 * 1024 + 6 * 4 * 64 * 128 * 1024
-    assert hand == 5_040_242_688
-    assert cost.training_flops(n, 4, 128, SEQ, tokens) == shape.training_flops(SEQ, tokens) == hand
-    assert cost.forward_flops(n, 4, 128, SEQ, tokens) == shape.forward_flops(SEQ, tokens) == hand / 3
-    assert 2 * 787_584 * 1024 + 2 * 4 * 64 * 128 * 1024 == hand / 3
+    # Per trained token: 6·N (every non-embedding weight) + 6·d_model·V (the tied LM head's matmul, still
+    # computed) + 6·n_layers·seq_len·d_attn (Kaplan's attention term), forward + backward.
+    hand = 6 * 787_584 * 1024 + 6 * 128 * 512 * 1024 + 6 * 4 * 64 * 128 * 1024
+    assert hand == 4_838_916_096 + 402_653_184 + 201_326_592 == 5_442_895_872
+    kw = {"d_model": 128, "vocab_size": VOCAB}
+    assert cost.training_flops(n, 4, 128, SEQ, tokens, **kw) == shape.training_flops(SEQ, tokens) == hand
+    assert cost.forward_flops(n, 4, 128, SEQ, tokens, **kw) == shape.forward_flops(SEQ, tokens) == hand / 3
+    assert 2 * 787_584 * 1024 + 2 * 128 * 512 * 1024 + 2 * 4 * 64 * 128 * 1024 == hand / 3
+    assert shape.forward_terms(SEQ) == {"non_embedding": 2 * 787_584, "head": 2 * 128 * 512, "attention": 2 * 4 * 64 * 128}
+
+
+def _eager(model: torch.nn.Module) -> torch.nn.Module:
+    model.config._attn_implementation = "eager"  # plain matmuls, which FlopCounterMode counts (CPU SDPA: none)
+    return model
+
+
+@pytest.mark.parametrize("name, model", [
+    ("tiny-1m (tied head)", lambda: build_model("tiny-1m", VOCAB)),
+    ("tiny-20m (untied head)", lambda: build_model("tiny-20m", VOCAB)),
+    ("d_model 96 != d_attn 4 x 32, tied", lambda: LlamaForCausalLM(LlamaConfig(
+        vocab_size=300, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, use_cache=False))),
+])
+def test_flops_count_every_matmul_of_a_real_model_lm_head_included(name, model):
+    """The formula against the model's own weights and torch's FLOP counter: 2 FLOPs per multiply-add of
+    every nn.Linear (q, k, v, o, gate, up, down and lm_head, tied or not), 2 per RMSNorm gain (N's
+    non-matmul weights), plus Kaplan's attention term 2·n_layers·T·d_attn, which is half of what the
+    eager attention's dense QKᵀ and AV matmuls do (4·n_layers·T·d_attn: no causal saving)."""
+    model = _eager(model())
+    cfg = model.config
+    linear = sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    head = model.get_output_embeddings()
+    assert isinstance(head, torch.nn.Linear) and 2 * head.in_features * head.out_features == 2 * cfg.hidden_size * cfg.vocab_size
+    norms = sum(m.weight.numel() for m in model.modules() if type(m).__name__.endswith("RMSNorm"))
+    d_attn = cfg.num_attention_heads * cfg.head_dim
+    batch, seq = 2, 16
+    tokens = batch * seq
+    kaplan_attention, dense_attention = 2 * cfg.num_hidden_layers * seq * d_attn, 4 * cfg.num_hidden_layers * seq * d_attn
+    shape = cost.model_cost_shape(model)
+    assert shape.non_embedding_params + cfg.hidden_size * cfg.vocab_size == linear // 2 + norms  # N + head = every weight used
+    assert shape.forward_flops(seq, tokens) == (linear + 2 * norms + kaplan_attention) * tokens
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+    with FlopCounterMode(display=False) as forward:
+        model(input_ids=ids)
+    with FlopCounterMode(display=False) as training:
+        model(input_ids=ids).logits.sum().backward()
+    assert forward.get_total_flops() == (linear + dense_attention) * tokens
+    assert training.get_total_flops() == 3 * forward.get_total_flops()  # the backward is twice the forward
+    assert shape.forward_flops(seq, tokens) == forward.get_total_flops() + (2 * norms - kaplan_attention) * tokens
+    assert shape.training_flops(seq, tokens) == training.get_total_flops() + 3 * (2 * norms - kaplan_attention) * tokens
+    # The causal count of scores + values, position i attending to i + 1 keys: 2·(T + 1)·d_attn a layer.
+    causal = sum(4 * (i + 1) * d_attn for i in range(seq)) * cfg.num_hidden_layers / seq
+    assert kaplan_attention == causal * seq / (seq + 1)
+
+
+@pytest.mark.parametrize("preset, vocab, seq_len, undercount, share", [
+    ("330M", 151_552, 4096, 0.68, 0.40),  # the paper's Table 7 sizes at GLM-4's vocabulary, 4,096-token context
+    ("1.9B", 151_552, 4096, 0.21, 0.18),
+    ("6.8B", 151_552, 4096, 0.10, 0.09),
+    ("tiny-1m", 2048, 128, 0.31, 0.235),  # the quickstart's student: about a third of the rest
+])
+def test_lm_head_share_of_training_flops(preset, vocab, seq_len, undercount, share):
+    terms = cost.preset_cost_shape(preset, vocab).forward_terms(seq_len)
+    rest = terms["non_embedding"] + terms["attention"]  # what the count was without the head
+    assert terms["head"] / rest == pytest.approx(undercount, abs=0.005)
+    assert terms["head"] / (rest + terms["head"]) == pytest.approx(share, abs=0.005)
 
 
 def test_non_embedding_count_ignores_vocabulary_and_tying():
@@ -108,7 +169,8 @@ def test_store_records_its_generation_cost(tiny_store, tiny_teacher, capsys):
     assert teacher.non_embedding_params == tiny_1m_hand_count()  # the fixture's teacher is a tiny-1m
     tokens = m["num_sequences"] * SEQ  # the teacher ran on every token of every sequence
     assert meta["generation_tokens"] == tokens and meta["flops_convention"] == cost.FLOP_CONVENTION
-    assert meta["generation_flops"] == 2 * 787_584 * tokens + 2 * 4 * SEQ * 128 * tokens
+    assert meta["generation_flops"] == (2 * 787_584 + 2 * 128 * VOCAB + 2 * 4 * SEQ * 128) * tokens  # LM head included
+    assert (meta["teacher_d_model"], meta["teacher_d_attn"], meta["teacher_vocab_size"]) == (128, 128, VOCAB)
     info = inspect_store(tiny_store)
     assert info["generation_flops"] == meta["generation_flops"]
     assert info["generation_seconds"] > 0 and info["generation_device"] in ("cpu", f"cuda:{gpu_name()}")
@@ -119,6 +181,24 @@ def test_store_records_its_generation_cost(tiny_store, tiny_teacher, capsys):
     assert main(["logits", "inspect", str(tiny_store), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["generation_flops"] == meta["generation_flops"] and shown["generation_seconds"] > 0
+
+
+def test_a_store_costed_without_the_lm_head_gets_it_added(tmp_path):
+    """A store written before the head was counted: recomputed from its teacher's config.json when the
+    teacher dir is there, else its recorded figure plus the head's 2·d·V per generated token."""
+    shape = cost.preset_cost_shape("tiny-1m", VOCAB)
+    tokens = 10 * SEQ
+    no_head = (2 * 787_584 + 2 * 4 * SEQ * 128) * tokens
+    manifest = {"positions_per_sequence": SEQ - 1, "num_sequences": 10, "vocab_size": VOCAB,
+                "teacher": str(tmp_path / "gone"), "meta": {
+                    "generation_flops": float(no_head), "generation_tokens": tokens, "teacher_layers": 4,
+                    "teacher_d_model": 128, "teacher_non_embedding_params": 787_584,
+                    "flops_convention": "kaplan2020: train 6N+6·L·T·d, forward 2N+2·L·T·d per token; N non-embedding"}}
+    assert cost.store_generation_flops(manifest) == no_head + 2 * 128 * VOCAB * tokens == shape.forward_flops(SEQ, tokens)
+    build_model("tiny-1m", VOCAB).config.save_pretrained(tmp_path / "teacher")
+    assert cost.store_generation_flops({**manifest, "teacher": str(tmp_path / "teacher")}) == shape.forward_flops(SEQ, tokens)
+    current = {**manifest, "meta": cost.store_cost_meta(shape, 10, SEQ)}
+    assert cost.store_generation_flops(current) == shape.forward_flops(SEQ, tokens)
 
 
 def test_online_store_records_the_teachers_forward_over_its_window(tiny_data, tmp_path):
@@ -208,7 +288,8 @@ def test_every_run_logs_its_cost(flop_budget_runs, tiny_store):
     for m, summary in ((a, lm), (b, pd)):
         assert 0 < m["cost.wall_seconds"] < 600
         assert m["cost.tokens_per_second"] == pytest.approx(summary["tokens"] / m["cost.wall_seconds"])
-        assert MlflowClient(uri).get_run(summary["run_id"]).data.tags["cost.device"] in ("cpu", f"cuda:{gpu_name()}")
+        tags = MlflowClient(uri).get_run(summary["run_id"]).data.tags
+        assert tags["cost.device"] in ("cpu", f"cuda:{gpu_name()}") and tags["cost.flops_convention"] == cost.FLOP_CONVENTION
         assert summary["cost"]["cost.total_flops"] == m["cost.total_flops"]
 
 

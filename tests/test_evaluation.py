@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from pd_lightning.data.corpus import EVAL_TASKS, heldout_texts, make_eval_items
 from pd_lightning.errors import ConfigError, DataError, UserError
 
 LOCAL_MC = ("synth_continuation", "synth_facts", "synth_arithmetic")
+# The paper suite's shots per task (secondary source; MMLU 5, not the source's 6).
+PAPER_SHOTS = {"hellaswag": 0, "winogrande": 0, "piqa": 0, "mmlu": 5, "c3": 5, "ceval-valid": 5, "gsm8k": 8}
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +83,9 @@ def test_synth_task_item_counts_keep_stderr_below_1_5_points():
 def test_paper_suite_names_harness_tasks_with_documented_shots():
     specs = {s.task: s for s in ev.load_suite("paper")}
     assert list(specs) == ["hellaswag", "winogrande", "piqa", "mmlu", "c3", "ceval-valid", "gsm8k"]
-    assert {t: s.num_fewshot for t, s in specs.items()} == {
-        "hellaswag": 0, "winogrande": 0, "piqa": 0, "mmlu": 5, "c3": 0, "ceval-valid": 5, "gsm8k": 5}
+    # The shots of a secondary source (summaries of the paper's appendix A.1), MMLU 5 not 6 (the
+    # suite file says why); test_paper_suite_runs_each_task_at_its_shots checks what the harness runs.
+    assert {t: s.num_fewshot for t, s in specs.items()} == PAPER_SHOTS
     tm = ev.task_manager(True)
     known = set(tm.all_tasks)
     assert set(specs) <= known  # every name resolves: the harness's own, or c3 from our dir
@@ -114,7 +118,7 @@ def test_synth_datasets_are_the_corpus_items_with_disjoint_fewshot_items():
 
 def test_resolve_tasks_keeps_suite_settings_and_refuses_bad_names():
     specs = ev.resolve_tasks("local", "gsm8k, synth_facts")
-    assert [(s.task, s.num_fewshot, s.filter) for s in specs] == [("gsm8k", 5, "strict-match"), ("synth_facts", 0, "none")]
+    assert [(s.task, s.num_fewshot, s.filter) for s in specs] == [("gsm8k", 8, "strict-match"), ("synth_facts", 0, "none")]
     with pytest.raises(ConfigError, match=r"eval.suite='papers'.*did you mean 'paper'"):
         ev.resolve_tasks("papers")
     with pytest.raises(ConfigError, match="names no task"):
@@ -363,3 +367,115 @@ def test_pdl_backend_matches_the_harness_hf_model(tiny_teacher: Path):
     reqs = [Instance("loglikelihood", {}, (it["context"], c), i) for i, it in enumerate(items) for c in it["choices"]]
     for (a, _), (b, _) in zip(pdl.loglikelihood(reqs), hf.loglikelihood(reqs)):
         assert a == pytest.approx(b, abs=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper suite's shots as the harness builds them (its datasets are not cached here: stand-ins)
+
+
+def _paper_stand_in_rows(path: str, name: str | None, i: int) -> dict:
+    """Row i of a stand-in for each paper dataset, with the real one's fields; "Q<i>" marks its question."""
+    q = f"Q{i} "
+    rows = {
+        "Rowan/hellaswag": {"ctx_a": q + "a man", "ctx_b": "walks", "activity_label": "walking",
+                            "endings": ["on.", "off.", "up.", "down."], "label": "0"},
+        "allenai/winogrande": {"sentence": q + "The cat sat on the _ mat.", "option1": "red", "option2": "blue",
+                               "answer": "1"},
+        "baber/piqa": {"goal": q + "open a jar", "sol1": "twist the lid", "sol2": "drop it", "label": 0},
+        "cais/mmlu": {"question": q + "2 + 2?", "subject": name, "choices": ["3", "4", "5", "6"], "answer": 1},
+        "clue/clue": {"id": i, "context": [q + "男：你好。", "女：你好。"], "question": "他们在做什么？",
+                      "choice": ["打招呼", "吃饭"], "answer": "打招呼"},
+        "ceval/ceval-exam": {"id": i, "question": q + "1 + 1 = ?", "A": "1", "B": "2", "C": "3", "D": "4",
+                             "answer": "B", "explanation": ""},
+        "openai/gsm8k": {"question": q + "Tom has 2 apples and gets 1 more. How many?",
+                         "answer": "2 + 1 = 3\n#### 3"},
+    }
+    return rows[path]
+
+
+def _paper_stand_in_dataset(path: str, name: str | None = None, **_):
+    """A DatasetDict per paper dataset; MMLU's and C-Eval's dev (few-shot) splits hold 5 rows, like the real ones."""
+    import datasets
+
+    sizes = {"train": 12, "validation": 12, "test": 12, "val": 12, "dev": 5}
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(
+        [_paper_stand_in_rows(path, name, i) for i in range(n)]) for split, n in sizes.items()})
+
+
+def _recording_lm():
+    """A harness LM that answers every request with constants and keeps each request's context."""
+    from lm_eval.api.model import LM
+
+    class RecordingLM(LM):
+        contexts: dict[str, list[str]] = {}
+
+        def _keep(self, requests):
+            for r in requests:
+                self.contexts.setdefault(r.task_name, []).append(r.args[0])
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            self._keep(requests)
+            return [(-1.0, False)] * len(requests)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            return [-1.0] * len(requests)
+
+        def generate_until(self, requests, disable_tqdm=False):
+            self._keep(requests)
+            return ["#### 3"] * len(requests)
+
+    return RecordingLM()
+
+
+@pytest.fixture()
+def paper_stand_ins(monkeypatch: pytest.MonkeyPatch, tiny_teacher: Path):
+    """evaluate() on the real harness and task configs, with stand-in datasets and a recording LM."""
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", _paper_stand_in_dataset)
+    lm = _recording_lm()
+    monkeypatch.setattr(ev, "load_lm", lambda *a, **k: (lm, "recording", "stand-in"))
+    return lm
+
+
+def test_paper_suite_runs_each_task_at_its_shots(tiny_teacher: Path, paper_stand_ins):
+    result = ev.evaluate(tiny_teacher, suite="paper", limit=1, quiet=True)
+    assert result["failed"] == {} and set(result["tasks"]) == set(PAPER_SHOTS)
+    assert {t: s["num_fewshot"] for t, s in result["tasks"].items()} == PAPER_SHOTS
+    configs = result["lm_eval"]["configs"]  # every leaf task as the harness built it (mmlu: 57, ceval: 52)
+    leaves = {t: {n for n in configs if n == t or n.startswith(f"{t}_")} for t in PAPER_SHOTS}
+    assert (len(leaves["mmlu"]), len(leaves["ceval-valid"])) == (57, 52)
+    for task, shots in PAPER_SHOTS.items():
+        assert leaves[task] and {configs[n]["num_fewshot"] for n in leaves[task]} == {shots}, task
+    # c3 is our own YAML: its 5 examples come from train; the prompt holds them plus the item itself.
+    assert configs["c3"]["fewshot_split"] == "train"
+    for task in ("c3", "gsm8k", "mmlu_anatomy", "ceval-valid_law", "hellaswag"):
+        context = paper_stand_ins.contexts[task][0]
+        assert len(re.findall(r"Q\d+ ", context)) == configs[task]["num_fewshot"] + 1, (task, context)
+    # GSM8k decodes greedily: the harness's own task config, unchanged by the lab.
+    gen = configs["gsm8k"]["generation_kwargs"]
+    assert gen["do_sample"] is False and gen["temperature"] == 0.0
+
+
+def test_mmlu_cannot_run_6_shot_from_its_5_question_dev_split(tiny_teacher: Path, paper_stand_ins):
+    # Why the paper suite keeps MMLU at 5, not the secondary source's 6: lm-eval's mmlu takes its
+    # examples in order from the dev split, which holds 5 per subject, and refuses a 6th.
+    with pytest.raises(AssertionError, match="exceeds the 5 that are available"):
+        ev.evaluate(tiny_teacher, tasks="mmlu", num_fewshot=6, limit=1, quiet=True)
+
+
+def test_a_task_that_pins_zero_shots_is_reported_not_silently_run_0_shot(tiny_teacher: Path, paper_stand_ins,
+                                                                         tmp_path: Path, monkeypatch, caplog):
+    # The harness ignores a shot count for a task whose YAML says num_fewshot: 0 (it only logs an
+    # info line); evaluate() warns and records the count the task actually ran at.
+    from lm_eval.tasks import TaskManager
+
+    cfg = yaml.safe_load((ev.TASKS_DIR / "c3.yaml").read_text(encoding="utf-8"))
+    cfg |= {"task": "c3_pinned", "num_fewshot": 0}
+    (tmp_path / "c3_pinned.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    tm = TaskManager(include_path=[str(ev.TASKS_DIR), str(tmp_path)], include_defaults=False)
+    monkeypatch.setattr(ev, "_task_manager_for", lambda names, seed: tm)
+    with caplog.at_level("WARNING", logger=ev.log.name):
+        result = ev.evaluate(tiny_teacher, tasks="c3_pinned", num_fewshot=3, limit=1, quiet=True)
+    assert result["tasks"]["c3_pinned"]["num_fewshot"] == 0
+    assert "task 'c3_pinned': asked for 3-shot, but the harness ran c3_pinned 0-shot" in caplog.text

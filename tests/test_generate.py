@@ -122,3 +122,28 @@ def test_corrupt_store_is_named_by_verify_and_refused_on_open(tiny_teacher, smal
     shard.write_bytes(bytes(data[:-5]))
     with pytest.raises(DataError, match=shard.name):
         LogitStore(store_dir)
+
+
+def test_wttm_store_keeps_the_full_vocabulary_power_sum_and_trains(tiny_teacher, small_data, tmp_path):
+    """`pdl logits generate` with logits.method=wttm keeps log Σ q^γ per token; `pdl train` uses it as WTTM's U."""
+    from pd_lightning.logits.processing import teacher_targets
+
+    store_dir = tmp_path / "store"
+    args = gen_args(small_data, tiny_teacher, store_dir, "data.seq_len=32", "logits.method=wttm", "logits.wttm_gamma=0.4")
+    assert main(["logits", "generate", *args]) == 0
+    store = LogitStore(store_dir)
+    assert store.power_exponents == (0.4,)
+    shards = TokenShards(small_data, "train")
+    model = load_causal_lm(tiny_teacher)
+    ids = torch.from_numpy(shards.batch([0, 5]))
+    with torch.no_grad():
+        z = model(input_ids=ids).logits[:, :-1].reshape(-1, model.config.vocab_size).double()
+    u_ref = (torch.softmax(z, -1) ** 0.4).sum(-1)  # WTTM's U: the whole vocabulary
+    got = teacher_targets(store.sequences([0, 5]), 0.95, 100, method="wttm", gamma=0.4, store_p=0.95, store_k=100)
+    torch.testing.assert_close(got.token_weights.double(), u_ref, rtol=3e-3, atol=0)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    train_args = ["train", *args, f"trainer.out={tmp_path / 'run'}", f"tracking.tracking_uri={uri}", "trainer.max_steps=3",
+                  "trainer.num_workers=0", "trainer.batch_size=4", "trainer.val_every_n_steps=3", "trainer.val_batches=1"]
+    assert main(train_args) == 0
+    # the same config asking for another γ is refused before training, naming the fix
+    assert main([*train_args[:-6], "logits.wttm_gamma=0.3", f"trainer.out={tmp_path / 'run2'}", "trainer.max_steps=3"]) == 2

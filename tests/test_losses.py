@@ -9,6 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pd_lightning.errors import ConfigError
+from pd_lightning.logits.processing import logit_std, std_temperature
 from pd_lightning.losses import KD_NORMS, LOSS_KINDS, auto_chunk_size, distillation_loss
 
 F64 = torch.float64
@@ -240,6 +241,64 @@ def test_student_tau_of_ones_equals_shared_normaliser_and_differs_otherwise():
     assert abs(c.loss.item() - a.item()) > 1e-3
 
 
+@SETTINGS
+@given(c=case, kind=st.sampled_from(LOSS_KINDS), kfrac=st.floats(0, 1), pad=st.integers(0, 3),
+       alpha=st.sampled_from([0.3, 1.0]), chunk=st.integers(1, 7), t_norm=st.sampled_from([0.5, 1.5, 4.0]),
+       use_w=st.booleans())
+def test_normkd_student_tau_is_in_the_graph_and_detached_drops_only_that_path(c, kind, kfrac, pad, alpha, chunk,
+                                                                               t_norm, use_w):
+    # NormKD (Chi et al. 2023): τ_s = T_norm·std(z_s) (population std over V) is a function of z_s.
+    seed, n, v = c[:3]
+    z, labels, idx, q = make_case(seed, n, v, 1 + round(kfrac * (v - 1)), pad, ignored=0.3)
+    w = torch.rand(n, generator=torch.Generator().manual_seed(seed + 2), dtype=F64) + 0.5 if use_w else None
+    z.requires_grad_()
+    tau_s = t_norm * z.std(-1, correction=0)
+    kw = dict(alpha=alpha, kind=kind, chunk_size=chunk, token_weights=w, normkd_t=t_norm)
+    for mode, tau_ref in (("graph", tau_s), ("detached", tau_s.detach())):
+        out = distillation_loss(z, labels, idx, q, normkd_student_tau=mode, **kw)
+        ref = dense_reference(z, labels, idx, q, alpha=alpha, kind=kind, tau=tau_ref, weights=w)[0]
+        torch.testing.assert_close(out.loss, ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(torch.autograd.grad(out.loss, z)[0], torch.autograd.grad(ref, z)[0],
+                                   rtol=1e-9, atol=1e-12)
+
+
+def test_normkd_detached_reproduces_the_old_constant_student_tau():
+    # Before issue 16 the module passed τ_s = std_temperature(logit_std(z.detach())) as a constant.
+    z, labels, idx, q = make_case(16, 6, 50, 12, pad=3, ignored=0.2)
+    z.requires_grad_()
+    old = distillation_loss(z, labels, idx, q, alpha=1.0, kind="kld", chunk_size=4,
+                            student_tau=std_temperature(logit_std(z.detach()), 1.5))
+    new = distillation_loss(z, labels, idx, q, alpha=1.0, kind="kld", chunk_size=4, normkd_t=1.5,
+                            normkd_student_tau="detached")
+    torch.testing.assert_close(new.loss, old.loss, rtol=1e-6, atol=0)  # the old τ_s went through float32
+    torch.testing.assert_close(torch.autograd.grad(new.loss, z)[0], torch.autograd.grad(old.loss, z)[0],
+                               rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["graph", "detached"])
+def test_normkd_fused_equals_unfused(mode):
+    # The fused path computes z per chunk; τ_s needs whole rows, which every chunk has.
+    _, labels, idx, q = make_case(17, 9, 30, 8, pad=2, ignored=0.2)
+    g = torch.Generator().manual_seed(17)
+    h = torch.randn(9, 5, generator=g, dtype=F64, requires_grad=True)
+    w = torch.randn(30, 5, generator=g, dtype=F64, requires_grad=True)
+    kw = dict(alpha=0.8, kind="kld", chunk_size=4, normkd_t=1.5, normkd_student_tau=mode)
+    fused = distillation_loss(None, labels, idx, q, hidden=h, lm_head_weight=w, fused=True, **kw)
+    plain = distillation_loss(h @ w.t(), labels, idx, q, **kw)
+    torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-12, atol=0)
+    for a, b in zip(torch.autograd.grad(fused.loss, (h, w)), torch.autograd.grad(plain.loss, (h, w))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_student_tau_that_requires_grad_is_refused_not_silently_detached():
+    z, labels, idx, q = make_case(18, 4, 9, 3, pad=0, ignored=0.0)
+    z.requires_grad_()
+    with pytest.raises(ValueError, match="normkd_t"):
+        distillation_loss(z, labels, idx, q, alpha=0.5, student_tau=1.5 * z.std(-1, correction=0))
+    with pytest.raises(ValueError, match="not both"):
+        distillation_loss(z, labels, idx, q, alpha=0.5, student_tau=2.0, normkd_t=1.5)
+
+
 def test_padding_slots_and_ignored_rows_are_harmless():
     z, labels, idx, q = make_case(10, 4, 9, 3, pad=0, ignored=0.0)
     ref = distillation_loss(z, labels, idx, q, alpha=0.9, kind="jsd").loss
@@ -319,6 +378,8 @@ def test_auto_chunk_size():
     (dict(kind="jsd", jsd_beta=0.0), "loss.jsd_beta=0.0"),
     (dict(kind="nll", student_tau=0.0), "loss.student_tau=0.0"),
     (dict(kind="nll", chunk_size=0), "loss.chunk_size=0"),
+    (dict(kind="nll", normkd_t=0.0), "logits.normkd_t=0.0"),
+    (dict(kind="nll", normkd_t=1.5, normkd_student_tau="detach"), "did you mean 'detached'"),
 ])
 def test_bad_arguments_raise_config_error(kwargs, needle):
     z, labels, idx, q = make_case(15, 3, 5, 2, pad=0, ignored=0.0)

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pd_lightning.config import load_config
 from pd_lightning.errors import ConfigError
 from pd_lightning.losses import LOSS_KINDS
 from pd_lightning.schedules import (
     ALPHA_SCHEDULES,
     DECAY_SHAPES,
+    DEFAULT_WSD_BETA_PEAK,
     LR_SCHEDULES,
     TABLE5_ROWS,
     alpha_at,
@@ -22,10 +26,12 @@ from pd_lightning.schedules import (
     lr_multiplier,
     make_alpha_schedule,
     table5_row,
+    wsd_peak_of,
     wsd_shape,
 )
 
 approx = pytest.approx
+SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 
 
 def test_alpha_constant_and_linear_end_points():
@@ -46,7 +52,7 @@ def test_period_hits_zero_and_peak(periods):
     assert alpha_at(0.25 / periods, "period", 0.9, periods=periods) == approx(0.45)
 
 
-def test_wsd_alpha_and_beta_phase_boundaries():
+def test_wsd_alpha_phase_boundaries_unchanged():
     kw = dict(warmup=0.1, decay=0.2)
     assert alpha_at(0.0, "wsd_alpha", 0.9, **kw) == 0.0
     assert alpha_at(0.05, "wsd_alpha", 0.9, **kw) == approx(0.45)
@@ -54,12 +60,68 @@ def test_wsd_alpha_and_beta_phase_boundaries():
     assert alpha_at(0.8, "wsd_alpha", 0.9, **kw) == approx(0.9)
     assert alpha_at(0.9, "wsd_alpha", 0.9, **kw) == approx(0.45)
     assert alpha_at(1.0, "wsd_alpha", 0.9, **kw) == approx(0.0, abs=1e-12)
-    # WSD on β = 1 - α: β goes 0 → 0.1 → 0, so α goes 1 → 0.9 → 1.
-    assert alpha_at(0.0, "wsd_beta", 0.9, **kw) == 1.0
-    assert alpha_at(0.05, "wsd_beta", 0.9, **kw) == approx(0.95)
-    assert alpha_at(0.1, "wsd_beta", 0.9, **kw) == approx(0.9)
-    assert alpha_at(0.8, "wsd_beta", 0.9, **kw) == approx(0.9)
-    assert alpha_at(1.0, "wsd_beta", 0.9, **kw) == approx(1.0)
+    # loss.wsd_peak, when set, is α's peak; unset it is loss.alpha (the quickstart's and Table 5's 0.9)
+    assert alpha_at(0.5, "wsd_alpha", 1.0, peak=0.9) == approx(0.9)
+    assert wsd_peak_of("wsd_alpha", 0.9) == 0.9 and wsd_peak_of("wsd_alpha", 0.9, 0.7) == 0.7
+
+
+def test_wsd_beta_default_peaks_beta_at_point_nine():
+    """β = 1 - α peaks at 0.9, so α runs 1 → 0.1 → 1 (before: β peaked at 1 - 0.9 = 0.1, α 1 → 0.9 → 1)."""
+    kw = dict(warmup=0.1, decay=0.2)
+    for alpha in (0.9, 1.0):  # `alpha` is not a value of wsd_beta: α starts and ends at 1
+        assert alpha_at(0.0, "wsd_beta", alpha, **kw) == 1.0
+        assert alpha_at(0.05, "wsd_beta", alpha, **kw) == approx(0.55)
+        assert alpha_at(0.1, "wsd_beta", alpha, **kw) == approx(0.1)
+        assert 1 - alpha_at(0.5, "wsd_beta", alpha, **kw) == approx(0.9)  # β at the stable phase
+        assert alpha_at(0.8, "wsd_beta", alpha, **kw) == approx(0.1)
+        assert alpha_at(1.0, "wsd_beta", alpha, **kw) == approx(1.0)
+    assert wsd_peak_of("wsd_beta") == DEFAULT_WSD_BETA_PEAK == 0.9
+
+
+def test_table5_wsd_beta_row_and_config_give_alpha_one_to_point_one_to_one():
+    row = table5_row("WSD-β+WSD-LR")
+    assert (row.alpha_schedule, row.alpha, row.wsd_peak, row.lr_schedule) == ("wsd_beta", 1.0, 0.9, "wsd")
+    ts, want = (0.0, 0.05, 0.5, 0.95, 1.0), (1.0, 0.55, 0.1, 0.55, 1.0)
+    assert [alpha_at(t, row.alpha_schedule, row.alpha, peak=row.wsd_peak) for t in ts] == approx(list(want))
+    for overrides in ([], ["loss.wsd_peak=0.9"]):  # the packaged default and the sweep row's explicit peak
+        c = load_config("tiny", ["loss.alpha_schedule=wsd_beta", *overrides]).loss
+        got = [alpha_at(t, c.alpha_schedule, c.alpha, periods=c.alpha_periods, warmup=c.alpha_warmup_frac,
+                        decay=c.alpha_decay_frac, peak=c.wsd_peak) for t in ts]
+        assert got == approx(list(want))
+
+
+def test_wsd_beta_other_reading_is_reachable_by_config():
+    """loss.wsd_peak=0.1: β peaks at 0.1, α runs 1 → 0.9 → 1 (the code's former reading)."""
+    c = load_config("tiny", ["loss.alpha_schedule=wsd_beta", "loss.wsd_peak=0.1"]).loss
+    assert c.wsd_peak == 0.1
+    ts = (0.0, 0.05, 0.5, 0.95, 1.0)
+    got = [alpha_at(t, c.alpha_schedule, c.alpha, warmup=c.alpha_warmup_frac, decay=c.alpha_decay_frac,
+                    peak=c.wsd_peak) for t in ts]
+    assert got == approx([1.0, 0.95, 0.9, 0.95, 1.0])
+
+
+def test_module_alpha_threads_wsd_peak():
+    from pd_lightning.config import LossConfig, OptimConfig
+    from pd_lightning.module import DistillationModule
+
+    m = DistillationModule(torch.nn.Linear(1, 1), loss=LossConfig(alpha_schedule="wsd_beta", wsd_peak=0.1),
+                           optim=OptimConfig(), max_steps=100)
+    m.progress = lambda: 0.5
+    assert m.alpha() == approx(0.9)
+
+
+def test_sweep_wsd_rows_keep_their_alpha_curves():
+    """Every sweep row with a WSD α schedule: WSD-α still peaks at α 0.9, WSD-β at β 0.9."""
+    rows = []
+    for path in sorted(SWEEPS.glob("*.yaml")):
+        for row in (yaml.safe_load(path.read_text()) or {}).get("rows") or []:
+            if str(row.get("set", {}).get("loss.alpha_schedule", "")).startswith("wsd_"):
+                rows.append((path.name, row["set"]))
+    assert {name for name, _ in rows} >= {"quickstart.yaml", "table5_loss_schedules.yaml"}
+    for name, s in rows:
+        c = load_config("tiny", [f"{k}={v}" for k, v in s.items() if k.startswith("loss.")]).loss
+        stable = alpha_at(0.5, c.alpha_schedule, c.alpha, peak=c.wsd_peak)
+        assert stable == approx(0.9 if c.alpha_schedule == "wsd_alpha" else 0.1), (name, s)
 
 
 def test_default_alpha_wsd_is_ten_percent_warmup_and_decay_to_peak_point_nine():
@@ -101,7 +163,7 @@ def test_lr_wsd_boundaries():
        lr=st.sampled_from(LR_SCHEDULES), shape=st.sampled_from(DECAY_SHAPES))
 def test_schedules_stay_in_range(t, name, a, lr, shape):
     v = alpha_at(t, name, a, decay_shape=shape)
-    lo = a if name == "wsd_beta" else 0.0
+    lo = 1.0 - DEFAULT_WSD_BETA_PEAK if name == "wsd_beta" else 0.0
     hi = 1.0 if name == "wsd_beta" else a
     assert lo - 1e-12 <= v <= hi + 1e-12
     assert 0.0 <= lr_multiplier(t, lr, decay_shape=shape) <= 1.0
@@ -168,6 +230,8 @@ def test_table5_rows_are_complete_and_valid():
     (lambda: alpha_at(0.5, "constant", 1.2), "loss.alpha=1.2"),
     (lambda: lr_multiplier(0.5, "wsd", warmup=0.7, decay=0.5), "warmup+decay"),
     (lambda: alpha_at(0.5, "period", periods=0), "loss.alpha_periods=0"),
+    (lambda: alpha_at(0.5, "constant", 1.0, peak=0.5), "loss.wsd_peak=0.5 is not used by"),
+    (lambda: alpha_at(0.5, "wsd_beta", 1.0, peak=1.5), "loss.wsd_peak=1.5"),
     (lambda: lambda_lr(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), "wsd", 0), "max_steps=0"),
 ])
 def test_bad_values_raise_config_error(call, needle):

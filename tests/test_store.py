@@ -353,3 +353,48 @@ def test_opening_a_store_keeps_freed_memory_on_glibc():
     applied = keep_freed_memory_for_reuse()
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         assert applied
+
+
+def test_power_sums_round_trip_and_serve_wttm(tmp_path, logits):
+    """A store asked for power sums keeps log Σ q^a per token (fp16) and serves WTTM's full-vocabulary weight."""
+    exps = (0.25, 0.5)
+    s = truncate_top_p_k(logits, 0.95, 40, power_exponents=exps)
+    build(tmp_path, s, power_exponents=exps)
+    store = LogitStore(tmp_path)
+    assert store.power_exponents == exps and store.manifest["power_exponents"] == list(exps)
+    got = store.sequences(range(N))
+    assert got.power_exponents == exps
+    z = logits.reshape(-1, V).double()
+    for j, a in enumerate(exps):
+        ref = torch.logsumexp(a * torch.log_softmax(z, -1), -1)
+        np.testing.assert_allclose(got.log_power_sums[:, j].double().numpy(), ref.numpy(), rtol=1e-3, atol=1e-3)
+    t = teacher_targets(got, 0.9, 20, method="wttm", store_p=0.95, store_k=40, gamma=0.5)
+    u = (torch.softmax(z, -1) ** 0.5).sum(-1)
+    np.testing.assert_allclose(t.token_weights.double().numpy(), u.numpy(), rtol=2e-3)
+    assert inspect_store(tmp_path)["power_exponents"] == list(exps)
+    # the stats column grows by one float16 per exponent, nothing else changes
+    plain = build(tmp_path / "plain", truncate_top_p_k(logits, 0.95, 40))
+    assert store.manifest["total_bytes"] - plain["total_bytes"] == pytest.approx(N * P * 2 * len(exps), abs=8 * 4)
+    with pytest.raises(ValueError, match="power sums"):
+        writer(tmp_path / "other").write_sequences(0, s.rows(0, P))
+
+
+def _build_v1(path: Path, sparse: SparseLogits, monkeypatch, **kw) -> None:
+    """A store as the previous version wrote it: encoding v1 in every header, no power_exponents setting."""
+    with monkeypatch.context() as m:
+        m.setattr(codec, "ENCODING_VERSION", 1)
+        build(path, sparse, **kw)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest.pop("power_exponents")
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_v1_stores_at_p_1_are_refused_and_at_p_below_1_still_read(tmp_path, logits, sparse, monkeypatch):
+    _build_v1(tmp_path / "p095", sparse, monkeypatch)
+    old = LogitStore(tmp_path / "p095").sequences(range(N))
+    assert torch.equal(old.counts, sparse.counts) and old.power_exponents == ()
+    _build_v1(tmp_path / "p1", truncate_top_p_k(logits, 1.0, 40), monkeypatch, p=1.0)
+    with pytest.raises(DataError, match=r"made at p=1 by an earlier version.*pdl logits generate"):
+        LogitStore(tmp_path / "p1")
+    build(tmp_path / "p1v2", truncate_top_p_k(logits, 1.0, 40), p=1.0)
+    assert int(LogitStore(tmp_path / "p1v2").sequences(range(N)).counts.min()) == 40

@@ -117,6 +117,25 @@ def test_points_labels_and_baselines(tmp_path):
     assert point_label({"loss.alpha": 0.9}) == "α = 0.9"
 
 
+
+@pytest.mark.parametrize("scale", ["tiny", "paper"])
+def test_pd_star_row_is_the_secondary_sources_configuration(scale: str):
+    # PD* as AI-made summaries of the paper's appendix A.6 give it (the paper's text is not reachable):
+    # top-0.95-50, tau 2.0, KLD, WSD on alpha (peak 0.9) with the WSD learning rate, offline logits.
+    spec = load_sweep(SWEEPS / "table13_pd_star.yaml", scale)
+    stars = [t for t in spec.tasks() if t.label == "PD*"]
+    assert len(stars) == len(spec.grid["model.preset"]) * len(spec.seeds)
+    for task in stars:
+        cfg = spec.config_for(task)
+        lg, loss = cfg.logits, cfg.loss
+        assert (lg.p, lg.k, lg.tau, lg.method, lg.mode) == (0.95, 50, 2.0, "none", "offline")
+        assert (loss.kind, loss.alpha_schedule) == ("kld", "wsd_alpha")
+        # wsd_alpha's peak is loss.wsd_peak, or loss.alpha when that is null (config.LossConfig).
+        assert (loss.wsd_peak if getattr(loss, "wsd_peak", None) is not None else loss.alpha) == 0.9
+        assert cfg.optim.lr_schedule == "wsd"
+    vanilla = next(t for t in spec.tasks() if t.label == "Vanilla PD")
+    assert spec.config_for(vanilla).logits.tau == 1.0  # tau 2.0 is PD*'s alone
+
 @pytest.mark.parametrize("body, match", [
     ({"name": "../escape"}, "name='../escape'"),
     ({"grid": {"loss.alpah": [0.1]}}, "did you mean 'alpha'"),

@@ -4,11 +4,16 @@ A batch of S sequences × P positions becomes four per-token columns plus one by
 
 - `counts` [S·P] uint8/uint16: kept entries per token;
 - `params` [S·P] uint8: per-token code parameters (compressed encoding only);
-- `stats`  [S·P, 2] float16: full-distribution entropy (nats) and logit std;
+- `stats`  [S·P, 2 + G] float16: full-distribution entropy (nats), logit std and, for each of the
+  store's G `power_exponents` a, log Σ_v q_v^a (WTTM's full-vocabulary weight; G = 0 by default);
 - `mass`   [S·P] uint16: kept mass Q = Σ_kept q as round(-log Q · 4096) (compressed encoding only);
 - `chunks` [S·C + 1] uint64: byte offsets of each sequence's C byte-aligned payload chunks.
 
-Encodings (name, version):
+Encodings (name, version). Version 2 (this one) and version 1 share every bit of the layout; a v2
+store's entries come from the exact top-p-k cut (`processing` module docstring) and may carry power
+sums. v1 stores made at p = 1 dropped entries on confident tokens and are refused at open
+(`store.load_manifest`); v1 stores at p < 1 read as before.
+
 
 `egsqrt` v1 (default, compressed). Per token the kept ids are sorted ascending and their gaps
 `g_0 = id_0, g_j = id_j - id_{j-1} - 1` are Exp-Golomb coded; values are quantised in the
@@ -44,7 +49,8 @@ import torch
 from pd_lightning.logits.processing import SparseLogits
 
 ENCODINGS = ("egsqrt", "fixed")
-ENCODING_VERSION = 1
+ENCODING_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 DEFAULT_VALUE_STEP = 1.0 / 384  # expected KL ≈ K δ² / 6 ≈ 5e-5 nats at K = 45 kept entries
 FIXED_VALUE_SCALE = 1024.0
 MASS_SCALE = 4096.0
@@ -197,7 +203,10 @@ def encode(sparse: SparseLogits, positions: int, vocab_size: int, k: int, encodi
         raise ValueError(f"kept-entry counts must lie in [1, {k}]")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         raise ValueError(f"ids must lie in [0, {vocab_size})")
-    stats = np.stack([sparse.entropy.cpu().float().numpy(), sparse.logit_std.cpu().float().numpy()], 1).astype(np.float16)
+    cols = [sparse.entropy.cpu().float().numpy(), sparse.logit_std.cpu().float().numpy()]
+    if sparse.power_exponents:
+        cols += list(sparse.log_power_sums.cpu().float().numpy().T)
+    stats = np.stack(cols, 1).astype(np.float16)
     count_dtype = np.uint8 if k < 256 else np.uint16
     tok_starts = _excl_cumsum(counts)
     seq_entry_starts = tok_starts[::positions]  # [S+1]
@@ -282,7 +291,8 @@ def decode_arrays(
     encoding: str,
     value_step: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Decode local sequences `seqs` of one shard: (ids [n·P, k], logprobs [n·P, k] descending, counts, entropy, std)."""
+    """Decode local sequences `seqs` of one shard: (ids [n·P, k], logprobs [n·P, k] descending, counts, entropy, std,
+    power sums [n·P, G] or None)."""
     seqs = np.asarray(seqs, dtype=np.int64)
     rows = (seqs[:, None] * positions + np.arange(positions)).ravel()
     cnt = counts[rows].astype(np.int64)
@@ -328,9 +338,12 @@ def decode_arrays(
     idx_pad[row, col] = ids
     lp_pad[row, col] = lps
     st = stats[rows].astype(np.float32)
-    return idx_pad, lp_pad, cnt, st[:, 0].copy(), st[:, 1].copy()
+    sums = st[:, 2:].copy() if st.shape[1] > 2 else None
+    return idx_pad, lp_pad, cnt, st[:, 0].copy(), st[:, 1].copy(), sums
 
 
-def decode(*args: object, **kwargs: object) -> SparseLogits:
+def decode(*args: object, power_exponents: tuple[float, ...] = (), **kwargs: object) -> SparseLogits:
     """`decode_arrays` wrapped as SparseLogits (torch tensors sharing the numpy memory)."""
-    return SparseLogits(*(torch.from_numpy(a) for a in decode_arrays(*args, **kwargs)))
+    *arrays, sums = decode_arrays(*args, **kwargs)
+    return SparseLogits(*(torch.from_numpy(a) for a in arrays), None if sums is None else torch.from_numpy(sums),
+                        tuple(power_exponents))

@@ -39,6 +39,7 @@ from pd_lightning.cost import model_cost_shape, store_cost_meta
 from pd_lightning.data.shards import TokenShards, read_manifest, write_json_atomic
 from pd_lightning.data.tokenizer import load_tokenizer, tokenizer_hash
 from pd_lightning.errors import DataError
+from pd_lightning.logits.processing import power_exponents_for
 from pd_lightning.logits.store import (MANIFEST, AsyncShardWriter, LogitStoreWriter, load_manifest, shard_name,
                                        store_write_error)
 from pd_lightning.models import load_causal_lm
@@ -134,6 +135,7 @@ def generate_store(cfg: PDLConfig, *, quiet: bool = False) -> Path:
         store_dir, vocab_size=vocab, p=lg.store_p, k=lg.store_k, positions_per_sequence=shards.seq_len - 1,
         num_sequences=len(shards), sequences_per_shard=lg.sequences_per_shard, teacher=str(teacher.resolve()),
         teacher_config_hash=teacher_identity(teacher), tokenizer_hash=tok_hash, rank=rank, world_size=world,
+        power_exponents=power_exponents_for(lg),
     )
     if (store_dir / MANIFEST).is_file():
         if not quiet:

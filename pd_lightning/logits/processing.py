@@ -9,7 +9,16 @@ logit std) that cannot be recovered after truncation. Everything a sweep needs i
 - a narrower truncation `(p', k') <= (p, k)` is a prefix of the stored one (`narrow`);
 - a temperature on the support: `softmax(Truncate(z) / τ) = softmax(log q / τ)` on the kept set,
   because `log q = z - logZ` differs from `z` by a per-token constant (`apply_temperature`);
-- adaptive methods (NormKD, WTTM, AdaKD-SD, AdaKD-H) use those per-token statistics.
+- adaptive methods (NormKD, WTTM, AdaKD-SD, AdaKD-H) use those per-token statistics; WTTM's
+  full-vocabulary weight U = Σ_v q_v^γ needs one more, `log Σ_v q_v^a` for each exponent a the store
+  was asked to serve (`power_exponents`).
+
+Precision of the cut: with d = z - max(z) the top entry has d = 0 exactly, so the partition sum is
+s = 1 + R with R = Σ_{v ≠ top} exp(d_v) summed on its own (fp32, relative precision ~1e-7 whatever
+the logits' magnitude). Log-probabilities are `d - log1p(R)` (never `z - logZ`, whose fp32
+subtraction of two numbers of size |z| rounds a confident top-1 log-probability to exactly 0), and
+the top-p prefix is decided on float64 probabilities `exp(d) / (1 + R)`. p = 1 is exact by rule:
+it keeps min(k, V, #non-zero) entries, no floating sum involved.
 """
 
 from __future__ import annotations
@@ -35,6 +44,9 @@ class SparseLogits:
     counts:    [N] int64 number of kept entries per token (>= 1)
     entropy:   [N] float32 entropy of the full τ=1 distribution, nats
     logit_std: [N] float32 population std of the full logit vector
+    log_power_sums: [N, G] float32 log Σ_v q_v^a of the full τ=1 distribution for each exponent a
+                    of `power_exponents` (WTTM's U), or None when G = 0
+    power_exponents: the G exponents, ascending (not a tensor: the store's setting)
     """
 
     indices: Tensor
@@ -42,6 +54,8 @@ class SparseLogits:
     counts: Tensor
     entropy: Tensor
     logit_std: Tensor
+    log_power_sums: Tensor | None = None
+    power_exponents: tuple[float, ...] = ()
 
     def __len__(self) -> int:
         return int(self.counts.shape[0])
@@ -51,13 +65,18 @@ class SparseLogits:
         """K, the number of (padded) columns."""
         return int(self.indices.shape[1])
 
+    def _map(self, fn) -> "SparseLogits":
+        """The same entries with `fn` applied to every per-token tensor."""
+        sums = None if self.log_power_sums is None else fn(self.log_power_sums)
+        return SparseLogits(*(fn(t) for t in self._tensors()), sums, self.power_exponents)
+
     def to(self, device: torch.device | str) -> "SparseLogits":
         """Move every tensor to `device`."""
-        return SparseLogits(*(t.to(device) for t in self._tensors()))
+        return self._map(lambda t: t.to(device))
 
     def rows(self, start: int, stop: int) -> "SparseLogits":
         """Tokens [start, stop) as a view."""
-        return SparseLogits(*(t[start:stop] for t in self._tensors()))
+        return self._map(lambda t: t[start:stop])
 
     def pad_to(self, width: int) -> "SparseLogits":
         """Pad (never cut) the columns to `width`, keeping the padding convention."""
@@ -67,14 +86,18 @@ class SparseLogits:
         n = len(self)
         idx = torch.cat([self.indices, self.indices.new_zeros(n, extra)], 1)
         lp = torch.cat([self.logprobs, self.logprobs.new_full((n, extra), -math.inf)], 1)
-        return SparseLogits(idx, lp, self.counts, self.entropy, self.logit_std)
+        return SparseLogits(idx, lp, self.counts, self.entropy, self.logit_std, self.log_power_sums, self.power_exponents)
 
     @staticmethod
     def cat(parts: "list[SparseLogits]") -> "SparseLogits":
-        """Concatenate along tokens, padding to the widest part."""
+        """Concatenate along tokens, padding to the widest part (every part must carry the same exponents)."""
         width = max(p.width for p in parts)
         parts = [p.pad_to(width) for p in parts]
-        return SparseLogits(*(torch.cat(ts, 0) for ts in zip(*(p._tensors() for p in parts))))
+        exps = parts[0].power_exponents
+        if any(p.power_exponents != exps for p in parts):
+            raise ValueError("cannot concatenate SparseLogits with different power_exponents")
+        sums = torch.cat([p.log_power_sums for p in parts], 0) if exps else None
+        return SparseLogits(*(torch.cat(ts, 0) for ts in zip(*(p._tensors() for p in parts))), sums, exps)
 
     def _tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         return self.indices, self.logprobs, self.counts, self.entropy, self.logit_std
@@ -97,64 +120,115 @@ def _check_p_k(p: float, k: int) -> None:
 
 
 def _prefix_counts(logprobs: Tensor, p: float) -> Tensor:
-    """Per row: the smallest n with Σ_{j<n} q_j >= p, i.e. #{j : Σ_{i<j} q_i < p} (descending rows)."""
-    # float64 cumsum so the p boundary is decided the same way for stored and dense inputs.
+    """Per row: the smallest n with Σ_{j<n} q_j >= p, i.e. #{j : Σ_{i<j} q_i < p} (descending rows).
+
+    Only finite entries count (-inf marks padding and masked vocabulary). p >= 1 keeps every finite
+    entry by rule: a float sum of probabilities falls short of 1 or reaches it early, by rounding.
+    For p < 1 the sum runs in float64 on the (accurate, see the module docstring) log-probabilities,
+    so the stored and the dense inputs decide the boundary the same way.
+    """
+    finite = (logprobs > -math.inf).sum(-1)
+    if p >= 1.0:
+        return finite.clamp_min(1)
     q = logprobs.double().exp()
     before = torch.cumsum(q, -1) - q
-    # q = 0 entries (masked vocabulary) are never kept, even at p = 1 where float sums fall short of 1
-    return torch.minimum((before < p).sum(-1), (q > 0).sum(-1)).clamp_min(1)
+    return torch.minimum((before < p).sum(-1), finite).clamp_min(1)
 
 
-def _full_stats(z: Tensor, top1: Tensor, work: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(logZ, entropy, population std) of each row of logits z [n, V]; top1 [n, 1] = row max.
+def _full_stats(
+    z: Tensor, top1: Tensor, top1_idx: Tensor, work: Tensor, exponents: tuple[float, ...] = ()
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(log s, entropy, population std, log power sums) of each row of logits z [n, V].
 
-    `work` is a reused [>= n, V] buffer: fresh chunk-sized temporaries would page-fault on every
+    top1 [n, 1] is the row max, top1_idx [n, 1] its column; s = Σ_v exp(z_v - max) = 1 + R, so
+    logZ = max + log s. With d = z - max (exactly 0 at the argmax) and e = exp(d):
+      R = Σ_{v ≠ argmax} e_v           summed without the 1, so its digits survive (log1p(R) = log s)
+      H = log s - Σ_v (e_v / s) d_v     (= logZ - Σ q z, without the two large terms that cancel)
+      std: two-pass, on c = z - mean(z) (E[c²] - E[c]² with E[c] ≈ 0 keeps its digits on peaked rows,
+           where the one-pass E[d²] - E[d]² of d = z - max cancelled ~|max - mean|² against itself)
+      log Σ_v q_v^a = log1p(Σ_{v ≠ argmax} exp(a·d_v)) - a·log s   for each exponent a (WTTM's U)
+    `work` is a reused [2, >= n, V] buffer: fresh chunk-sized temporaries would page-fault on every
     chunk, which costs more than the arithmetic on CPU.
     """
-    if not bool(torch.isfinite(top1).all()) or bool((z.amin(-1) == -math.inf).any()):
-        # -inf marks padded vocabulary rows: slow masked path (0 * -inf would be NaN below)
-        log_z = torch.logsumexp(z, -1)
-        q = torch.exp(z - log_z[:, None])
-        entropy = log_z - torch.where(q > 0, q * z, torch.zeros_like(z)).sum(-1)
-        return log_z, entropy, logit_std(z)
     n, vocab = z.shape
-    d = work[:n]
-    torch.sub(z, top1, out=d)  # d = z - max: shifted so Var = E[d²] - E[d]² keeps its digits
-    mean_d = d.sum(-1) / vocab
-    var = ((d.unsqueeze(1) @ d.unsqueeze(2)).reshape(-1) / vocab - mean_d * mean_d).clamp_min(0)
-    e = d.exp_()  # in place: e = exp(z - max)
-    s = e.sum(-1)
-    log_z = top1[:, 0] + torch.log(s)
-    entropy = log_z - (e.unsqueeze(1) @ z.unsqueeze(2)).reshape(-1) / s  # H = logZ - Σ q z
-    return log_z, entropy, var.sqrt()
+    d, e = work[0, :n], work[1, :n]
+    rows = torch.arange(n, device=z.device)
+    col = top1_idx[:, 0]
+    masked = not bool(torch.isfinite(top1).all()) or bool((z.amin(-1) == -math.inf).any())
+    if masked:  # -inf marks padded vocabulary rows: they are not part of the distribution
+        std = logit_std(z)
+        torch.sub(z, top1, out=d)
+        d.nan_to_num_(nan=-math.inf)  # an all -inf row: -inf - -inf
+    else:
+        mean_z = z.mean(-1, keepdim=True)
+        c = torch.sub(z, mean_z, out=d)
+        mean_c = c.sum(-1) / vocab
+        # vector_norm's reduction keeps ~1e-7 relative (a BLAS dot product here: ~3e-6)
+        sq = torch.linalg.vector_norm(c, dim=-1).square() / vocab
+        std = (sq - mean_c * mean_c).clamp_min(0).sqrt()
+        d.sub_(top1 - mean_z)  # the same rounding as the argmax's own c: d is exactly 0 there
+    torch.exp(d, out=e)
+    e[rows, col] = 0.0
+    log_s = torch.log1p(e.sum(-1))
+    if masked:
+        d.masked_fill_(e == 0, 0.0)  # 0 · -inf would be NaN; those entries carry no mass
+    entropy = log_s - (e.unsqueeze(1) @ d.unsqueeze(2)).reshape(-1) / torch.exp(log_s)
+    sums = None
+    if exponents:
+        cols = []
+        for a in exponents:
+            torch.mul(d, float(a), out=e)
+            e.exp_()
+            if masked:
+                e.masked_fill_(d == 0, 0.0)  # the masked entries zeroed above (and the argmax, d = 0)
+            e[rows, col] = 0.0
+            cols.append(torch.log1p(e.sum(-1)) - float(a) * log_s)
+        sums = torch.stack(cols, -1)
+    return log_s, entropy, std, sums
 
 
-def truncate_top_p_k(logits: Tensor, p: float, k: int, chunk_tokens: int | None = None) -> SparseLogits:
+def check_power_exponents(exponents) -> tuple[float, ...]:
+    """Exponents a > 0 of the per-token log Σ_v q_v^a a store keeps, as an ascending, duplicate-free tuple."""
+    out = []
+    for a in exponents or ():
+        if not isinstance(a, (int, float)) or isinstance(a, bool) or not (0 < float(a) <= 64):
+            raise ConfigError(f"logits.store_power_exponents={list(exponents)!r} holds {a!r}; expected numbers in (0, 64]")
+        out.append(float(a))
+    return tuple(sorted(set(out)))
+
+
+def truncate_top_p_k(
+    logits: Tensor, p: float, k: int, chunk_tokens: int | None = None, power_exponents: tuple[float, ...] = ()
+) -> SparseLogits:
     """Top-p-k of dense logits [..., V] -> SparseLogits over the flattened tokens.
 
-    q = softmax(z) (τ=1); sort q descending; keep the smallest prefix with Σ q >= p; keep at most k.
-    Also returns H = logZ - Σ_i q_i z_i (full-distribution entropy) and std(z) (population std).
+    q = softmax(z) (τ=1); sort q descending; keep the smallest prefix with Σ q >= p; keep at most k
+    (p = 1: min(k, #finite) entries). Log-probabilities are `(z - max) - log s` in float64, rounded
+    once to float32 (see the module docstring). Also returns H = logZ - Σ_i q_i z_i (full-distribution
+    entropy), std(z) (population std) and, for each of `power_exponents`, log Σ_v q_v^a.
     Works in chunks of `chunk_tokens` rows (default 64 on CPU, cache-friendly; 1024 on accelerators,
-    fewer launches) so temporaries stay at chunk × V.
+    fewer launches) so temporaries stay at 2 × chunk × V.
     """
     _check_p_k(p, k)
+    exponents = check_power_exponents(power_exponents)
     if chunk_tokens is None:
         chunk_tokens = 64 if logits.device.type == "cpu" else 1024
     vocab = logits.shape[-1]
     z_all = logits.reshape(-1, vocab)
     kk = min(int(k), vocab)
     parts = []
-    work = torch.empty(min(chunk_tokens, max(z_all.shape[0], 1)), vocab, device=logits.device)
+    work = torch.empty(2, min(chunk_tokens, max(z_all.shape[0], 1)), vocab, device=logits.device)
     for start in range(0, max(z_all.shape[0], 1), chunk_tokens):
         z = z_all[start : start + chunk_tokens].float()
         top, idx = torch.topk(z, kk, dim=-1, largest=True, sorted=True)
-        log_z, entropy, std = _full_stats(z, top[:, :1], work)
-        lp = top - log_z[:, None]
+        log_s, entropy, std, sums = _full_stats(z, top[:, :1], idx[:, :1], work, exponents)
+        # the difference of two float32 numbers is exact in float64: the top-1 keeps its -log s
+        lp = ((top.double() - top[:, :1].double()) - log_s.double()[:, None]).float()
         counts = _prefix_counts(lp, p)
         keep = torch.arange(kk, device=z.device)[None, :] < counts[:, None]
         lp = torch.where(keep, lp, torch.full_like(lp, -math.inf))
         idx = torch.where(keep, idx, torch.zeros_like(idx))
-        parts.append(SparseLogits(idx.long(), lp, counts.long(), entropy, std))
+        parts.append(SparseLogits(idx.long(), lp, counts.long(), entropy, std, sums, exponents))
     return parts[0] if len(parts) == 1 else SparseLogits.cat(parts)
 
 
@@ -176,7 +250,7 @@ def narrow(sparse: SparseLogits, p: float, k: int, store_p: float = 1.0, store_k
     keep = torch.arange(width, device=lp.device)[None, :] < counts[:, None]
     lp = torch.where(keep, lp, torch.full_like(lp, -math.inf))
     idx = torch.where(keep, sparse.indices[:, :width], torch.zeros_like(sparse.indices[:, :width]))
-    return SparseLogits(idx, lp, counts, sparse.entropy, sparse.logit_std)
+    return SparseLogits(idx, lp, counts, sparse.entropy, sparse.logit_std, sparse.log_power_sums, sparse.power_exponents)
 
 
 def _per_token(tau: float | Tensor, like: Tensor) -> Tensor:
@@ -216,9 +290,11 @@ def logit_std(logits: Tensor) -> Tensor:
 
 
 def wttm_transform(logprobs: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
-    """WTTM power transform on the support: q̃ = q^γ / U, U = Σ_j q_j^γ; returns (q̃ [N,K], U [N]).
+    """WTTM power transform on the support: q̃ = q^γ / U_S, U_S = Σ_{j∈S} q_j^γ; returns (q̃ [N,K], U_S [N]).
 
     q = softmax(logprobs) is the truncated, renormalised teacher distribution; padding stays 0.
+    U_S is the *support* weight (`logits.wttm_weight=support`); the original method's weight sums
+    over the whole vocabulary (`wttm_full_weight`).
     """
     if gamma <= 0:
         raise ConfigError(f"logits.gamma={gamma!r} is out of range; expected gamma > 0")
@@ -226,6 +302,59 @@ def wttm_transform(logprobs: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
     scaled = gamma * log_q
     log_u = torch.logsumexp(scaled, -1)
     return torch.exp(scaled - log_u[:, None]), torch.exp(log_u)
+
+
+WTTM_WEIGHTS = ("full", "support")
+
+
+def wttm_exponents(gamma: float, tau: float = 1.0) -> tuple[float, ...]:
+    """The exponents a of log Σ_v q_v^a (q the τ=1 teacher) that WTTM's full-vocabulary U needs at (γ, τ).
+
+    U = Σ_v softmax(z/τ)_v^γ = Σ_v q_v^{γ/τ} / (Σ_v q_v^{1/τ})^γ, so a ∈ {γ/τ} ∪ {1/τ if τ ≠ 1}
+    (a = 1 is free: log Σ q = 0).
+    """
+    return tuple(sorted({float(gamma) / float(tau)} | ({1.0 / float(tau)} if float(tau) != 1.0 else set())))
+
+
+def needed_power_exponents(method: str, gamma: float, tau: float, weight: str = "full") -> tuple[float, ...]:
+    """The power sums a store must keep to serve a method's targets: WTTM's full weight needs `wttm_exponents`."""
+    if normalize_method(method) != "wttm" or weight != "full":
+        return ()
+    return tuple(a for a in wttm_exponents(gamma, tau) if a != 1.0)
+
+
+def power_exponents_for(lg) -> tuple[float, ...]:
+    """Exponents a store generated for a logits config keeps: `store_power_exponents` ∪ what its method needs."""
+    need = needed_power_exponents(lg.method, lg.wttm_gamma, lg.tau, lg.wttm_weight)
+    return check_power_exponents(list(lg.store_power_exponents or ()) + list(need))
+
+
+def missing_power_exponents(lg, kept) -> list[float]:
+    """Exponents the config's targets need that a store keeping `kept` lacks (empty: it serves them)."""
+    need = needed_power_exponents(lg.method, lg.wttm_gamma, lg.tau, lg.wttm_weight)
+    return [a for a in need if not any(abs(a - b) <= 1e-9 * max(1.0, a) for b in kept)]
+
+
+def _power_sum(sparse: SparseLogits, a: float) -> Tensor:
+    if abs(a - 1.0) < 1e-12:
+        return torch.zeros_like(sparse.entropy)
+    for j, b in enumerate(sparse.power_exponents):
+        if abs(a - b) <= 1e-9 * max(1.0, abs(a)):
+            return sparse.log_power_sums[:, j].float()
+    raise ConfigError(
+        f"logits.method=wttm needs log Σ q^{a:g} per token, which this logit store does not keep (it keeps "
+        f"{list(sparse.power_exponents) or 'none'}); regenerate it with logits.store_power_exponents=[{a:g}] "
+        "or set logits.wttm_weight=support")
+
+
+def wttm_full_weight(sparse: SparseLogits, gamma: float, tau: float = 1.0) -> Tensor:
+    """WTTM's U = Σ_{v∈V} softmax(z/τ)_v^γ over the whole vocabulary, per token [N], from the store's power sums.
+
+    log U = S(γ/τ) - γ·S(1/τ) with S(a) = log Σ_v q_v^a of the τ=1 teacher (`wttm_exponents`).
+    """
+    if gamma <= 0:
+        raise ConfigError(f"logits.wttm_gamma={gamma!r} is out of range; expected gamma > 0")
+    return torch.exp(_power_sum(sparse, gamma / tau) - gamma * _power_sum(sparse, 1.0 / tau))
 
 
 def adakd_temperature(
@@ -282,12 +411,15 @@ def teacher_targets(
     - normkd:   τ_t = T_norm·σ_t (param t_norm=1.5); probs = softmax(log q / τ_t); weights τ_t²;
                 student_tau None -- the loss computes τ_s = std_temperature(z_s.std, T_norm) itself.
                 `tau` must be 1 (unused).
-    - wttm:     q = softmax(log q / τ); probs = q^γ/U, weights U (param gamma=0.5); student untempered.
+    - wttm:     q = softmax(log q / τ); probs = q^γ/U_S on the support (param gamma=0.5); weights U,
+                the whole vocabulary's Σ_v softmax(z/τ)_v^γ as in WTTM (param weight="full", needs the
+                store's power sums, `wttm_full_weight`) or the support's U_S (weight="support", a
+                departure: 1 for a token cut to one entry); student untempered.
     - adakd_sd / adakd_h: probs = softmax(log q / τ_t), τ_t from `adakd_temperature` with base τ
                 (params beta, tau_min, tau_max, reference); weights None; student untempered.
     """
     m = normalize_method(method)
-    allowed = {"none": set(), "normkd": {"t_norm"}, "wttm": {"gamma"},
+    allowed = {"none": set(), "normkd": {"t_norm"}, "wttm": {"gamma", "weight"},
                "adakd_sd": {"beta", "tau_min", "tau_max", "reference"},
                "adakd_h": {"beta", "tau_min", "tau_max", "reference"}}[m]
     for name in params:
@@ -305,8 +437,15 @@ def teacher_targets(
         tau_t = std_temperature(s.logit_std, params.get("t_norm", 1.5))
         return TeacherTargets(s.indices, apply_temperature(lp, tau_t), tau_t**2, None)
     if m == "wttm":
+        gamma, weight = params.get("gamma", 0.5), params.get("weight", "full")
+        if weight not in WTTM_WEIGHTS:
+            raise choice_error("logits.wttm_weight", weight, WTTM_WEIGHTS)
+        if not isinstance(tau, (int, float)):
+            raise ConfigError("logits.tau must be a number for WTTM; got a tensor")
         base = torch.log(apply_temperature(lp, tau))
-        probs, u = wttm_transform(base, params.get("gamma", 0.5))
+        probs, u = wttm_transform(base, gamma)
+        if weight == "full":
+            u = wttm_full_weight(s, gamma, float(tau))
         return TeacherTargets(s.indices, probs, u, None)
     stat = s.logit_std if m == "adakd_sd" else s.entropy
     if not isinstance(tau, (int, float)):

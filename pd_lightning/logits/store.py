@@ -17,7 +17,7 @@ Shard binary (little-endian; sections 8-byte aligned, offsets from the file star
     b"PDLSHARD" | uint32 header length H | H bytes of JSON header (sorted keys) | zero pad to 8
     sections named in header["sections"] = {name: [offset, nbytes]}, in this order:
       counts [S·P] uint8 (uint16 if k >= 256), params [S·P] uint8 (egsqrt), mass [S·P] uint16 (egsqrt),
-      stats [S·P, 2] float16, chunks [S·C + 1] uint64 byte offsets into payload, payload uint8
+      stats [S·P, 2 + G] float16 (G = len(power_exponents)), chunks [S·C + 1] uint64 byte offsets into payload, payload uint8
     The file ends exactly at the end of payload. Bit layout of the payload: see `codec`.
 """
 
@@ -38,7 +38,7 @@ import torch
 
 from pd_lightning.errors import ConfigError, DataError, choice_error
 from pd_lightning.logits import codec
-from pd_lightning.logits.processing import SparseLogits, truncate_top_p_k
+from pd_lightning.logits.processing import SparseLogits, check_power_exponents, truncate_top_p_k
 
 FORMAT = "pd-lightning-logit-store"
 FORMAT_VERSION = 1
@@ -46,7 +46,7 @@ MAGIC = b"PDLSHARD"
 MANIFEST = "manifest.json"
 CHECKSUM = "blake2b-256"
 _SETTINGS = ("vocab_size", "p", "k", "positions_per_sequence", "num_sequences", "sequences_per_shard",
-             "teacher", "teacher_config_hash", "tokenizer_hash", "encoding")
+             "teacher", "teacher_config_hash", "tokenizer_hash", "encoding", "power_exponents")
 
 
 def shard_name(index: int) -> str:
@@ -161,6 +161,7 @@ class LogitStoreWriter:
         world_size: int = 1,
         verify_existing: bool = True,
         rerun: str = GENERATION_RERUN,
+        power_exponents: tuple[float, ...] = (),
     ):
         if encoding not in codec.ENCODINGS:
             raise choice_error("logits.encoding", encoding, codec.ENCODINGS)
@@ -181,12 +182,14 @@ class LogitStoreWriter:
         self.num_sequences, self.sequences_per_shard = int(num_sequences), int(sequences_per_shard)
         self.encoding, self.value_step = encoding, float(value_step)
         self.rank, self.world_size = rank, world_size
+        self.power_exponents = check_power_exponents(power_exponents)
         self.settings: dict[str, Any] = {
             "vocab_size": self.vocab_size, "p": self.p, "k": self.k, "positions_per_sequence": self.positions,
             "num_sequences": self.num_sequences, "sequences_per_shard": self.sequences_per_shard,
             "teacher": str(teacher), "teacher_config_hash": str(teacher_config_hash),
             "tokenizer_hash": str(tokenizer_hash),
             "encoding": _encoding_info(encoding, self.value_step, self.vocab_size),
+            "power_exponents": list(self.power_exponents),
         }
         self.num_shards = num_shards(self.num_sequences, self.sequences_per_shard)
         self.rerun = rerun  # what running the same command again does, for the one-line write errors
@@ -257,9 +260,12 @@ class LogitStoreWriter:
         n_seq = n_rows // self.positions
         if first_sequence < 0 or first_sequence + n_seq > self.num_sequences:
             raise ValueError(f"sequences [{first_sequence}, {first_sequence + n_seq}) outside [0, {self.num_sequences})")
+        if tuple(sparse.power_exponents) != self.power_exponents:
+            raise ValueError(f"entries carry power sums for {list(sparse.power_exponents)}, the store keeps "
+                             f"{list(self.power_exponents)}")
         if sparse.width > self.k:
-            sparse = SparseLogits(sparse.indices[:, : self.k], sparse.logprobs[:, : self.k],
-                                  sparse.counts, sparse.entropy, sparse.logit_std)
+            sparse = SparseLogits(sparse.indices[:, : self.k], sparse.logprobs[:, : self.k], sparse.counts,
+                                  sparse.entropy, sparse.logit_std, sparse.log_power_sums, sparse.power_exponents)
         done = []
         seq = first_sequence
         while seq < first_sequence + n_seq:
@@ -433,7 +439,8 @@ class AsyncShardWriter:
                 try:
                     first, data = item
                     if not isinstance(data, SparseLogits):
-                        data = truncate_top_p_k(data.detach(), self.writer.p, self.writer.k)
+                        data = truncate_top_p_k(data.detach(), self.writer.p, self.writer.k,
+                                                power_exponents=self.writer.power_exponents)
                     self.writer.write_sequences(first, data.to("cpu"))
                 except BaseException as e:  # handed to the caller's thread
                     self._error, self._failed = e, True
@@ -497,9 +504,13 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
     if m["format"] != FORMAT or m["format_version"] != FORMAT_VERSION:
         raise DataError(f"logit store {path}: format {m['format']!r} v{m['format_version']} is not supported; expected {FORMAT!r} v{FORMAT_VERSION}")
     enc = m["encoding"]
-    if enc.get("name") not in codec.ENCODINGS or enc.get("version") != codec.ENCODING_VERSION:
+    if enc.get("name") not in codec.ENCODINGS or enc.get("version") not in codec.READABLE_VERSIONS:
         raise DataError(f"logit store {path}: encoding {enc.get('name')!r} v{enc.get('version')} is not supported; "
                         f"expected one of {', '.join(codec.ENCODINGS)} v{codec.ENCODING_VERSION}")
+    if enc.get("version") == 1 and float(m["p"]) >= 1.0:
+        # v1's top-1.0-k cut kept one entry on confident tokens (an fp32 top-1 log-probability of 0)
+        raise DataError(f"logit store {path}: made at p=1 by an earlier version (encoding v1) whose top-1.0-k cut "
+                        "dropped entries on confident tokens; delete it and run `pdl logits generate` again")
     expect = 0
     for e in m["shards"]:
         if e.get("first_sequence") != expect or e.get("num_sequences", 0) < 1:
@@ -543,7 +554,8 @@ class _Shard:
         n_tok = h["num_sequences"] * h["positions_per_sequence"]
         enc = h["encoding"]["name"]
         c = codec.chunks_per_sequence(enc)
-        shapes = {"counts": (n_tok,), "params": (n_tok,), "mass": (n_tok,), "stats": (n_tok, 2),
+        n_stats = 2 + len(manifest.get("power_exponents", []))
+        shapes = {"counts": (n_tok,), "params": (n_tok,), "mass": (n_tok,), "stats": (n_tok, n_stats),
                   "chunks": (h["num_sequences"] * c + 1,), "payload": (-1,)}
         names = ["counts", "params", "mass", "stats", "chunks", "payload"] if enc == "egsqrt" else ["counts", "stats", "chunks", "payload"]
         views = {}
@@ -661,6 +673,11 @@ class LogitStore:
     def vocab_size(self) -> int:
         return int(self.manifest["vocab_size"])
 
+    @property
+    def power_exponents(self) -> tuple[float, ...]:
+        """The exponents a of the per-token log Σ_v q_v^a the store keeps (older stores: none)."""
+        return tuple(float(a) for a in self.manifest.get("power_exponents", []))
+
     def _shard(self, s: int) -> _Shard:
         with self._lock:
             shard = self._shards.get(s)
@@ -687,14 +704,16 @@ class LogitStore:
         P, k = self.positions_per_sequence, self.k
         n = len(ids) * P
         # numpy all the way (torch ops on tiny tensors cost more than the decode), one torch view at the end
+        exps = self.power_exponents
         out = [np.zeros((n, k), np.int64), np.full((n, k), -np.inf, np.float32), np.zeros(n, np.int64),
-               np.zeros(n, np.float32), np.zeros(n, np.float32)]
+               np.zeros(n, np.float32), np.zeros(n, np.float32)] + ([np.zeros((n, len(exps)), np.float32)] if exps else [])
         for s in np.unique(shard_of):
             sel = np.flatnonzero(shard_of == s)
             rows = (sel[:, None] * P + np.arange(P)).reshape(-1)
             for dst, src in zip(out, self._shard(int(s)).decode(ids[sel] - self._starts[s], self.manifest)):
                 dst[rows] = src
-        return SparseLogits(*(torch.from_numpy(a) for a in out))
+        tensors = [torch.from_numpy(a) for a in out]
+        return SparseLogits(*tensors[:5], tensors[5] if exps else None, exps)
 
 
 # ----------------------------------------------------------------------------- inspect / verify
@@ -775,7 +794,8 @@ def inspect_store(path: str | Path, checksums: bool = True) -> dict[str, Any]:
     return generation_cost(path, m) | {
         "path": str(path), "teacher": m.get("teacher"), "teacher_config_hash": m.get("teacher_config_hash"),
         "tokenizer_hash": m["tokenizer_hash"], "vocab_size": m["vocab_size"], "p": m["p"], "k": m["k"],
-        "encoding": m["encoding"], "positions_per_sequence": m["positions_per_sequence"],
+        "encoding": m["encoding"], "power_exponents": m.get("power_exponents", []),
+        "positions_per_sequence": m["positions_per_sequence"],
         "sequences": m["num_sequences"], "tokens": tokens, "entries": entries,
         "mean_entries_per_token": entries / max(tokens, 1), "bytes": nbytes,
         "bytes_per_token": nbytes / max(tokens, 1), "bytes_per_entry": nbytes / max(entries, 1),
