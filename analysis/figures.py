@@ -274,6 +274,51 @@ def fig_checkpoints(curves: pd.DataFrame, out: str | Path | None = None, *, ylab
     return fig
 
 
+def reliability_table(bins: pd.DataFrame) -> pd.DataFrame:
+    """Per configuration (label) and bin index: the mean over its runs (seeds) of confidence and accuracy,
+    and the mean ECE: columns label, bin, conf, acc, ece. Equal-mass bins of runs on the same held-out
+    tokens hold the same number of tokens each, so bin b is the same confidence quantile in every run."""
+    missing = {"label", "bin", "conf", "acc", "ece"} - set(bins.columns)
+    if missing:
+        raise ConfigError(f"bins lacks columns {', '.join(sorted(missing))}; see analysis.reliability_bins")
+    if bins.empty:
+        raise ConfigError("bins is empty: no run has held-out reliability bins (eval/heldout.json)")
+    per_bin = bins.groupby(["label", "bin"], sort=False)[["conf", "acc"]].mean().reset_index()
+    ece = bins.drop_duplicates(["label", "run_id"] if "run_id" in bins else ["label"]).groupby("label", sort=False)["ece"].mean()
+    return per_bin.assign(ece=per_bin["label"].map(ece))
+
+
+def fig_reliability(bins: pd.DataFrame, out: str | Path | None = None, *, columns: int = 3) -> Figure:
+    """Reliability diagram per configuration: accuracy against mean top-1 confidence of each equal-mass
+    bin of the held-out next-token predictions (means over seeds; `reliability_table`), the diagonal
+    being perfect calibration; the panel title gives the configuration's ECE. `bins`: from
+    `analysis.reliability_bins`; panels follow the order labels first appear in."""
+    table = reliability_table(bins)
+    labels = list(dict.fromkeys(table["label"]))
+    cols = max(1, min(columns, len(labels)))
+    rows = -(-len(labels) // cols)
+    fig = _new_figure(3.0 * cols + 0.4, 3.0 * rows + 0.3)
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
+    for ax in axes.flat[len(labels):]:
+        ax.set_visible(False)
+    for ax, label in zip(axes.flat, labels):
+        part = table[table["label"] == label].sort_values("bin")
+        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
+        ax.plot(part["conf"], part["acc"], marker="o", markersize=3)
+        ax.set_title(f"{label}\nECE {part['ece'].iloc[0]:.4f}", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+    for i, label in enumerate(labels):  # the lowest panel of each column carries the x axis
+        if i + cols >= len(labels):
+            ax = axes.flat[i]
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_xlabel("top-1 confidence")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy")
+    save_figure(fig, out)
+    return fig
+
+
 def has_cost(runs: pd.DataFrame) -> bool:
     """Whether the runs carry total compute (cost.total_flops), which `fig_compute` needs."""
     return "cost.total_flops" in runs and runs["cost.total_flops"].notna().any()

@@ -138,7 +138,8 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
 def build_report(runs: pd.DataFrame, out_dir: str | Path, *, title: str, description: str = "",
                  baseline: str | None = None, group_by: str | Sequence[str] | None = None,
                  figures: Sequence[str] | None = None, rows: Sequence[str] | None = None,
-                 curves: pd.DataFrame | None = None) -> Path:
+                 curves: pd.DataFrame | None = None, extra: str | Sequence[str] | None = "auto",
+                 reliability: pd.DataFrame | None = None) -> Path:
     """Write a report of `runs` into `out_dir` and return the path of its index.html.
 
     Files: index.html (title, description, the paper table, links, figures as <img> with relative
@@ -147,10 +148,13 @@ def build_report(runs: pd.DataFrame, out_dir: str | Path, *, title: str, descrip
     `baseline`, `group_by`, `rows`: as in `paper_table` (which is computed with cost columns when
     the runs carry cost metrics). `curves`: `checkpoint_curves(...)` of runs scored at several
     checkpoints; with at least two steps it adds Fig. 5 (score vs consumed tokens).
+    `extra`: the beyond-accuracy columns beside the paper's (`paper_table`'s `extra`; default: every
+    one the runs logged). `reliability`: `reliability_bins(...)` of the runs; when it has bins, a
+    reliability diagram per configuration (held-out top-1 calibration) is added.
     """
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
-    table = paper_table(runs, baseline, rows=rows, group_by=group_by, cost=F.has_cost(runs))
+    table = paper_table(runs, baseline, rows=rows, group_by=group_by, cost=F.has_cost(runs), extra=extra)
     names = list(figures) if figures is not None else auto_figures(runs, table)
     drawers = [(name, _figure_function(name, baseline, group_by)) for name in names]  # validate names first
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -167,6 +171,15 @@ def build_report(runs: pd.DataFrame, out_dir: str | Path, *, title: str, descrip
         if curves is not None and not curves.empty and curves["step"].nunique() >= 2:
             F.fig_checkpoints(curves, tmp / "fig_checkpoints")
             drawn.append(("fig_checkpoints", "Average vs consumed tokens, from intermediate checkpoints (Fig. 5)"))
+        if reliability is not None and not reliability.empty:
+            order = {label: i for i, label in enumerate(table["label"])}  # panels in the table's row order
+            reliability = reliability[reliability["label"].isin(order)]
+            reliability = reliability.sort_values("label", key=lambda c: c.map(order), kind="stable")
+            if not reliability.empty:
+                F.fig_reliability(reliability, tmp / "fig_reliability")
+                drawn.append(("fig_reliability", "Reliability diagram per configuration: held-out next-token accuracy "
+                                                 "vs top-1 confidence, 15 equal-mass bins, mean over seeds (diagonal: "
+                                                 "calibrated)"))
         (tmp / "index.html").write_text(_page(title, description, to_html(table), drawn), encoding="utf-8")
         _swap_into_place(tmp, out_dir)
     except BaseException:

@@ -233,3 +233,38 @@ def select_sweep(runs: pd.DataFrame | None, sweep: str) -> pd.DataFrame | None:
         print(no_runs_message(sweep))
         return None
     return runs[runs["pd.sweep"] == sweep].reset_index(drop=True)
+
+
+HELDOUT_ARTIFACT = "eval/heldout.json"  # pd_lightning.evaluation.log_heldout
+RELIABILITY_COLUMNS = ["label", "run_id", "bin", "conf", "acc", "n", "ece"]
+
+
+def reliability_bins(tracking_uri: str, runs: pd.DataFrame, label_column: str = "pd.label") -> pd.DataFrame:
+    """The held-out reliability bins of each run, for `fig_reliability`: columns label, run_id, bin, conf, acc, n, ece.
+
+    Read from each run's `eval/heldout.json` artifact (written with the eval.heldout.* metrics by
+    `pdl train` and `pdl eval`): one row per equal-mass bin, in confidence order; runs without the
+    artifact are left out (an empty frame when none has it).
+    """
+    import json
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    if "run_id" not in runs:
+        raise ConfigError("runs has no run_id column; pass a frame returned by analysis.load_runs")
+    client = _client(tracking_uri)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pdl-reliability-") as tmp:
+        for _, run in runs.iterrows():
+            try:
+                path = client.download_artifacts(run["run_id"], HELDOUT_ARTIFACT, tmp)
+                data = json.loads(Path(path).read_text(encoding="utf-8"))
+            except (MlflowException, OSError, ValueError):
+                continue  # a run from before held-out metrics, or one logged without them
+            label = run.get(label_column)
+            label = label if isinstance(label, str) and label else run["run_name"]
+            for b, entry in enumerate(data.get("bins", [])):
+                rows.append({"label": label, "run_id": run["run_id"], "bin": b, "conf": float(entry["conf"]),
+                             "acc": float(entry["acc"]), "n": int(entry["n"]), "ece": float(data["ece"])})
+    return pd.DataFrame(rows, columns=RELIABILITY_COLUMNS)

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.stats import AUTO_MIN_SEEDS, CI_METHODS, delta_ci, delta_ci_pooled, mean_ci, mean_ci_pooled, pooled_variance
-from pd_lightning.errors import ConfigError
+from pd_lightning.errors import ConfigError, did_you_mean
 
 # The paper's eight tasks in its column order, with the names its tables print.
 PAPER_TASKS = {
@@ -30,6 +30,24 @@ KEY_COLUMNS = ["group", "label"]
 STAT_COLUMNS = [AVERAGE, AVERAGE_CI, DELTA, DELTA_CI, DELTA_SIG, "n", "baseline"]
 COST_COLUMNS = [PFLOPS, STORE_GB, DELTA_PER_COMPUTE]
 _AVG_RUN = "_average"  # per-run Average while summarising
+# Metrics beyond accuracy, as columns beside the paper's on request (`extra=`): MLflow key -> (printed
+# name, scale, digits). Held-out token metrics (pd_lightning.metrics): loss in nats/token, top-1
+# accuracy and teacher agreement in %, ECE (top-1, equal-mass bins), full-vocabulary Brier,
+# KL(teacher ‖ student) in nats/token; in-context learning (pd_lightning/eval_tasks): copying
+# accuracy on random and natural spans (chance 25%), synth_facts 5-shot and its gain over 0-shot (points).
+EXTRA_METRICS = {
+    "eval.heldout.loss": ("loss", 1.0, 3),
+    "eval.heldout.top1_acc": ("top-1 %", 100.0, 1),
+    "eval.heldout.ece": ("ECE", 1.0, 4),
+    "eval.heldout.brier": ("Brier", 1.0, 4),
+    "eval.heldout.teacher_top1_agree": ("agree %", 100.0, 1),
+    "eval.heldout.teacher_kl": ("KL(T‖S)", 1.0, 3),
+    "eval.icl.copy_random": ("copy rand", 1.0, 1),
+    "eval.icl.copy_natural": ("copy nat", 1.0, 1),
+    "eval.icl.facts_5shot": ("facts 5-shot", 1.0, 1),
+    "eval.icl.fewshot_gain": ("5-shot gain", 1.0, 1),
+}
+EXTRA_LABELS = {label: digits for label, _, digits in EXTRA_METRICS.values()}
 
 
 def task_name(column: str) -> str:
@@ -172,8 +190,26 @@ def _agg_keep(values: pd.Series) -> object:
     return v.iloc[0]
 
 
+def extra_keys(runs: pd.DataFrame, extra: str | Sequence[str] | None) -> list[str]:
+    """MLflow keys of the extra columns: None -> none; "auto" -> every EXTRA_METRICS key some run logged;
+    names -> those, each as its key (eval.heldout.ece), without "eval." (heldout.ece) or by its last part (ece)."""
+    if extra is None:
+        return []
+    if isinstance(extra, str) and extra == "auto":
+        return [k for k in EXTRA_METRICS if k in runs and runs[k].notna().any()]
+    names = [extra] if isinstance(extra, str) else list(extra)
+    aliases = {alias: k for k in EXTRA_METRICS for alias in (k, k.removeprefix("eval."), k.rsplit(".", 1)[1])}
+    keys = []
+    for name in names:
+        if name not in aliases:
+            raise ConfigError(f"extra: {name!r} is not a metric beyond accuracy; expected \"auto\" or names among "
+                              f"{', '.join(EXTRA_METRICS)}{did_you_mean(name, aliases)}")
+        keys.append(aliases[name])
+    return list(dict.fromkeys(keys))
+
+
 def _config_row(cfg: pd.DataFrame, base: pd.DataFrame | None, task_cols: list[str], keep: Sequence[str],
-                pooled: tuple[float, int] | None = None, ci: str = "welch") -> dict:
+                pooled: tuple[float, int] | None = None, ci: str = "welch", extras: Sequence[str] = ()) -> dict:
     """Statistics of one configuration (its runs = seeds) against its group's baseline runs.
 
     `pooled`: (variance, degrees of freedom) pooled over the group's configurations, used with
@@ -203,13 +239,17 @@ def _config_row(cfg: pd.DataFrame, base: pd.DataFrame | None, task_cols: list[st
         row[DELTA_PER_COMPUTE] = d.value / (10 * extra) if np.isfinite(extra) and extra > 0 else np.nan
     row["n"] = int(cfg[_AVG_RUN].notna().sum())
     row["baseline"] = is_base
+    for key in extras:  # mean over the configuration's seeds, in the printed unit
+        label, scale, _ = EXTRA_METRICS[key]
+        row[label] = float(cfg[key].astype(float).mean()) * scale if key in cfg and cfg[key].notna().any() else np.nan
     row.update({k: _agg_keep(cfg[k]) if k in cfg else np.nan for k in keep})
     return row
 
 
 def summarize(runs: pd.DataFrame, baseline: str | None = None, tasks: Sequence[str] | None = None, *,
-              group_by: str | Sequence[str] | None = None, keep: Sequence[str] = (), ci: str = "auto") -> pd.DataFrame:
-    """Per-configuration statistics (all columns of `paper_table` plus cost and `keep` columns).
+              group_by: str | Sequence[str] | None = None, keep: Sequence[str] = (), ci: str = "auto",
+              extra: str | Sequence[str] | None = None) -> pd.DataFrame:
+    """Per-configuration statistics (all columns of `paper_table` plus cost, `extra` and `keep` columns).
 
     `keep` names run columns to carry along per configuration (numeric: mean over seeds; other:
     first value), e.g. the swept parameter a figure puts on its x axis.
@@ -218,6 +258,7 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None, tasks: Sequence[s
     if ci not in CI_METHODS:
         raise ConfigError(f"ci={ci!r} is not allowed; expected one of {', '.join(CI_METHODS)}")
     task_cols = _resolve_tasks(runs, tasks)
+    extra = extra_keys(runs, extra)
     work = runs.copy()
     work["_label"] = config_labels(runs)
     work["_group"] = _groups(runs, group_by)
@@ -236,7 +277,7 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None, tasks: Sequence[s
         labels = base_labels + [lab for lab in dict.fromkeys(g["_label"]) if lab not in base_labels]
         pooled = pooled_variance([g.loc[g["_label"] == lab, _AVG_RUN].to_numpy() for lab in labels]) if ci != "welch" else None
         for label in labels:
-            row = _config_row(g[g["_label"] == label], base, task_cols, keep, pooled, ci)
+            row = _config_row(g[g["_label"] == label], base, task_cols, keep, pooled, ci, extra)
             rows.append({"group": group, "label": label, **row})
     return pd.DataFrame(rows)
 
@@ -258,7 +299,7 @@ def _select_rows(table: pd.DataFrame, rows: Sequence[str]) -> pd.DataFrame:
 
 def paper_table(runs: pd.DataFrame, baseline: str | None = None, tasks: Sequence[str] | None = None,
                 rows: Sequence[str] | None = None, *, group_by: str | Sequence[str] | None = None,
-                cost: bool = False, ci: str = "auto") -> pd.DataFrame:
+                cost: bool = False, ci: str = "auto", extra: str | Sequence[str] | None = None) -> pd.DataFrame:
     """The paper's table: one row per configuration, task scores (%), Average and Δ% with 95% CIs.
 
     Columns: group ("" without groups), label, one column per task (printed names, mean over
@@ -276,8 +317,11 @@ def paper_table(runs: pd.DataFrame, baseline: str | None = None, tasks: Sequence
     `baseline`: a label; default: the runs tagged pd.baseline=true in each group. `tasks`: task
     names (default: every percent `eval.<task>` scored in all runs). `rows`: labels to show, in
     order. `group_by`: run columns that define groups (default: the pd.group tag).
+    `extra`: metrics beyond accuracy as further columns (EXTRA_METRICS; mean over seeds, their
+    printed names and units; NaN where a run did not log them): names, or "auto" for every one
+    the runs logged; default none (the paper's layout).
     """
-    table = summarize(runs, baseline, tasks, group_by=group_by, ci=ci)
+    table = summarize(runs, baseline, tasks, group_by=group_by, ci=ci, extra=extra)
     if rows is not None:
         table = _select_rows(table, rows)
     if not cost:
@@ -287,9 +331,14 @@ def paper_table(runs: pd.DataFrame, baseline: str | None = None, tasks: Sequence
 
 
 def task_columns(table: pd.DataFrame) -> list[str]:
-    """The task columns of a paper table (every column that is not a key, statistic or cost column)."""
-    fixed = set(KEY_COLUMNS) | set(STAT_COLUMNS) | set(COST_COLUMNS)
+    """The task columns of a paper table (every column that is not a key, statistic, cost or extra column)."""
+    fixed = set(KEY_COLUMNS) | set(STAT_COLUMNS) | set(COST_COLUMNS) | set(EXTRA_LABELS)
     return [c for c in table.columns if c not in fixed]
+
+
+def extra_columns(table: pd.DataFrame) -> list[str]:
+    """The extra (beyond-accuracy) columns of a paper table, in order."""
+    return [c for c in table.columns if c in EXTRA_LABELS]
 
 
 def is_finite(x: object) -> bool:

@@ -5,11 +5,23 @@ Gumbel noise, π a Zipfian id popularity (π_i ∝ (i+1)^-1.1, so kept ids conce
 BPE ids as a real teacher's do) and a per-token sharpness λ_t = exp(N(log 1.7, 0.5²)) that mixes
 peaked and flat tokens (mean entropy ≈ 2.6 nats). The worst case draws ids uniformly (π flat).
 
-For top-0.95-100 and top-0.95-50 it writes real stores (egsqrt = default, fixed) and measures, side
-by side, the naive int32 index + fp32 value layout (8 B/entry) and Megatron-LM's 17-bit index + fp16
+For top-0.95-100 and top-0.95-50 it writes real stores (ctxans = default, egsqrt, fixed) and measures,
+side by side, the naive int32 index + fp32 value layout (8 B/entry), Megatron-LM's 17-bit index + fp16
 value layout (17 bits cannot address 151,552 ids; we charge 17 bits anyway, i.e. 33 bits/entry, in
-its favour). Per case: bytes/entry and bytes/token (whole files: headers, per-token columns,
-offsets), mean KL(exact truncated || decoded) on the kept support, decode tokens/s via LogitStore.
+its favour) and general-purpose compressors run on the egsqrt shard files in the same run (xz -9e via
+Python's lzma, preset 9 | PRESET_EXTREME; zstd -19 via the `zstandard` package, or the `zstd` binary).
+Per case: bytes/entry and bytes/token (whole files: headers, models, per-token columns, offsets),
+mean KL(exact truncated || decoded) on the kept support, decode tokens/s via LogitStore: random
+batches of 16 sequences, the encodings alternating on the same batches, medians over repetitions,
+and the median of the per-repetition ratios (ctxans ÷ egsqrt).
+
+Real store (`--real-store DIR`, a store made by `pdl logits generate`, whose manifest names its teacher
+and token shards; or `--real-build DIR`, which prepares the tiny config's data, trains its teacher
+and caches both in DIR): the teacher runs once over the first `--real-sequences` sequences and
+the same truncated entries are written as ctxans and egsqrt stores side by side (the egsqrt shards
+are also what xz / zstd compress). Unlike the i.i.d. synthetic tokens, consecutive positions of a
+real sequence are correlated. Both encodings decode to bit-identical entries (checked on every
+sequence), so they have the same KL (reported on the first 64 sequences).
 
 Generation overhead: a random-init transformers LlamaForCausalLM (hidden 256, 4 layers, vocab 32k,
 sequence 256) is the "teacher forward"; (forward + truncate + encode + write, with truncate/encode/
@@ -18,6 +30,9 @@ clock, best of alternating rounds, forward on one intra-op thread (the writer ge
 Also reported: the CPU-time ratio and `free_core_overlap_ratio` = max(1, writer CPU / forward CPU),
 the wall ratio on a machine whose second core is really free (a shared, loaded machine is not).
 
+The generation overhead is measured for ctxans (the default writer: `generation_overhead_median`) and
+for egsqrt in the same alternating rounds.
+
 Prints progress lines, then one JSON object as the last line. `--quick` for a fast run.
 """
 
@@ -25,7 +40,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import math
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,10 +73,10 @@ def synth_sparse(n_tok: int, zipf: bool, p: float, k: int, seed: int) -> SparseL
     return SparseLogits.cat(parts)
 
 
-def support_kl(exact: SparseLogits, decoded: SparseLogits) -> torch.Tensor:
+def support_kl(exact: SparseLogits, decoded: SparseLogits, vocab: int = V) -> torch.Tensor:
     """KL(exact || decoded) per token, both renormalised on the kept set (matched by id)."""
     def by_id(s: SparseLogits) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.where(torch.isfinite(s.logprobs), s.indices, V)
+        ids = torch.where(torch.isfinite(s.logprobs), s.indices, vocab)
         ids, order = torch.sort(ids, 1)
         return ids, torch.log_softmax(torch.gather(s.logprobs, 1, order), 1)
     ia, la = by_id(exact)
@@ -81,40 +99,196 @@ def naive_cases(s: SparseLogits) -> dict:
     return out
 
 
-def store_case(s: SparseLogits, p: float, k: int, encoding: str, root: Path) -> dict:
-    n_seq = len(s) // P
-    path = root / f"{encoding}-{p}-{k}-{len(s)}-{int(s.indices[:, 0].sum())}"
-    w = LogitStoreWriter(path, vocab_size=V, p=p, k=k, positions_per_sequence=P, num_sequences=n_seq,
+def write_store(s: SparseLogits, p: float, k: int, encoding: str, path: Path, *, vocab: int = V, positions: int = P) -> float:
+    """Write `s` (whole sequences) as one store; returns the encode + write seconds."""
+    n_seq = len(s) // positions
+    w = LogitStoreWriter(path, vocab_size=vocab, p=p, k=k, positions_per_sequence=positions, num_sequences=n_seq,
                          sequences_per_shard=n_seq, teacher="synthetic", teacher_config_hash="-",
-                         tokenizer_hash="-", encoding=encoding)
+                         tokenizer_hash="-", encoding=encoding, power_exponents=s.power_exponents)
     t0 = time.perf_counter()
     for a in range(0, n_seq, 8):
-        w.write_sequences(a, s.rows(a * P, min(a + 8, n_seq) * P))
+        w.write_sequences(a, s.rows(a * positions, min(a + 8, n_seq) * positions))
     w.finalize()
-    enc_s = time.perf_counter() - t0
-    info = inspect_store(path, checksums=False)
-    store = LogitStore(path)
-    decoded = store.sequences(range(n_seq))
-    # decode throughput: random batches of 16 sequences, as a training DataLoader asks
+    return time.perf_counter() - t0
+
+
+def _zstd_19(data: bytes) -> int | None:
+    try:
+        import zstandard
+
+        return len(zstandard.ZstdCompressor(level=19).compress(data))
+    except ImportError:
+        pass
+    if shutil.which("zstd"):
+        return len(subprocess.run(["zstd", "-19", "-c", "-q"], input=data, capture_output=True, check=True).stdout)
+    return None
+
+
+def compressor_sizes(store: Path) -> dict:
+    """xz -9e and zstd -19 of a store's shard files: each file alone (as they stay randomly accessible) and
+    all of them as one stream (the compressors' best case)."""
+    files = sorted(store.glob("shard-*.bin"))
+    blobs = [f.read_bytes() for f in files]
+    xz = lambda b: len(lzma.compress(b, format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME))  # noqa: E731
+    per_file_zstd = [_zstd_19(b) for b in blobs]
+    return {"shard_bytes": sum(map(len, blobs)),
+            "xz_9e_bytes": sum(xz(b) for b in blobs), "xz_9e_bytes_one_stream": xz(b"".join(blobs)),
+            "zstd_19_bytes": None if None in per_file_zstd else sum(per_file_zstd),
+            "zstd_19_bytes_one_stream": _zstd_19(b"".join(blobs))}
+
+
+def compare_decode(paths: dict[str, Path], seconds: float, batch: int = 16) -> dict:
+    """Decode tokens/s of each store on the same random batches, the stores alternating within every
+    repetition (so load from other processes hits them alike); medians, and the median per-repetition ratio
+    of each store to the first one."""
+    stores = {name: LogitStore(path) for name, path in paths.items()}
+    n_seq, positions = len(next(iter(stores.values()))), next(iter(stores.values())).positions_per_sequence
     rng = np.random.default_rng(0)
-    t0, tok = time.perf_counter(), 0
-    while time.perf_counter() - t0 < 2.0:
-        store.sequences(rng.integers(0, n_seq, 16))
-        tok += 16 * P
-    dec_tps = tok / (time.perf_counter() - t0)
-    kl = support_kl(s, decoded)
-    return {"bytes_per_entry": info["bytes_per_entry"], "bytes_per_token": info["bytes_per_token"],
-            "entries_per_token": info["mean_entries_per_token"], "mean_kl": float(kl.mean()),
-            "p99_kl": float(kl.quantile(0.99)), "decode_tokens_per_s": dec_tps,
-            "encode_write_tokens_per_s": len(s) / enc_s}
+    for st in stores.values():  # warm: page cache, models, malloc arenas
+        st.sequences(rng.integers(0, n_seq, batch))
+    times: dict[str, list[float]] = {name: [] for name in stores}
+    t_end = time.perf_counter() + seconds
+    rep = 0
+    while time.perf_counter() < t_end or rep < 10:
+        ids = rng.integers(0, n_seq, batch)
+        names = list(stores) if rep % 2 == 0 else list(stores)[::-1]
+        for name in names:
+            t0 = time.perf_counter()
+            stores[name].sequences(ids)
+            times[name].append(time.perf_counter() - t0)
+        rep += 1
+    first = next(iter(stores))
+    out = {"repetitions": rep, "batch_sequences": batch}
+    for name, ts in times.items():
+        out[name] = {"decode_tokens_per_s": batch * positions / float(np.median(ts)),
+                     "decode_ms_per_batch_median": 1e3 * float(np.median(ts))}
+        if name != first:
+            out[f"ratio_{name}_vs_{first}"] = float(np.median(np.array(times[first]) / np.array(ts)))
+    return out
+
+
+def store_case(s: SparseLogits, p: float, k: int, root: Path, decode_seconds: float, tag: str) -> dict:
+    """ctxans, egsqrt and fixed stores of the same entries: sizes, KL, speeds; xz / zstd of the egsqrt shards."""
+    out, paths = {}, {}
+    for encoding in ("ctxans", "egsqrt", "fixed"):
+        path = paths[encoding] = root / f"{tag}-{encoding}-{p}-{k}"
+        enc_s = write_store(s, p, k, encoding, path)
+        info = inspect_store(path, checksums=False)
+        decoded = LogitStore(path).sequences(range(len(s) // P))
+        kl = support_kl(s, decoded)
+        out[encoding] = {"bytes_per_entry": info["bytes_per_entry"], "bytes_per_token": info["bytes_per_token"],
+                         "entries_per_token": info["mean_entries_per_token"], "mean_kl": float(kl.mean()),
+                         "p99_kl": float(kl.quantile(0.99)), "encode_write_tokens_per_s": len(s) / enc_s}
+    speeds = compare_decode({"egsqrt": paths["egsqrt"], "ctxans": paths["ctxans"], "fixed": paths["fixed"]}, decode_seconds)
+    for encoding in ("ctxans", "egsqrt", "fixed"):
+        out[encoding]["decode_tokens_per_s"] = speeds[encoding]["decode_tokens_per_s"]
+    out["decode_ratio_ctxans_vs_egsqrt"] = speeds["ratio_ctxans_vs_egsqrt"]
+    comp = compressor_sizes(paths["egsqrt"])
+    entries = int(s.counts.sum())
+    for key in ("xz_9e", "zstd_19"):
+        if comp[f"{key}_bytes"] is not None:
+            out[f"egsqrt_{key}"] = {"bytes_per_entry": comp[f"{key}_bytes"] / entries, "bytes_per_token": comp[f"{key}_bytes"] / len(s),
+                                    "bytes_per_entry_one_stream": comp[f"{key}_bytes_one_stream"] / entries}
+    return out
+
+
+# ----------------------------------------------------------------------------- real store
+
+
+def build_real_teacher(workdir: Path, quick: bool) -> tuple[Path, Path]:
+    """The tiny config's token shards and trained teacher in `workdir` (reused when already there)."""
+    from pd_lightning.config import load_config
+    from pd_lightning.data.prepare import prepare
+    from pd_lightning.train import train_teacher
+
+    data, teacher = workdir / "data", workdir / "teacher"
+    cfg = load_config("tiny", [f"data.out={data}", f"teacher.out={teacher}",
+                               f"data.train_tokens={200_000 if quick else 400_000}",
+                               f"teacher.max_steps={150 if quick else 400}"])
+    if not (data / "manifest.json").is_file():
+        prepare(cfg.data, quiet=True)
+    if not (teacher / "config.json").is_file():
+        train_teacher(cfg, quiet=True)
+    return data, teacher
+
+
+def real_case(teacher: Path, data: Path, p: float, k: int, power_exponents: tuple, n_seq: int,
+              sequences_per_shard: int, root: Path, decode_seconds: float, reference: Path | None) -> dict:
+    """One teacher pass over the first n_seq sequences, the same entries written as ctxans and egsqrt stores."""
+    from pd_lightning.data.shards import TokenShards
+    from pd_lightning.models import load_causal_lm
+
+    shards = TokenShards(data, "train")
+    n_seq = min(n_seq, len(shards))
+    positions = shards.seq_len - 1
+    model = load_causal_lm(teacher, what="teacher").eval()
+    vocab = int(model.config.vocab_size)
+    writers, paths = {}, {}
+    for encoding in ("ctxans", "egsqrt"):
+        paths[encoding] = root / f"real-{encoding}"
+        writers[encoding] = LogitStoreWriter(
+            paths[encoding], vocab_size=vocab, p=p, k=k, positions_per_sequence=positions, num_sequences=n_seq,
+            sequences_per_shard=sequences_per_shard, teacher=str(teacher), teacher_config_hash="-", tokenizer_hash="-",
+            encoding=encoding, power_exponents=power_exponents)
+    exact, enc_s = [], {e: 0.0 for e in writers}
+    for first in range(0, n_seq, 32):
+        last = min(first + 32, n_seq)
+        with torch.no_grad():
+            logits = model(input_ids=torch.from_numpy(shards.batch(range(first, last)))).logits[:, :-1]
+        sp = truncate_top_p_k(logits.float().reshape(-1, logits.size(-1)), p, k, power_exponents=power_exponents)
+        if first < 64:
+            exact.append(sp.rows(0, (min(last, 64) - first) * positions))
+        for e, w in writers.items():
+            t0 = time.perf_counter()
+            w.write_sequences(first, sp)
+            enc_s[e] += time.perf_counter() - t0
+    for w in writers.values():
+        w.finalize()
+    stores = {e: LogitStore(path) for e, path in paths.items()}
+    identical = True
+    for a in range(0, n_seq, 64):
+        x, y = (stores[e].sequences(range(a, min(a + 64, n_seq))) for e in ("ctxans", "egsqrt"))
+        identical &= all(torch.equal(u, v) for u, v in zip(x._tensors(), y._tensors()))
+        identical &= x.log_power_sums is None or torch.equal(x.log_power_sums, y.log_power_sums)
+    exact_s = SparseLogits.cat(exact)
+    n_exact = len(exact_s) // positions
+    out: dict = {"teacher": str(teacher), "sequences": n_seq, "positions_per_sequence": positions, "vocab_size": vocab,
+                 "decoded_identical": bool(identical)}
+    for e, path in paths.items():
+        info = inspect_store(path, checksums=False)
+        kl = support_kl(exact_s, stores[e].sequences(range(n_exact)), vocab)
+        out[e] = {"bytes": info["bytes"], "bytes_per_entry": info["bytes_per_entry"], "bytes_per_token": info["bytes_per_token"],
+                  "entries_per_token": info["mean_entries_per_token"], "mean_kl_first_64_sequences": float(kl.mean()),
+                  "encode_write_tokens_per_s": n_seq * positions / enc_s[e]}
+    comp = compressor_sizes(paths["egsqrt"])
+    out["egsqrt_compressed"] = comp
+    speeds = compare_decode({"egsqrt": paths["egsqrt"], "ctxans": paths["ctxans"]}, decode_seconds)
+    for e in paths:
+        out[e]["decode_tokens_per_s"] = speeds[e]["decode_tokens_per_s"]
+    out["decode_ratio_ctxans_vs_egsqrt"] = speeds["ratio_ctxans_vs_egsqrt"]
+    new = out["ctxans"]["bytes"]
+    out["bytes_ratio_ctxans_vs_egsqrt"] = new / comp["shard_bytes"]
+    out["bytes_ratio_ctxans_vs_xz_9e"] = new / comp["xz_9e_bytes"]
+    out["bytes_ratio_ctxans_vs_xz_9e_one_stream"] = new / comp["xz_9e_bytes_one_stream"]
+    if comp["zstd_19_bytes"]:
+        out["bytes_ratio_ctxans_vs_zstd_19"] = new / comp["zstd_19_bytes"]
+    if reference is not None and (reference / "manifest.json").is_file():
+        # the regenerated egsqrt shards against the given store's (byte-identical when it is an egsqrt store of this code)
+        ref = json.loads((reference / "manifest.json").read_text())
+        whole = [e for e in ref["shards"] if e["first_sequence"] + e["num_sequences"] <= n_seq]
+        out["egsqrt_shards_identical_to_reference"] = (
+            ref["encoding"]["name"] == "egsqrt" and all(
+                (reference / e["file"]).read_bytes() == (paths["egsqrt"] / e["file"]).read_bytes() for e in whole))
+    return out
 
 
 def generation_overhead(n_batches: int, rounds: int, batch: int = 4, seq: int = 256) -> dict:
-    """(forward + async truncate/encode/write) ÷ (forward alone) with a small random Llama.
+    """(forward + async truncate/encode/write) ÷ (forward alone) with a small random Llama, per encoding.
 
-    Rounds alternate forward-only and pipeline runs over the same batches; the ratio uses each
-    side's fastest round, so load from other processes on a shared machine cancels out as far as
-    it can.
+    Rounds alternate forward-only and pipeline runs (ctxans, the default writer, and egsqrt) over the
+    same batches, rotating which goes first; `generation_overhead` uses each side's fastest round,
+    `generation_overhead_median` the medians (load from other processes on a shared machine hits all
+    alike as far as it can).
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -129,43 +303,46 @@ def generation_overhead(n_batches: int, rounds: int, batch: int = 4, seq: int = 
             return model(data[i * batch : (i + 1) * batch]).logits
 
     forward(0)  # warm-up
-    fwd_times, pipe_times, fwd_cpu, pipe_cpu = [], [], [], []
+    wall: dict[str, list[float]] = {"forward": [], "ctxans": [], "egsqrt": []}
+    cpu: dict[str, list[float]] = {name: [] for name in wall}
 
-    def run_forward() -> None:
-        c0, t0 = time.process_time(), time.perf_counter()
-        for i in range(n_batches):
-            forward(i)
-        fwd_times.append(time.perf_counter() - t0)
-        fwd_cpu.append(time.process_time() - c0)
-
-    def run_pipeline() -> None:
+    def run(name: str) -> None:
         with tempfile.TemporaryDirectory() as d:
-            w = LogitStoreWriter(d, vocab_size=32_000, p=0.95, k=100, positions_per_sequence=seq,
-                                 num_sequences=n_batches * batch, sequences_per_shard=2 * batch,
-                                 teacher="tiny-llama", teacher_config_hash="-", tokenizer_hash="-")
             c0, t0 = time.process_time(), time.perf_counter()
-            with AsyncShardWriter(w, max_pending=2) as aw:
+            if name == "forward":
                 for i in range(n_batches):
-                    aw.submit(i * batch, forward(i))
-            w.finalize()
-            pipe_times.append(time.perf_counter() - t0)
-            pipe_cpu.append(time.process_time() - c0)
+                    forward(i)
+            else:
+                w = LogitStoreWriter(d, vocab_size=32_000, p=0.95, k=100, positions_per_sequence=seq,
+                                     num_sequences=n_batches * batch, sequences_per_shard=2 * batch,
+                                     teacher="tiny-llama", teacher_config_hash="-", tokenizer_hash="-", encoding=name)
+                with AsyncShardWriter(w, max_pending=2) as aw:
+                    for i in range(n_batches):
+                        aw.submit(i * batch, forward(i))
+                w.finalize()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
 
-    for r in range(rounds):  # alternate which goes first so drifting load hits both alike
-        for fn in ((run_forward, run_pipeline) if r % 2 == 0 else (run_pipeline, run_forward)):
-            fn()
-    fwd, pipe = min(fwd_times), min(pipe_times)
-    writer_cpu = float(np.median(pipe_cpu) - np.median(fwd_cpu))
-    return {"forward_s": fwd_times, "pipeline_s": pipe_times, "generation_overhead": pipe / fwd,
-            # with a free core for the writer thread the wall ratio would be max(1, writer / forward)
-            "free_core_overlap_ratio": max(1.0, writer_cpu / float(np.median(fwd_cpu))),
-            "writer_cpu_s_per_token": writer_cpu / (n_batches * batch * seq),
-            "forward_cpu_s_per_token": float(np.median(fwd_cpu)) / (n_batches * batch * seq),
-            "generation_overhead_median": float(np.median(pipe_times) / np.median(fwd_times)),
-            "cpu_time_ratio": float(np.median(pipe_cpu) / np.median(fwd_cpu)),
-            "forward_cpu_s": fwd_cpu, "pipeline_cpu_s": pipe_cpu,
-            "tokens_per_round": n_batches * batch * seq, "forward_tokens_per_s": n_batches * batch * seq / fwd,
-            "threads": torch.get_num_threads(), "load_avg_1min": _load()}
+    names = list(wall)
+    for r in range(rounds):  # rotate which goes first so drifting load hits all alike
+        for name in names[r % 3:] + names[: r % 3]:
+            run(name)
+    med = {name: float(np.median(ts)) for name, ts in wall.items()}
+    med_cpu = {name: float(np.median(ts)) for name, ts in cpu.items()}
+    tokens = n_batches * batch * seq
+    out = {"wall_s": wall, "cpu_s": cpu, "tokens_per_round": tokens, "forward_tokens_per_s": tokens / min(wall["forward"]),
+           "threads": torch.get_num_threads(), "load_avg_1min": _load()}
+    for name in ("ctxans", "egsqrt"):
+        writer_cpu = med_cpu[name] - med_cpu["forward"]
+        sfx = "" if name == "ctxans" else "_egsqrt"
+        out |= {f"generation_overhead{sfx}": min(wall[name]) / min(wall["forward"]),
+                f"generation_overhead_median{sfx}": med[name] / med["forward"],
+                # with a free core for the writer thread the wall ratio would be max(1, writer / forward)
+                f"free_core_overlap_ratio{sfx}": max(1.0, writer_cpu / med_cpu["forward"]),
+                f"writer_cpu_s_per_token{sfx}": writer_cpu / tokens,
+                f"cpu_time_ratio{sfx}": med_cpu[name] / med_cpu["forward"]}
+    out["forward_cpu_s_per_token"] = med_cpu["forward"] / tokens
+    return out
 
 
 def _load() -> float | None:
@@ -178,12 +355,22 @@ def _load() -> float | None:
 def main(argv: list[str] | None = None) -> dict:
     """Run every case; print progress and a final one-line JSON object."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer tokens and batches (~1 minute)")
+    ap.add_argument("--quick", action="store_true", help="fewer tokens, batches and repetitions (a few minutes)")
     ap.add_argument("--tokens", type=int, default=None, help="synthetic tokens per case (multiple of 256)")
+    ap.add_argument("--real-store", type=Path, default=None,
+                    help="a store made by `pdl logits generate`: its teacher and token shards make the real case")
+    ap.add_argument("--real-build", type=Path, default=None,
+                    help="no --real-store: prepare tiny data and train its teacher in this dir (reused when there)")
+    ap.add_argument("--real-teacher", type=Path, default=None, help="with --real-data: a trained teacher dir for the real case")
+    ap.add_argument("--real-data", type=Path, default=None, help="with --real-teacher: its token shards (`pdl data prepare`)")
+    ap.add_argument("--real-sequences", type=int, default=2048, help="sequences of the real case")
+    ap.add_argument("--no-generation", action="store_true", help="skip the generation-overhead measurement")
     args = ap.parse_args(argv)
     n_tok = args.tokens or (1024 if args.quick else 3072)
     n_tok = max(256, n_tok // 256 * 256)
+    decode_s = 2.0 if args.quick else 6.0
     results: dict = {"vocab_size": V, "synthetic_tokens": n_tok}
+    log = lambda msg: print(f"[bench_store] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory() as root:
         for zipf, tag in ((True, "zipf"), (False, "worst_case_uniform_ids")):
             t0 = time.perf_counter()
@@ -194,25 +381,59 @@ def main(argv: list[str] | None = None) -> dict:
                 s = s100 if k == 100 else narrow(s100, 0.95, 50, store_p=0.95, store_k=100)
                 case = {"mean_entropy_nats": float(s.entropy.mean()), "entries_per_token": float(s.counts.float().mean()),
                         "synthesize_and_truncate_tokens_per_s": synth_tps}
-                for enc in ("egsqrt", "fixed"):
-                    case[enc] = store_case(s, 0.95, k, enc, Path(root))
+                case.update(store_case(s, 0.95, k, Path(root), decode_s, tag))
                 case.update(naive_cases(s))
                 results[f"{tag}_top-0.95-{k}"] = case
-                print(f"[bench_store] {tag} top-0.95-{k}: egsqrt {case['egsqrt']['bytes_per_entry']:.3f} B/entry, "
-                      f"KL {case['egsqrt']['mean_kl']:.2e}, decode {case['egsqrt']['decode_tokens_per_s']:.0f} tok/s",
-                      file=sys.stderr, flush=True)
-    # one intra-op thread for the forward: the writer thread gets the other core, as a GPU generator's CPU does
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    # Steady state: the writer's work on the *last* batch can never overlap a forward, so a run of
-    # n batches pays ~1/n of a writer step extra; real generation runs thousands of batches, so
-    # measure enough of them (measured on a quiet machine: 3 batches read 1.22, 12 batches 1.04).
-    gen = generation_overhead(4 if args.quick else 12, rounds=2 if args.quick else 3)
-    torch.set_num_threads(threads)
-    print(f"[bench_store] generation overhead {gen['generation_overhead']:.3f}", file=sys.stderr, flush=True)
+                log(f"{tag} top-0.95-{k}: ctxans {case['ctxans']['bytes_per_entry']:.3f} B/entry, egsqrt "
+                    f"{case['egsqrt']['bytes_per_entry']:.3f}, xz -9e {case['egsqrt_xz_9e']['bytes_per_entry']:.3f}, KL "
+                    f"{case['ctxans']['mean_kl']:.2e}, decode ctxans/egsqrt {case['decode_ratio_ctxans_vs_egsqrt']:.2f}")
+        real = None
+        if args.real_store is not None or args.real_build is not None or args.real_teacher is not None:
+            if args.real_teacher is not None:
+                if args.real_data is None:
+                    ap.error("--real-teacher needs --real-data")
+                teacher, data, p, k, exps, per_shard = args.real_teacher, args.real_data, 0.95, 100, (), 1024
+            elif args.real_store is not None:
+                from pd_lightning.logits.store import load_manifest
+
+                m = load_manifest(args.real_store)
+                teacher, data = Path(m["teacher"]), Path(m["meta"]["data"])
+                p, k, exps, per_shard = float(m["p"]), int(m["k"]), tuple(m.get("power_exponents", [])), int(m["sequences_per_shard"])
+            else:
+                data, teacher = build_real_teacher(args.real_build, args.quick)
+                p, k, exps, per_shard = 0.95, 100, (), 1024
+            log(f"real store: teacher {teacher} over the first {args.real_sequences} sequences of {data}")
+            real = real_case(teacher, data, p, k, exps, args.real_sequences, per_shard, Path(root) / "real", decode_s,
+                             args.real_store)
+            results["real"] = real
+            log(f"real: ctxans {real['ctxans']['bytes_per_token']:.2f} B/token, egsqrt {real['egsqrt']['bytes_per_token']:.2f}, "
+                f"ratio {real['bytes_ratio_ctxans_vs_egsqrt']:.3f}, vs xz -9e {real['bytes_ratio_ctxans_vs_xz_9e']:.3f}, "
+                f"decode ratio {real['decode_ratio_ctxans_vs_egsqrt']:.2f}")
+    gen = None
+    if not args.no_generation:
+        # one intra-op thread for the forward: the writer thread gets the other core, as a GPU generator's CPU does
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        # Steady state: the writer's work on the *last* batch can never overlap a forward, so a run of
+        # n batches pays ~1/n of a writer step extra; real generation runs thousands of batches, so
+        # measure enough of them (measured on a quiet machine: 3 batches read 1.22, 12 batches 1.04).
+        gen = generation_overhead(4 if args.quick else 12, rounds=3 if args.quick else 5)
+        torch.set_num_threads(threads)
+        log(f"generation overhead (median) ctxans {gen['generation_overhead_median']:.3f}, "
+            f"egsqrt {gen['generation_overhead_median_egsqrt']:.3f}")
     main_case = results["zipf_top-0.95-100"]
     worst = results["worst_case_uniform_ids_top-0.95-100"]
     summary = {
+        "new_encoding": "ctxans",
+        "new_bytes_per_entry": main_case["ctxans"]["bytes_per_entry"],
+        "new_bytes_per_token": main_case["ctxans"]["bytes_per_token"],
+        "new_mean_kl": main_case["ctxans"]["mean_kl"],
+        "new_vs_egsqrt_bytes_ratio": main_case["ctxans"]["bytes_per_entry"] / main_case["egsqrt"]["bytes_per_entry"],
+        "decode_ratio_new_vs_egsqrt": main_case["decode_ratio_ctxans_vs_egsqrt"],
+        "new_decode_tokens_per_s": main_case["ctxans"]["decode_tokens_per_s"],
+        "xz_9e_of_egsqrt_bytes_per_entry": main_case["egsqrt_xz_9e"]["bytes_per_entry"],
+        "zstd_19_of_egsqrt_bytes_per_entry": main_case.get("egsqrt_zstd_19", {}).get("bytes_per_entry"),
+        # egsqrt (the previous default), as before
         "bytes_per_entry": main_case["egsqrt"]["bytes_per_entry"],
         "bytes_per_token": main_case["egsqrt"]["bytes_per_token"],
         "entries_per_token": main_case["egsqrt"]["entries_per_token"],
@@ -221,21 +442,37 @@ def main(argv: list[str] | None = None) -> dict:
         "baseline_fp32_bytes_per_entry": main_case["int32_fp32"]["bytes_per_entry"],
         "fixed_bytes_per_entry": main_case["fixed"]["bytes_per_entry"],
         "decode_tokens_per_s": main_case["egsqrt"]["decode_tokens_per_s"],
-        "generation_overhead": gen["generation_overhead"],
-        "generation_overhead_median": gen["generation_overhead_median"],
-        "generation_cpu_time_ratio": gen["cpu_time_ratio"],
-        "generation_free_core_overlap_ratio": gen["free_core_overlap_ratio"],
-        "load_avg_1min": gen["load_avg_1min"],
+        "worst_case_new_bytes_per_entry": worst["ctxans"]["bytes_per_entry"],
         "worst_case_bytes_per_entry": worst["egsqrt"]["bytes_per_entry"],
         "worst_case_bytes_per_token": worst["egsqrt"]["bytes_per_token"],
         "worst_case_mean_kl": worst["egsqrt"]["mean_kl"],
         "worst_case_decode_tokens_per_s": worst["egsqrt"]["decode_tokens_per_s"],
+        "worst_case_decode_ratio_new_vs_egsqrt": worst["decode_ratio_ctxans_vs_egsqrt"],
+        "top-0.95-50_new_bytes_per_entry": results["zipf_top-0.95-50"]["ctxans"]["bytes_per_entry"],
         "top-0.95-50_bytes_per_entry": results["zipf_top-0.95-50"]["egsqrt"]["bytes_per_entry"],
         "top-0.95-50_mean_kl": results["zipf_top-0.95-50"]["egsqrt"]["mean_kl"],
-        "quick": bool(args.quick),
-        "details": results,
-        "generation": gen,
     }
+    if real is not None:
+        summary |= {
+            "real_bytes_ratio_new_vs_egsqrt": real["bytes_ratio_ctxans_vs_egsqrt"],
+            "real_bytes_ratio_new_vs_xz": real["bytes_ratio_ctxans_vs_xz_9e"],
+            "real_bytes_ratio_new_vs_xz_one_stream": real["bytes_ratio_ctxans_vs_xz_9e_one_stream"],
+            "real_bytes_ratio_new_vs_zstd": real.get("bytes_ratio_ctxans_vs_zstd_19"),
+            "real_new_bytes_per_token": real["ctxans"]["bytes_per_token"],
+            "real_egsqrt_bytes_per_token": real["egsqrt"]["bytes_per_token"],
+            "real_entries_per_token": real["ctxans"]["entries_per_token"],
+            "real_mean_kl": real["ctxans"]["mean_kl_first_64_sequences"],
+            "real_decoded_identical": real["decoded_identical"],
+            "real_decode_ratio_new_vs_egsqrt": real["decode_ratio_ctxans_vs_egsqrt"],
+        }
+    if gen is not None:
+        summary |= {"generation_overhead": gen["generation_overhead"],
+                    "generation_overhead_median": gen["generation_overhead_median"],
+                    "generation_overhead_median_egsqrt": gen["generation_overhead_median_egsqrt"],
+                    "generation_cpu_time_ratio": gen["cpu_time_ratio"],
+                    "generation_free_core_overlap_ratio": gen["free_core_overlap_ratio"],
+                    "load_avg_1min": gen["load_avg_1min"]}
+    summary |= {"quick": bool(args.quick), "details": results, "generation": gen}
     print(json.dumps(summary, sort_keys=False))
     return summary
 

@@ -23,6 +23,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from pd_lightning.cost import BUDGET_KINDS
 from pd_lightning.errors import ConfigError, choice_error, did_you_mean
 from pd_lightning.logits.processing import METHODS as TEMPERATURE_METHODS
+from pd_lightning.logits.codec import ENCODINGS as STORE_ENCODINGS
 from pd_lightning.logits.processing import WTTM_WEIGHTS, check_power_exponents
 from pd_lightning.losses import LOSS_KINDS, NORMKD_STUDENT_TAU
 from pd_lightning.schedules import ALPHA_SCHEDULES, DECAY_SHAPES, LR_SCHEDULES, WSD_ALPHA_SCHEDULES
@@ -77,6 +78,9 @@ class TeacherConfig:
     warmup_frac: float = 0.02
     seed: int = 0
     out: str = "runs/teacher"
+    # dtype the teacher runs in for `pdl logits generate`: auto = the dir's own dtype (config.json) on CUDA,
+    # float32 on CPU | float32 | bfloat16 | float16
+    dtype: str = "auto"
 
 
 @dataclass
@@ -105,6 +109,13 @@ class LogitsConfig:
     # needs (WTTM with wttm_weight=full: γ/τ and 1/τ, added by itself); sweeps fill in their rows' needs
     store_power_exponents: list[float] = field(default_factory=list)
     batch_size: int = 16  # sequences per teacher forward during generation
+    # how a new store codes its entries: egsqrt (Exp-Golomb, fast decode) | ctxans (the same entries
+    # entropy-coded: 0.61x egsqrt's bytes on a real tiny-teacher store, decodes at ~0.5x egsqrt's
+    # speed) | fixed (plain). Reading needs no setting: the manifest names the encoding.
+    encoding: str = "egsqrt"
+    # encoder processes per generation rank (encode + write off the GIL); null = auto: 0 (a thread) on CPU,
+    # min(4, CPU cores per local rank - 2) and at least 1 on CUDA
+    encode_workers: Optional[int] = None
     sequences_per_shard: int = 1024
     mode: str = "offline"  # offline | online_store | cotrain (the paper's Table 6: logits of a teacher in training)
     online_start_frac: float = 0.5  # online_store: the share of teacher training after which its logits are kept...
@@ -194,6 +205,13 @@ class EvalConfig:
     batch_size: int = 16
     device: str = "cpu"
     limit: Optional[int] = None
+    # Held-out token metrics (pd_lightning.metrics), computed by `pdl train` in the held-out loss's pass:
+    # the teacher run beside the student for top-1 agreement and KL(teacher ‖ student): "auto" (the
+    # store's teacher, the co-trained one, or for an LM-only run the teacher of an existing logits.store),
+    # "none", or an HF model dir.
+    heldout_teacher: str = "auto"
+    heldout_sequences: int = 256  # first held-out sequences scored (the held-out loss's, as before)
+    ece_bins: int = 15  # equal-mass bins of eval.heldout.ece
 
 
 @dataclass
@@ -411,7 +429,7 @@ def _fraction(field_name: str, value: float, low_open: bool = False) -> None:
 
 def validate(cfg: PDLConfig) -> None:
     """Range- and name-check every field; raise ConfigError (one line) on the first problem."""
-    from pd_lightning.models import PRESETS  # late import: models imports transformers
+    from pd_lightning.models import PRESETS, TEACHER_DTYPES  # late import: models imports transformers
 
     d = cfg.data
     _choice("data.source", d.source, DATA_SOURCES)
@@ -426,6 +444,7 @@ def validate(cfg: PDLConfig) -> None:
     _choice("model.preset", cfg.model.preset, tuple(PRESETS))
     t = cfg.teacher
     _choice("teacher.preset", t.preset, tuple(PRESETS))
+    _choice("teacher.dtype", t.dtype, TEACHER_DTYPES)
     for name in ("max_steps", "batch_size"):
         _positive_int(f"teacher.{name}", getattr(t, name))
     _require(t.lr > 0 and math.isfinite(t.lr), "teacher.lr", t.lr, "a number > 0")
@@ -453,6 +472,10 @@ def validate(cfg: PDLConfig) -> None:
     _require(lg.p <= lg.store_p, "logits.p", lg.p, f"<= logits.store_p ({lg.store_p}): a store serves only narrower truncations")
     _require(lg.k <= lg.store_k, "logits.k", lg.k, f"<= logits.store_k ({lg.store_k}): a store serves only narrower truncations")
     _positive_int("logits.batch_size", lg.batch_size)
+    _choice("logits.encoding", lg.encoding, STORE_ENCODINGS)
+    if lg.encode_workers is not None:
+        _require(isinstance(lg.encode_workers, int) and 0 <= lg.encode_workers <= 64, "logits.encode_workers",
+                 lg.encode_workers, "null (auto) or an integer in [0, 64] (0 = encode on a thread)")
     _positive_int("logits.sequences_per_shard", lg.sequences_per_shard)
     _choice("logits.mode", lg.mode, DISTILL_MODES)
     _fraction("logits.online_start_frac", lg.online_start_frac)
@@ -517,5 +540,9 @@ def validate(cfg: PDLConfig) -> None:
 
     e = cfg.eval
     _positive_int("eval.batch_size", e.batch_size)
+    _positive_int("eval.heldout_sequences", e.heldout_sequences)
+    _positive_int("eval.ece_bins", e.ece_bins)
+    _require(isinstance(e.heldout_teacher, str) and e.heldout_teacher.strip() != "", "eval.heldout_teacher",
+             e.heldout_teacher, "auto, none or the path of an HF teacher dir")
     if e.limit is not None:
         _positive_int("eval.limit", e.limit)

@@ -38,6 +38,11 @@ RESULTS_ARTIFACT_NAME = "lm_eval_results.json"
 # Harness metrics that are fractions in [0, 1] and reported x100; anything else keeps its unit.
 PERCENT_METRICS = frozenset({"acc", "acc_norm", "acc_mutual_info", "exact_match", "em", "f1", "mc1", "mc2", "mcc"})
 HELDOUT_FEWSHOT_ITEMS = 50  # extra items of the same stream, after the test items, for few-shot use
+# In-context learning tasks (`icl_<name>`) log as `eval.icl.<name>`, so `eval.<task>` stays the Average's tasks.
+ICL_TASK_PREFIX, ICL_METRIC_PREFIX = "icl_", "eval.icl."
+# few-shot task -> its 0-shot twin: `eval.icl.fewshot_gain` = few-shot score − 0-shot score (points)
+FEWSHOT_PAIRS = {"icl_facts_5shot": "synth_facts"}
+FEWSHOT_GAIN = ICL_METRIC_PREFIX + "fewshot_gain"
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,15 @@ def synth_heldout_dataset(n: int, corpus_seed: int = 0, **_: Any):
 
     texts = heldout_texts(int(n), seed=int(corpus_seed))
     return datasets.DatasetDict({"test": datasets.Dataset.from_list([{"text": t} for t in texts])})
+
+
+def icl_copy_dataset(kind: str, n: int, corpus_seed: int = 0, **_: Any):
+    """The copying probe's docs for n sequences (`make_copy_items`) as the test split."""
+    import datasets
+
+    from pd_lightning.data.corpus import make_copy_items
+
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(make_copy_items(kind, int(n), seed=int(corpus_seed)))})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,6 +400,76 @@ def _pdl_lm_class():
     return PDLCausalLM
 
 
+# ----------------------------------------------------------------------------------------------
+# Held-out token metrics (pd_lightning.metrics) of an exported model
+
+
+HELDOUT_ARTIFACT_NAME = "heldout.json"  # beside lm_eval_results.json: metrics, token count, reliability bins
+
+
+def _is_hf_dir(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def heldout_defaults(model_dir: str | Path) -> tuple[Path | None, Path | None]:
+    """(data dir, teacher dir) an export's info file names for its held-out metrics, each None if unknown or gone.
+
+    The data dir is the `data` of `pdl_run.json` / `pdl_teacher.json` when it still holds held-out
+    shards; the teacher is the run's `heldout_teacher` (what `pdl train` measured against), else its
+    store's `teacher`, when that is an HF dir here.
+    """
+    for name in MODEL_INFO_FILES:
+        path = Path(model_dir) / name
+        if not path.is_file():
+            continue
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        data = info.get("data")
+        data = Path(data) if data and (Path(data) / "manifest.json").is_file() else None
+        teacher = next((Path(t) for t in (info.get("heldout_teacher"), info.get("teacher"))
+                        if isinstance(t, str) and _is_hf_dir(t)), None)
+        return data, teacher
+    return None, None
+
+
+def check_heldout_sources(data: str | Path, teacher: str | Path | None, sequences: int, bins: int) -> None:
+    """One-line errors for a held-out data dir without held-out shards, a teacher that is no HF dir, bad counts."""
+    from pd_lightning.data.shards import read_manifest
+
+    if not (Path(data) / "manifest.json").is_file():
+        raise DataError(f"heldout data={str(data)!r} is not a prepared data dir (no manifest.json); give the "
+                        "data.out of `pdl data prepare`, or --heldout none")
+    if int(read_manifest(data).get("splits", {}).get("heldout", {}).get("num_sequences", 0)) < 1:
+        raise DataError(f"heldout data={str(data)!r} has no held-out sequences; prepare it with data.heldout_tokens > 0")
+    if teacher is not None and not _is_hf_dir(teacher):
+        raise DataError(f"heldout teacher={str(teacher)!r} is not an HF model dir (no config.json); give the "
+                        "teacher's dir, or --teacher none")
+    for name, value in (("eval.heldout_sequences", sequences), ("eval.ece_bins", bins)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name}={value!r} must be an integer >= 1")
+
+
+def heldout_for_dir(model_dir: str | Path, data: str | Path, teacher: str | Path | None = None, *,
+                    device: str = "cpu", max_sequences: int = 256, bins: int = 15) -> dict[str, Any]:
+    """The held-out metrics (HeldoutMetrics as a dict) of an exported model on a data dir's held-out shards."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pd_lightning.module import heldout_metrics
+
+    def load(path):
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
+
+    model = load(model_dir)
+    teacher_model = load(teacher) if teacher is not None else None
+    if teacher_model is not None and teacher_model.config.vocab_size != model.config.vocab_size:
+        raise DataError(f"heldout teacher={str(teacher)!r} has vocab_size={teacher_model.config.vocab_size}, the model "
+                        f"{model.config.vocab_size}; KL and agreement need one vocabulary (or --teacher none)")
+    return heldout_metrics(model, data, teacher=teacher_model, max_sequences=max_sequences, bins=bins).as_dict()
+
+
 def _is_unavailable_dataset(exc: BaseException) -> bool:
     """True when an exception (or its cause) says a dataset could not be found locally or fetched.
 
@@ -557,13 +641,21 @@ def evaluate(
     num_fewshot: int | None = None,
     backend: str = "auto",
     quiet: bool = False,
+    heldout_data: str | Path | None = None,
+    heldout_teacher: str | Path | None = None,
+    heldout_sequences: int = 256,
+    ece_bins: int = 15,
 ) -> dict[str, Any]:
     """Run a suite (or `tasks`) with lm-eval on an exported HF model dir; log to MLflow if run_id is given.
 
     Returns {"model_dir", "suite", "tasks": {name: TaskScore as dict}, "average", "failed": {name: message},
-    "lm_eval": the merged raw harness results}. `limit` caps items per task (harness semantics:
+    "lm_eval": the merged raw harness results, "heldout": HeldoutMetrics as dict or None,
+    "heldout_sources": {"data", "teacher"}}. `limit` caps items per task (harness semantics:
     a fraction if < 1); `num_fewshot` overrides every task's shot count; `max_length` is the
     harness's context window (None: the training seq_len recorded in the export, else the model's).
+    `heldout_data`: a prepared data dir whose held-out shards to compute the held-out token metrics
+    on (`pd_lightning.metrics`; first `heldout_sequences` sequences, `ece_bins` equal-mass bins),
+    with `heldout_teacher` (an HF dir) run live beside the model for agreement and KL; None: skip.
     """
     model_dir = Path(model_dir)
     if limit is not None and not (limit > 0):
@@ -574,6 +666,8 @@ def evaluate(
         raise choice_error("eval.backend", backend, BACKENDS)
     if max_length is not None and max_length < 2:
         raise ConfigError(f"eval.max_length={max_length!r} must be at least 2 tokens")
+    if heldout_data is not None:
+        check_heldout_sources(heldout_data, heldout_teacher, heldout_sequences, ece_bins)
     specs = resolve_tasks(suite, tasks)
     tm = _task_manager_for([s.task for s in specs], corpus_seed)
     _check_task_names(specs, tm)
@@ -595,6 +689,14 @@ def evaluate(
                                           max_length=max_length)
     except (OSError, SafetensorError) as exc:  # missing, truncated or corrupt weight files
         raise DataError(f"model_dir={str(model_dir)!r} has no loadable weights: {str(exc).splitlines()[0][:200]}") from None
+    heldout = None
+    if heldout_data is not None:
+        heldout = heldout_for_dir(model_dir, heldout_data, heldout_teacher, device=device,
+                                  max_sequences=heldout_sequences, bins=ece_bins)
+        if not quiet:
+            from pd_lightning.metrics import HeldoutMetrics, format_heldout
+
+            print(f"eval: held-out {format_heldout(HeldoutMetrics(**heldout))}", flush=True)
     parts: list[dict[str, Any]] = []
     scores: dict[str, TaskScore] = {}
     failed: dict[str, str] = {}
@@ -637,6 +739,9 @@ def evaluate(
         "average": sum(in_avg) / len(in_avg) if in_avg else None,
         "failed": failed,
         "lm_eval": raw,
+        "heldout": heldout,
+        "heldout_sources": {"data": None if heldout_data is None else str(heldout_data),
+                            "teacher": None if heldout_teacher is None else str(heldout_teacher)},
     }
     if run_id is not None:
         log_to_mlflow(result, run_id, tracking_uri=tracking_uri, tracking_config_file=tracking_config_file)
@@ -681,22 +786,43 @@ def _mlflow_client(tracking_uri: str | None, config_file: str | Path = "mlflow.y
     return MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri, config_file))
 
 
+def task_key(task: str) -> str:
+    """The MLflow name of a task's primary score: `eval.<task>`, or `eval.icl.<name>` for a task `icl_<name>`."""
+    if task.startswith(ICL_TASK_PREFIX):
+        return ICL_METRIC_PREFIX + task[len(ICL_TASK_PREFIX):]
+    return f"eval.{task}"
+
+
+def fewshot_gains(result: dict[str, Any]) -> dict[str, float]:
+    """`eval.icl.fewshot_gain`: few-shot minus 0-shot score (points), when both tasks of a FEWSHOT_PAIRS entry ran."""
+    tasks = result["tasks"]
+    return {FEWSHOT_GAIN: tasks[few]["value"] - tasks[zero]["value"]
+            for few, zero in FEWSHOT_PAIRS.items() if few in tasks and zero in tasks}
+
+
 def metric_items(result: dict[str, Any]) -> dict[str, float]:
     """The MLflow metrics of an evaluation result.
 
     Percent tasks: `eval.<task>` and `eval.<task>.stderr`. Other metrics (perplexities) carry their
     name, `eval.<task>.<metric>`, so every `eval.<task>` is a percentage. Plus `eval.average`.
+    In-context learning tasks `icl_<name>` go under `eval.icl.<name>` (they are not in the Average),
+    with `eval.icl.fewshot_gain`; held-out token metrics, when computed, are `eval.heldout.<name>`.
     """
     items: dict[str, float] = {}
     for name, s in result["tasks"].items():
-        key = f"eval.{name}" if s["percent"] else f"eval.{name}.{s['metric']}"
+        key = task_key(name) if s["percent"] else f"{task_key(name)}.{s['metric']}"
         items[key] = s["value"]
         if s["stderr"] is not None:
             items[f"{key}.stderr"] = s["stderr"]
         if not s["percent"]:
-            items.update({f"eval.{name}.{m}": v for m, v in s["extra"].items()})
+            items.update({f"{task_key(name)}.{m}": v for m, v in s["extra"].items()})
+    items.update(fewshot_gains(result))
     if result["average"] is not None:
         items["eval.average"] = result["average"]
+    if result.get("heldout"):
+        from pd_lightning.metrics import HeldoutMetrics
+
+        items.update(HeldoutMetrics(**result["heldout"]).mlflow_metrics())
     return items
 
 
@@ -734,6 +860,26 @@ def log_to_mlflow(result: dict[str, Any], run_id: str, *, tracking_uri: str | No
         path.write_text(json.dumps(result["lm_eval"], indent=2, default=handle_non_serializable, ensure_ascii=False),
                         encoding="utf-8")
         client.log_artifact(run_id, str(path), artifact_path=RESULTS_ARTIFACT_DIR)
+    if result.get("heldout"):
+        log_heldout(client, run_id, result["heldout"], teacher=result["heldout_sources"]["teacher"], step=step,
+                    metrics=False)
+
+
+def log_heldout(client, run_id: str, heldout: dict[str, Any], *, teacher: str | None, step: int = 0,
+                metrics: bool = True) -> None:
+    """Held-out metrics to a run: `eval.heldout.*` metrics, the tag `eval.heldout.teacher` (the teacher they
+    were measured against, "none" without one) and `eval/heldout.json` (metrics, tokens, reliability bins)."""
+    from pd_lightning.metrics import HeldoutMetrics
+
+    if metrics:
+        for key, value in HeldoutMetrics(**heldout).mlflow_metrics().items():
+            client.log_metric(run_id, key, value, step=step)
+    client.set_tag(run_id, "eval.heldout.teacher", str(teacher) if teacher else "none")
+    with tempfile.TemporaryDirectory(prefix="pdl-eval-") as tmp:
+        path = Path(tmp) / HELDOUT_ARTIFACT_NAME
+        path.write_text(json.dumps({**heldout, "teacher": str(teacher) if teacher else None, "step": step}, indent=2),
+                        encoding="utf-8")
+        client.log_artifact(run_id, str(path), artifact_path=RESULTS_ARTIFACT_DIR)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -767,6 +913,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MLflow tracking URI (default: tracking_uri of ./mlflow.yaml, else sqlite:///mlflow.db)")
     parser.add_argument("--output", default=None, help="also write the result (scores + raw lm-eval JSON) here")
     parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
+    parser.add_argument("--heldout", default="auto",
+                        help="held-out token metrics (loss, top-1 acc, ECE, Brier; pd_lightning.metrics) on this "
+                             "prepared data dir's held-out shards; auto (default): the data dir the export's info "
+                             "file names, skipped if it has none; none: skip")
+    parser.add_argument("--teacher", default="auto",
+                        help="teacher HF dir run beside the model on the held-out stream for top-1 agreement and "
+                             "KL(teacher || student); auto (default): the teacher the run measured against or its "
+                             "store's teacher, if present; none: skip")
+    parser.add_argument("--heldout-sequences", type=int, default=256, help="held-out sequences to score (default 256)")
+    parser.add_argument("--ece-bins", type=int, default=15, help="equal-mass bins of the ECE (default 15)")
 
 
 def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -776,10 +932,12 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if limit != int(limit):
             raise ConfigError(f"--limit={limit!r} must be a whole number of items or a fraction below 1")
         limit = int(limit)
+    data, teacher = resolve_heldout_args(args.model_dir, args.heldout, args.teacher)
     result = evaluate(args.model_dir, suite=args.suite, tasks=args.tasks, batch_size=args.batch_size,
                       device=args.device, limit=limit, run_id=args.run_id, tracking_uri=args.tracking_uri,
                       corpus_seed=args.corpus_seed, max_length=args.max_length, num_fewshot=args.num_fewshot,
-                      backend=args.backend, quiet=args.json)
+                      backend=args.backend, quiet=args.json, heldout_data=data, heldout_teacher=teacher,
+                      heldout_sequences=args.heldout_sequences, ece_bins=args.ece_bins)
     if args.output:
         from lm_eval.utils import handle_non_serializable
 
@@ -788,7 +946,8 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         out.write_text(json.dumps(result, indent=2, default=handle_non_serializable, ensure_ascii=False),
                        encoding="utf-8")
     if args.json:
-        keys = ("model_dir", "suite", "backend", "max_length", "tasks", "average", "failed")
+        keys = ("model_dir", "suite", "backend", "max_length", "tasks", "average", "failed", "heldout",
+                "heldout_sources")
         print(json.dumps({k: result[k] for k in keys}, indent=2))
     else:
         print(format_table(result))
@@ -797,8 +956,17 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def resolve_heldout_args(model_dir: str | Path, heldout: str, teacher: str) -> tuple[Path | None, Path | None]:
+    """`--heldout` / `--teacher` (auto, none or a path) -> (data dir or None, teacher dir or None)."""
+    data_auto, teacher_auto = heldout_defaults(model_dir)
+    data = {"auto": data_auto, "none": None}.get(heldout, Path(heldout))
+    if data is None:
+        return None, None
+    return data, {"auto": teacher_auto, "none": None}.get(teacher, Path(teacher))
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """A plain-text table of the scores, the average and the failures."""
+    """A plain-text table of the scores, the average, the failures and the held-out and in-context metrics."""
     rows = [("task", "metric", "shots", "n", "value", "stderr")]
     for name, s in result["tasks"].items():
         rows.append((name, s["metric"] + (" (%)" if s["percent"] else ""), str(s["num_fewshot"]), str(s["samples"]),
@@ -809,4 +977,25 @@ def format_table(result: dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     avg = result["average"]
     lines.append(f"average (accuracy tasks, %): {'-' if avg is None else f'{avg:.2f}'}")
+    for key, gain in fewshot_gains(result).items():
+        pairs = ", ".join(f"{few} - {zero}" for few, zero in FEWSHOT_PAIRS.items())
+        lines.append(f"{key} ({pairs}): {gain:+.2f} points")
+    if result.get("heldout"):
+        from pd_lightning.metrics import HeldoutMetrics
+
+        lines.append("")
+        lines.append(format_heldout_block(HeldoutMetrics(**result["heldout"]), result["heldout_sources"]))
     return "\n".join(lines)
+
+
+def format_heldout_block(m, sources: dict[str, Any]) -> str:
+    """The held-out token metrics as `name  value` lines under a header naming the data and the teacher."""
+    rows = [("eval.heldout.loss", f"{m.loss:.4f}", "nats/token"), ("eval.heldout.top1_acc", f"{100 * m.top1_acc:.2f}", "%"),
+            ("eval.heldout.ece", f"{m.ece:.4f}", f"top-1, {len(m.bins)} equal-mass bins"),
+            ("eval.heldout.brier", f"{m.brier:.4f}", "full vocabulary")]
+    if m.teacher_kl is not None:
+        rows += [("eval.heldout.teacher_top1_agree", f"{100 * m.teacher_top1_agree:.2f}", "%"),
+                 ("eval.heldout.teacher_kl", f"{m.teacher_kl:.4f}", "nats/token, KL(teacher || model)")]
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    head = f"held-out token metrics ({m.tokens:,} tokens of {sources.get('data')}; teacher {sources.get('teacher') or 'none'}):"
+    return "\n".join([head] + [f"  {a.ljust(widths[0])}  {b.rjust(widths[1])}  {c}" for a, b, c in rows])

@@ -129,6 +129,30 @@ def preset_table() -> list[dict]:
     return rows
 
 
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def teacher_dtype(path: str | Path, setting: str = "auto", device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype a teacher runs in: `teacher.dtype`, or auto = the dir's own dtype on CUDA, float32 elsewhere.
+
+    The dir's dtype is config.json's `dtype` (transformers >= 5) or `torch_dtype`; a dir that names
+    none (or names another type) runs in float32, as transformers loads it. float32 on CPU because
+    CPU bf16 matmuls are slow and the byte-identical CPU stores are made in float32.
+    """
+    if setting not in TEACHER_DTYPES:
+        raise choice_error("teacher.dtype", setting, TEACHER_DTYPES)
+    if setting != "auto":
+        return getattr(torch, setting)
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    named = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
+    return getattr(torch, named) if named in TEACHER_DTYPES[1:] else torch.float32
+
+
 def load_causal_lm(path: str | Path, *, dtype: torch.dtype | None = None, what: str = "teacher.path") -> PreTrainedModel:
     """Load a local HF causal-LM dir with one-line errors for a missing or unusable dir (no hub access)."""
     path = Path(path)

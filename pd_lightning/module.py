@@ -26,6 +26,7 @@ from pd_lightning.data.shards import TokenShards
 from pd_lightning.errors import ConfigError
 from pd_lightning.logits.processing import needed_power_exponents, teacher_targets, truncate_top_p_k
 from pd_lightning.losses import distillation_loss
+from pd_lightning.metrics import DEFAULT_BINS, HeldoutMetrics, TokenMetricAccumulator
 from pd_lightning.schedules import alpha_at, lr_multiplier
 
 
@@ -167,21 +168,38 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def heldout_loss(model: torch.nn.Module, root: str | Path, *, max_sequences: int = 256, batch_size: int = 32) -> float:
-    """Mean next-token loss (nats) of `model` on the first `max_sequences` held-out sequences."""
+def heldout_metrics(model: torch.nn.Module, root: str | Path, *, teacher: torch.nn.Module | None = None,
+                    max_sequences: int = 256, batch_size: int = 32, bins: int = DEFAULT_BINS) -> HeldoutMetrics:
+    """Loss, top-1 accuracy, ECE, Brier (and, with `teacher`, top-1 agreement and KL(teacher ‖ student)) of
+    `model` on the first `max_sequences` held-out sequences, in one forward pass per batch.
+
+    Definitions and the ECE bin rule: `pd_lightning.metrics`. The teacher runs live on the same
+    batches (full vocabulary, no store); the accumulator keeps no [tokens, vocab] array across batches.
+    """
     shards = TokenShards(root, "heldout")
     n = min(len(shards), max_sequences)
-    was_training = model.training
-    model.eval()
+    models = [model] + ([teacher] if teacher is not None else [])
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    acc = TokenMetricAccumulator(bins=bins)
     for start in range(0, n, batch_size):
         ids = torch.from_numpy(shards.batch(range(start, min(start + batch_size, n)))).to(device)
-        tokens = ids[:, 1:].numel()
-        total += lm_loss(model(input_ids=ids).logits, ids).item() * tokens
-        count += tokens
-    model.train(was_training)
-    return total / count
+        logits = model(input_ids=ids).logits[:, :-1]
+        teacher_logits = None
+        if teacher is not None:
+            t_device = next(teacher.parameters()).device
+            teacher_logits = teacher(input_ids=ids.to(t_device)).logits[:, :-1].to(logits.device)
+        acc.update(logits, ids[:, 1:], teacher_logits)
+    for m, mode in zip(models, was_training):
+        m.train(mode)
+    return acc.result()
+
+
+def heldout_loss(model: torch.nn.Module, root: str | Path, *, max_sequences: int = 256, batch_size: int = 32) -> float:
+    """Mean next-token loss (nats) of `model` on the first `max_sequences` held-out sequences."""
+    return heldout_metrics(model, root, max_sequences=max_sequences, batch_size=batch_size).loss
 
 
 class DistillationDataModule(pl.LightningDataModule):

@@ -43,8 +43,11 @@ def report_sweep(spec: SweepSpec, out: str | Path | None = None) -> tuple[Path, 
         group = runs["pd.group"].fillna("").astype(str) if "pd.group" in runs else ""
         labelled = runs.assign(_curve=(group + " " + runs["pd.label"].astype(str)).str.strip())
         curves = analysis.checkpoint_curves(uri, labelled, label_column="_curve")
-    index = build_report(runs, out_dir, title=title, description=spec.description, rows=rows or None, curves=curves)
-    table = analysis.paper_table(runs, rows=rows or None)
+    # held-out calibration per run (eval/heldout.json): the report's reliability diagram
+    reliability = analysis.reliability_bins(uri, runs)
+    index = build_report(runs, out_dir, title=title, description=spec.description, rows=rows or None, curves=curves,
+                         reliability=reliability)
+    table = analysis.paper_table(runs, rows=rows or None, extra="auto")
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(spec.experiment)
     parents = client.search_runs([experiment.experiment_id], filter_string=(

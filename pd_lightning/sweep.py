@@ -324,6 +324,21 @@ def _seeds(path: Path, where: str, raw: Any) -> list[int]:
     return list(raw)
 
 
+OWN_METRIC_PREFIXES = ("eval.heldout.", "eval.icl.")  # names this lab defines in full: a typo is refused
+TRAIN_LOGGED_PREFIX = "eval.heldout."  # logged by `pdl train` itself, so an objective without eval: true
+
+
+def objective_metrics() -> dict[str, str]:
+    """The objective metrics this lab defines, by name, with the direction each improves in."""
+    from pd_lightning.evaluation import FEWSHOT_GAIN, ICL_METRIC_PREFIX, ICL_TASK_PREFIX, TASKS_DIR
+    from pd_lightning.metrics import HELDOUT_METRICS, HELDOUT_PREFIX
+
+    icl = sorted(ICL_METRIC_PREFIX + p.stem[len(ICL_TASK_PREFIX):] for p in TASKS_DIR.glob(f"{ICL_TASK_PREFIX}*.yaml"))
+    return {"eval.average": "maximize", "heldout_loss": "minimize",
+            **{HELDOUT_PREFIX + k: d for k, d in HELDOUT_METRICS.items()},
+            **{m: "maximize" for m in [*icl, FEWSHOT_GAIN]}}
+
+
 def load_sweep(path: str | Path, scale: str | None = None) -> SweepSpec:
     """Read and validate a sweep file at one scale (default: the file's `default_scale`, else `tiny`)."""
     path = Path(path)
@@ -390,15 +405,24 @@ def load_sweep(path: str | Path, scale: str | None = None) -> SweepSpec:
     if not isinstance(objective, dict):
         raise _fail(path, "objective must be {metric: eval.average, direction: maximize}")
     _check_keys(path, "objective.", objective, ("metric", "direction"))
-    direction = objective.get("direction", "maximize")
+    metric = str(objective.get("metric", "eval.average"))
+    known = objective_metrics()
+    if metric.startswith(OWN_METRIC_PREFIXES) and metric not in known:
+        raise _fail(path, f"objective.metric={metric!r} is not a metric this lab logs; expected one of "
+                          f"{', '.join(known)}{did_you_mean(metric, known)} (or any other logged metric by its name)")
+    # a known metric's direction is its own; the default stays maximize for any other (eval.<task> scores)
+    direction = objective.get("direction", known.get(metric, "maximize"))
     if direction not in ("maximize", "minimize"):
         raise _fail(path, f"objective.direction={direction!r} is not allowed; expected maximize or minimize")
-    metric = str(objective.get("metric", "eval.average"))
+    if metric in known and direction != known[metric]:
+        raise _fail(path, f"objective.direction={direction!r} for {metric}, which improves the other way; "
+                          f"use {known[metric]} (or leave direction out)")
     evaluate = raw.get("eval", True)
     if not isinstance(evaluate, bool):
         raise _fail(path, f"eval={evaluate!r} must be true or false")
-    if not evaluate and metric.startswith("eval."):
-        raise _fail(path, f"objective.metric={metric!r} needs eval: true (or use heldout_loss with direction minimize)")
+    if not evaluate and metric.startswith("eval.") and not metric.startswith(TRAIN_LOGGED_PREFIX):
+        raise _fail(path, f"objective.metric={metric!r} needs eval: true (or use heldout_loss or an "
+                          f"{TRAIN_LOGGED_PREFIX}* metric, which training logs)")
     budget = at.get("budget", raw.get("budget"))
     if budget is not None:
         if not isinstance(budget, dict) or budget.get("kind") not in BUDGET_KINDS:
@@ -616,6 +640,20 @@ def _teacher_key(cfg: PDLConfig, data_key: str) -> str:
     t, o = cfg.teacher, cfg.optim
     return config_hash(t.preset, t.max_steps, t.batch_size, t.lr, t.warmup_frac, t.seed, data_key, o.weight_decay,
                        o.beta1, o.beta2, o.eps, o.min_lr_ratio, o.grad_clip)
+
+
+def reference_teacher(cfg: PDLConfig, cache: Path) -> str | None:
+    """For an LM-only task: the teacher the sweep's distilled rows on the same data learn from, if it exists.
+
+    The LM baseline then gets held-out agreement and KL against the same teacher as its PD rows
+    (eval.heldout.teacher_*), the reference those rows' numbers are read against.
+    """
+    from pd_lightning.data.prepare import data_hash
+
+    if cfg.loss.alpha > 0 or cfg.logits.mode != "offline":
+        return None
+    path = Path(cfg.teacher.path) if cfg.teacher.path else cache / f"teacher-{_teacher_key(cfg, data_hash(cfg.data))}"
+    return str(path.resolve()) if (path / "config.json").is_file() else None  # as the store's manifest names it
 
 
 def find_store(cache: Path, teacher_id: str, data_key: str, p: float, k: int,
@@ -995,7 +1033,8 @@ def run_task(spec: SweepSpec, task: Task, place: Place, *, parent_id: str, trial
             "pd.study": spec.study_name, "pd.trial": str(trial_number), "pd.label": task.label,
             "pd.point": task.point, "pd.baseline": str(task.baseline).lower(), "pd.group": task.group,
             "pd.task": task.task_id}
-    info = train(cfg, quiet=False, tags=tags, callbacks=[share.callback()] if share else None)
+    info = train(cfg, quiet=False, tags=tags, callbacks=[share.callback()] if share else None,
+                 heldout_teacher=reference_teacher(cfg, place.cache))
     client = MlflowClient(tracking_uri=tracking_settings(cfg)["tracking_uri"])
     run = client.get_run(info["run_id"])
     if run.data.tags.get("pd.trial") != str(trial_number):  # a re-run trial reuses the run: point it here

@@ -25,6 +25,8 @@ at its last step:
                                   exports included; model build and final export not), summed over
                                   resumed sessions (kept in the checkpoints)
     cost.tokens_per_second        tokens / cost.wall_seconds
+    cost.heldout_seconds          the final held-out pass (loss + eval.heldout.* metrics, the teacher's
+                                  forward and load included; pd_lightning.metrics), outside wall_seconds
     store.entries_per_token, store.bytes_per_token   the store's, at its own (loosest) truncation
 
 the tag `cost.device` ("cpu", "cuda:<GPU name>", " x<world size>" when distributed) and the tag
@@ -61,7 +63,8 @@ from pd_lightning.data.tokenizer import load_tokenizer
 from pd_lightning.errors import ConfigError, DataError, UserError
 from pd_lightning.logits.processing import missing_power_exponents, power_exponents_for
 from pd_lightning.models import build_model
-from pd_lightning.module import DistillationDataModule, DistillationModule, ProgressLines, TargetSpec, heldout_loss
+from pd_lightning.module import (DistillationDataModule, DistillationModule, ProgressLines, TargetSpec, heldout_loss,
+                                 heldout_metrics)
 
 TEACHER_INFO = "pdl_teacher.json"
 RUN_INFO = "pdl_run.json"
@@ -280,7 +283,8 @@ def _online_store_writer(cfg: PDLConfig, manifest: dict, teacher_out: Path, teac
         store, vocab_size=int(manifest["vocab_size"]), p=lg.store_p, k=lg.store_k,
         positions_per_sequence=int(manifest["seq_len"]) - 1, num_sequences=len(sequence_map),
         sequences_per_shard=lg.sequences_per_shard, teacher=str(teacher_out.resolve()), teacher_config_hash=teacher_hash,
-        tokenizer_hash=manifest["tokenizer_hash"], rerun=rerun, power_exponents=power_exponents_for(lg))
+        tokenizer_hash=manifest["tokenizer_hash"], rerun=rerun, power_exponents=power_exponents_for(lg),
+        encoding=lg.encoding)
     return OnlineLogitWriter(writer, start, end, t.batch_size)
 
 
@@ -305,6 +309,11 @@ def _check_store(cfg: PDLConfig, data_manifest: dict) -> tuple[dict, int]:
     if int(m["vocab_size"]) < int(data_manifest["vocab_size"]):
         raise DataError(f"logit store vocab_size={m['vocab_size']} is smaller than the shards' vocabulary "
                         f"({data_manifest['vocab_size']}); regenerate the store with the student's tokenizer")
+    if int(m["vocab_size"]) > int(data_manifest["vocab_size"]):  # students are built at the tokenizer's ids
+        raise DataError(f"logit store vocab_size={m['vocab_size']} is larger than the shards' vocabulary "
+                        f"({data_manifest['vocab_size']} token ids): it was generated from a padded teacher vocabulary "
+                        "before padded rows were masked, so its entries carry their probability mass; regenerate it "
+                        "with `pdl logits generate`")
     missing = missing_power_exponents(cfg.logits, m.get("power_exponents", []))
     if missing:
         a = ", ".join(f"{x:g}" for x in missing)
@@ -470,12 +479,71 @@ def _run_cost(steps: int, sequences_per_step: int, tokens: int, student_step_flo
     return metrics
 
 
+COTRAIN_TEACHER = "cotrain"  # resolve_heldout_teacher: the teacher trained in the same run
+
+
+def _is_hf_dir(path: str | Path | None) -> bool:
+    return bool(path) and (Path(path) / "config.json").is_file()
+
+
+def resolve_heldout_teacher(cfg: PDLConfig, data_manifest: dict, store_manifest: dict | None,
+                            override: str | Path | None = None) -> Path | str | None:
+    """The teacher a run's held-out agreement and KL are measured against: an HF dir, COTRAIN_TEACHER or None.
+
+    `eval.heldout_teacher`: "none" -> None; a path -> that dir (refused here, before any training, if
+    it is no HF dir); "auto" -> the store's teacher (offline and online logits), the co-trained
+    teacher, or for an LM-only run `override` (a sweep passes its PD rows' teacher) or else the
+    teacher of an existing `logits.store` made with the shards' tokenizer; None when there is none.
+    """
+    choice = cfg.eval.heldout_teacher
+    if choice == "none":
+        return None
+    if choice != "auto":
+        if not _is_hf_dir(choice):
+            raise ConfigError(f"eval.heldout_teacher={choice!r} is not an HF model dir (no config.json); expected auto, "
+                              "none or the path of a teacher dir")
+        return Path(choice)
+    if cfg.logits.mode == "cotrain" and cfg.loss.alpha > 0:
+        return COTRAIN_TEACHER
+    if store_manifest is not None:
+        candidates = [store_manifest.get("teacher")]
+    else:
+        candidates = [override]
+        try:  # an LM-only run beside an existing store: measure it against that store's teacher
+            m = json.loads((Path(cfg.logits.store) / "manifest.json").read_text())
+            if m.get("tokenizer_hash") == data_manifest["tokenizer_hash"]:
+                candidates.append(m.get("teacher"))
+        except (OSError, ValueError, AttributeError):
+            pass
+    return next((Path(c) for c in candidates if _is_hf_dir(c)), None)
+
+
+def _load_heldout_teacher(reference: Path | str | None, module: DistillationModule, vocab: int, quiet: bool):
+    """The teacher model for the held-out pass (float32, CPU), or None (none, or one of another vocabulary size)."""
+    if reference is None:
+        return None
+    if reference == COTRAIN_TEACHER:
+        teacher = module.teacher.to(torch.float32).cpu()
+    else:
+        from transformers import AutoModelForCausalLM
+
+        teacher = AutoModelForCausalLM.from_pretrained(str(reference), dtype=torch.float32)
+    if int(teacher.config.vocab_size) != int(vocab):
+        if not quiet:
+            print(f"train: held-out teacher {reference} has vocab_size={teacher.config.vocab_size}, the student {vocab}; "
+                  "no agreement or KL measured", file=sys.stderr)
+        return None
+    return teacher
+
+
 def train(cfg: PDLConfig, *, quiet: bool = False, tags: dict[str, str] | None = None,
-          callbacks: list | None = None) -> dict:
+          callbacks: list | None = None, heldout_teacher: str | Path | None = None) -> dict:
     """One training run (α = 0: the LM-only baseline); returns its summary (run id, held-out loss, paths).
 
     `tags` are added to the MLflow run (a sweep passes its study, trial and `mlflow.parentRunId`);
-    `callbacks` are extra Lightning callbacks (a sweep worker's core sharing).
+    `callbacks` are extra Lightning callbacks (a sweep worker's core sharing). `heldout_teacher`:
+    the teacher an LM-only run's held-out metrics are measured against when `eval.heldout_teacher`
+    is auto (a sweep passes its PD rows' teacher, so the baseline row has agreement and KL too).
     """
     extra_callbacks = list(callbacks or [])
     tr = cfg.trainer
@@ -492,6 +560,7 @@ def train(cfg: PDLConfig, *, quiet: bool = False, tags: dict[str, str] | None = 
     if use_store:
         store_manifest, vocab = _check_store(cfg, data_manifest)
         teacher = store_manifest.get("teacher")
+    reference = resolve_heldout_teacher(cfg, data_manifest, store_manifest, heldout_teacher)
     if cfg.loss.fused and cfg.logits.method == "normkd" and use_store:
         raise ConfigError("loss.fused=true cannot be combined with logits.method='normkd' (NormKD needs the student's "
                           "full logits for its temperature); set loss.fused=false")
@@ -582,18 +651,34 @@ def train(cfg: PDLConfig, *, quiet: bool = False, tags: dict[str, str] | None = 
         return {"run_id": run_id}
     steps = trainer.global_step  # below max_steps when a wall budget stopped the run
     model = module.model.to(torch.float32).cpu()
-    loss = heldout_loss(model, data_dir)
+    # One pass over the held-out stream: the loss and the metrics beside it (pd_lightning.metrics), with
+    # the teacher run live on the same batches; timed, since it adds to every trial.
+    heldout_started = time.perf_counter()
+    reference_model = _load_heldout_teacher(reference, module, vocab, quiet)
+    held = heldout_metrics(model, data_dir, teacher=reference_model, max_sequences=cfg.eval.heldout_sequences,
+                           bins=cfg.eval.ece_bins)
+    del reference_model
+    heldout_seconds = time.perf_counter() - heldout_started
+    loss = held.loss
+    reference_name = None if reference is None else teacher if reference == COTRAIN_TEACHER else str(reference)
     tokens = steps * tokens_per_step
     run_cost = _run_cost(steps, sequences_per_step, tokens, student_step_flops, teacher_step_flops, store_flops,
                          store_manifest if use_store else None, clock.elapsed())
     info = {**info, "_file": RUN_INFO, "heldout_loss": loss, "tokens": tokens, "steps": steps,
-            "seconds_this_session": round(seconds, 2), "cost": run_cost}
+            "seconds_this_session": round(seconds, 2), "cost": run_cost, "heldout": held.mlflow_metrics(),
+            "heldout_teacher": reference_name if held.teacher_kl is not None else None,
+            "heldout_seconds": round(heldout_seconds, 3)}
     _save_hf_dir(model, tokenizer, out / "model", dict(info))
     if cotrain:
         _save_hf_dir(module.teacher.to(torch.float32).cpu(), tokenizer, out / "teacher",
                      {"_file": TEACHER_INFO, "preset": cfg.teacher.preset, "cotrained_with": run_id,
                       "heldout_loss_after": heldout_loss(module.teacher, data_dir)})
     client.log_metric(run_id, "heldout_loss", loss, step=steps)
+    from pd_lightning.evaluation import log_heldout
+
+    log_heldout(client, run_id, held.as_dict(), teacher=reference_name if held.teacher_kl is not None else None,
+                step=steps)
+    client.log_metric(run_id, "cost.heldout_seconds", heldout_seconds, step=steps)
     client.log_metric(run_id, "tokens", tokens, step=steps)
     if tr.budget_kind != "none":
         client.log_metric(run_id, "budget.steps", steps, step=steps)
@@ -606,5 +691,8 @@ def train(cfg: PDLConfig, *, quiet: bool = False, tags: dict[str, str] | None = 
     info.pop("_file")
     info["exports"] = list_exports(out)
     if not quiet:
+        from pd_lightning.metrics import format_heldout
+
+        print(f"train: held-out {format_heldout(held)} in {heldout_seconds:.1f}s")
         print(f"train: done; held-out loss {loss:.4f}; student exported to {out / 'model'}; MLflow run {run_id}")
     return info

@@ -498,3 +498,57 @@ def test_sweep_summary_and_notebook_loaders(paper_store, tmp_path, capsys):
     assert "no MLflow store" in capsys.readouterr().out
     assert len(analysis.select_sweep(runs, "table6_online")) == 4
     assert analysis.select_sweep(runs, "table99_nothing") is None and "table99_nothing" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics beyond accuracy: extra columns and the reliability diagram
+
+
+def test_extra_columns_and_reliability_diagram_in_the_report(tmp_path):
+    import json
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("beyond", artifact_location=(tmp_path / "art").as_uri())
+    parent = _log(client, exp, {"pd.role": "sweep", "pd.sweep": "beyond", "pd.scale": "tiny", "pd.study": "beyond"}, {})
+    # per label: (ECE, KL, copy) per seed; the LM row is less calibrated and further from the teacher
+    values = {"LM": ((0.05, 0.30, 24.0), (0.07, 0.32, 26.0)), "PD": ((0.01, 0.10, 30.0), (0.03, 0.12, 32.0))}
+    for label, seeds in values.items():
+        for seed, (ece, kl, copy) in enumerate(seeds):
+            metrics = _scores(38.0) | {"eval.heldout.ece": ece, "eval.heldout.teacher_kl": kl, "eval.heldout.top1_acc": 0.5,
+                                       "eval.icl.copy_random": copy, "eval.icl.copy_random.stderr": 1.8}
+            run_id = _log(client, exp, _child_tags("beyond", parent, label, seed), metrics)
+            bins = [{"conf": c, "acc": c - ece, "n": 10} for c in (0.2, 0.5, 0.8)]
+            path = tmp_path / f"heldout-{run_id}" / "heldout.json"
+            path.parent.mkdir()
+            path.write_text(json.dumps({"ece": ece, "bins": bins}))
+            client.log_artifact(run_id, str(path), "eval")
+    runs = analysis.load_runs(uri, sweep="beyond")
+    plain = analysis.paper_table(runs)
+    assert "ECE" not in plain and list(analysis.percent_task_columns(runs)) == ["eval.synth_arith", "eval.synth_facts"]
+    table = analysis.paper_table(runs, extra=["ece", "heldout.teacher_kl", "eval.icl.copy_random", "brier"])
+    lm, pd_row = _row(table, "LM"), _row(table, "PD")
+    assert lm["ECE"] == pytest.approx(0.06) and pd_row["KL(T‖S)"] == pytest.approx(0.11)
+    assert pd_row["copy rand"] == pytest.approx(31.0) and np.isnan(pd_row["Brier"])  # not logged: NaN, printed "–"
+    assert lm["Average"] == pytest.approx(38.0)  # the extra columns never enter the Average
+    auto = analysis.paper_table(runs, extra="auto")
+    assert [c for c in auto.columns if c in ("top-1 %", "ECE", "KL(T‖S)", "copy rand")] == ["top-1 %", "ECE", "KL(T‖S)",
+                                                                                          "copy rand"]
+    assert _row(auto, "LM")["top-1 %"] == pytest.approx(50.0)
+    md = analysis.to_markdown(table)
+    assert "| ECE | KL(T‖S) | copy rand | Brier |" in md and "| 0.0600 | 0.310 | 25.0 | – |" in md
+    assert "equal-mass bins" in md  # the footnote says what the extra columns are
+    assert r"KL(T$\|$S)" in analysis.to_latex(table)
+    with pytest.raises(ConfigError, match="did you mean 'ece'"):
+        analysis.paper_table(runs, extra=["ecee"])
+
+    bins = analysis.reliability_bins(uri, runs)
+    assert len(bins) == 12 and set(bins["label"]) == {"LM", "PD"}
+    per_label = analysis.reliability_table(bins)
+    lm_bins = per_label[per_label["label"] == "LM"]
+    assert lm_bins["conf"].tolist() == pytest.approx([0.2, 0.5, 0.8])
+    assert lm_bins["acc"].tolist() == pytest.approx([0.14, 0.44, 0.74]) and lm_bins["ece"].iloc[0] == pytest.approx(0.06)
+    index = analysis.build_report(runs, tmp_path / "report", title="beyond", reliability=bins)
+    page = index.read_text(encoding="utf-8")
+    assert "fig_reliability.png" in _linked_files(page) and (index.parent / "fig_reliability.svg").is_file()
+    assert "<th>ECE</th>" in page and "<th>copy rand</th>" in page

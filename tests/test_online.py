@@ -65,4 +65,7 @@ def test_cotraining_trains_teacher_and_student_together(tiny_data, tmp_path):
     kd = [m.value for m in client.get_metric_history(summary["run_id"], "train/kd_loss")]
     assert all(v > 0 for v in kd)
     assert (tmp_path / "run" / "teacher" / "config.json").is_file()
-    assert client.get_run(summary["run_id"]).data.tags["pd.teacher"] == "cotrain:tiny-1m"
+    run = client.get_run(summary["run_id"])
+    assert run.data.tags["pd.teacher"] == "cotrain:tiny-1m"
+    # held-out agreement is measured against the teacher trained in the same run
+    assert run.data.tags["eval.heldout.teacher"] == "cotrain:tiny-1m" and run.data.metrics["eval.heldout.teacher_kl"] > 0

@@ -34,12 +34,15 @@ def test_quickstart_prints_the_table_report_and_ui_command(quickstart_dir):
     for label in ("LLM-LM", "Vanilla PD", "α = 0.9", "WSD-α+WSD-LR", "LLM-KLD"):
         assert f"| {label} |" in text
     assert "| Average |" in text or "| Average " in text
+    for column in ("ECE", "Brier", "agree %", "KL(T‖S)", "copy rand", "copy nat", "5-shot gain"):
+        assert f"| {column} " in text, column  # the new columns beside the paper's
     assert f"report:     {out / 'report' / 'index.html'}" in text
     assert f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'} --host 127.0.0.1" in text
     index = (out / "report" / "index.html").read_text()
     assert "LLM-LM" in index and "Vanilla PD" in index
     for name in ("table.md", "table.csv", "table.tex"):
         assert (out / "report" / name).is_file()
+    assert 'src="fig_reliability.png"' in index  # the reliability diagram, a panel per row
     for src in [line.split('src="')[1].split('"')[0] for line in index.split("\n") if 'src="' in line]:
         assert (out / "report" / src).is_file(), src
     # 5 configurations x 2 seeds, each a finished MLflow child run with scores, under one parent
@@ -49,6 +52,12 @@ def test_quickstart_prints_the_table_report_and_ui_command(quickstart_dir):
     children = [r for r in runs if r.data.tags.get("pd.role") != "sweep"]
     parent = [r for r in runs if r.data.tags.get("pd.role") == "sweep"]
     assert len(children) == 10 and all(r.info.status == "FINISHED" and "eval.average" in r.data.metrics for r in children)
+    # beyond accuracy: every run, the LM-only ones included, has calibration and agreement with the same teacher
+    teachers = {r.data.tags.get("eval.heldout.teacher") for r in children}
+    assert len(teachers) == 1 and "none" not in teachers
+    for r in children:
+        assert {"eval.heldout.ece", "eval.heldout.brier", "eval.heldout.teacher_kl", "eval.icl.copy_random",
+                "eval.icl.fewshot_gain", "cost.heldout_seconds"} <= set(r.data.metrics)
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parent[0].info.run_id, "report")}
     assert "report/index.html" in artifacts

@@ -1,4 +1,8 @@
-"""Logit store: round trip within the stated bounds, resume, multi-rank, corruption, compatibility."""
+"""Logit store: round trip within the stated bounds, resume, multi-rank, corruption, compatibility.
+
+ctxans (`logits.encoding=ctxans`) codes egsqrt's quantised symbols, so its tests compare its decoded
+entries with egsqrt's bit for bit, on LLM-like data and on data whose supports recur (the case its
+support clusters are for)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pd_lightning.errors import DataError
-from pd_lightning.logits import codec
+from pd_lightning.logits import codec, ctxans
 from pd_lightning.logits.processing import SparseLogits, narrow, teacher_targets, truncate_top_p_k
 from pd_lightning.logits.store import (
     AsyncShardWriter,
@@ -37,6 +41,16 @@ def llm_like_logits(n_tok: int, vocab: int, seed: int, zipf: bool = True) -> tor
     return sharp * (gumbel + base)
 
 
+def clustered_logits(n_tok: int, vocab: int, seed: int, topics: int = 6) -> torch.Tensor:
+    """Supports that recur: each token draws one of a few topics, each preferring its own ids (as a real teacher's
+    word-start positions share one support, its mid-word positions another), plus Gumbel noise."""
+    g = torch.Generator().manual_seed(seed)
+    pref = torch.randn(topics, vocab, generator=g) * 4
+    topic = torch.randint(0, topics, (n_tok,), generator=g)
+    gumbel = -torch.log(-torch.log(torch.rand(n_tok, vocab, generator=g).clamp(1e-12, 1 - 1e-7)))
+    return torch.exp(torch.randn(n_tok, 1, generator=g) * 0.3) * (pref[topic] + gumbel)
+
+
 def writer(path, encoding="egsqrt", n=N, per_shard=3, rank=0, world=1, **kw) -> LogitStoreWriter:
     args = dict(vocab_size=V, p=0.95, k=40, positions_per_sequence=P, num_sequences=n, sequences_per_shard=per_shard,
                 teacher="teachers/tiny", teacher_config_hash="cfg123", tokenizer_hash="tok456", encoding=encoding,
@@ -53,6 +67,15 @@ def logits() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def sparse(logits) -> SparseLogits:
     return truncate_top_p_k(logits, 0.95, 40)
+
+
+@pytest.fixture(scope="module")
+def clustered() -> SparseLogits:
+    """64 sequences (1,024 tokens) whose supports cluster: enough for ctxans to fit clusters."""
+    return truncate_top_p_k(clustered_logits(NC * P, V, seed=5), 0.95, 40)
+
+
+NC = 64  # sequences of the clustered data
 
 
 def build(path, sparse, encoding="egsqrt", batches=(0, 4, 7, 11), **kw) -> dict:
@@ -78,7 +101,7 @@ def support_kl(exact: SparseLogits, decoded: SparseLogits) -> torch.Tensor:
     return torch.where(torch.isfinite(la), la.exp() * (la - lb), torch.zeros_like(la)).sum(1)
 
 
-@pytest.mark.parametrize("encoding", ["egsqrt", "fixed"])
+@pytest.mark.parametrize("encoding", ["ctxans", "egsqrt", "fixed"])
 def test_round_trip_within_bounds(tmp_path, sparse, encoding):
     build(tmp_path, sparse, encoding)
     store = LogitStore(tmp_path)
@@ -95,7 +118,7 @@ def test_round_trip_within_bounds(tmp_path, sparse, encoding):
     if encoding == "fixed":
         assert torch.equal(got.indices, want.indices)  # order kept as written
         assert (la[fin] - lb[fin]).abs().max() <= 2**-11 + 1e-6
-    else:
+    else:  # egsqrt and ctxans: the same quantisation
         step = store.manifest["encoding"]["value_step"]
         mass = torch.logsumexp(la, 1, keepdim=True)
         err = (torch.exp((la - mass) / 2) - torch.exp((lb - mass) / 2))[fin].abs().max()
@@ -150,10 +173,11 @@ def test_compactness_on_llm_like_distribution(tmp_path):
     assert support_kl(s, LogitStore(tmp_path).sequences(range(8))).mean() <= 1e-4
 
 
-def test_resume_is_byte_identical(tmp_path, sparse):
+@pytest.mark.parametrize("encoding", ["egsqrt", "ctxans"])
+def test_resume_is_byte_identical(tmp_path, sparse, encoding):
     ref, run = tmp_path / "ref", tmp_path / "run"
-    build(ref, sparse)
-    w = writer(run)
+    build(ref, sparse, encoding)
+    w = writer(run, encoding)
     assert w.pending_shards() == [0, 1, 2, 3]
     w.write_sequences(0, sparse.rows(0, 7 * P))  # shards 0, 1 finished; shard 2 half-buffered, then "killed"
     assert sorted(w.finished) == [0, 1]
@@ -161,7 +185,7 @@ def test_resume_is_byte_identical(tmp_path, sparse):
     (run / "shard-000003.bin").write_bytes(b"renamed but sidecar never written")
     (run / "shard-000001.json.tmp").write_bytes(b"{")
     del w
-    w = writer(run)
+    w = writer(run, encoding)
     assert w.pending_shards() == [2, 3]
     assert not (run / "shard-000002.bin.tmp").exists() and not (run / "shard-000003.bin").exists()
     with pytest.raises(ValueError, match="not pending"):
@@ -174,10 +198,11 @@ def test_resume_is_byte_identical(tmp_path, sparse):
         assert (ref / name).read_bytes() == (run / name).read_bytes(), name
 
 
-def test_multi_rank_equals_single_rank(tmp_path, sparse):
+@pytest.mark.parametrize("encoding", ["egsqrt", "ctxans"])
+def test_multi_rank_equals_single_rank(tmp_path, sparse, encoding):
     ref, run = tmp_path / "ref", tmp_path / "run"
-    build(ref, sparse)
-    ranks = [writer(run, rank=r, world=2) for r in range(2)]
+    build(ref, sparse, encoding)
+    ranks = [writer(run, encoding, rank=r, world=2) for r in range(2)]
     assert ranks[0].pending_shards() == [0, 2] and ranks[1].pending_shards() == [1, 3]
     assert ranks[0].write_sequences(0, sparse.rows(0, 3 * P)) == [0]
     with pytest.raises(DataError, match=r"shards \[1, 2, 3\] are not written yet"):
@@ -236,8 +261,9 @@ def test_truncated_shard_refused_on_open_and_by_verify(tmp_path, sparse):
         LogitStore(tmp_path)
 
 
-def test_every_bit_flip_detected(tmp_path, sparse):
-    build(tmp_path, sparse)
+@pytest.mark.parametrize("encoding", ["egsqrt", "ctxans"])
+def test_every_bit_flip_detected(tmp_path, sparse, encoding):
+    build(tmp_path, sparse, encoding)
     verify_store(tmp_path, deep=True)
     shard = tmp_path / "shard-000002.bin"
     clean = shard.read_bytes()
@@ -252,7 +278,7 @@ def test_every_bit_flip_detected(tmp_path, sparse):
     assert verify_store(tmp_path)["checksums_ok"] is True
 
 
-@pytest.mark.parametrize("encoding", ["egsqrt", "fixed"])
+@pytest.mark.parametrize("encoding", ["ctxans", "egsqrt", "fixed"])
 def test_reader_fails_only_with_data_error_on_random_flips(tmp_path, sparse, encoding):
     build(tmp_path, sparse, encoding)
     shard = tmp_path / "shard-000001.bin"
@@ -398,3 +424,131 @@ def test_v1_stores_at_p_1_are_refused_and_at_p_below_1_still_read(tmp_path, logi
         LogitStore(tmp_path / "p1")
     build(tmp_path / "p1v2", truncate_top_p_k(logits, 1.0, 40), p=1.0)
     assert int(LogitStore(tmp_path / "p1v2").sequences(range(N)).counts.min()) == 40
+
+
+# ----------------------------------------------------------------------------- ctxans
+
+
+def build_all(path, sparse, encoding, n, per_shard, step=5, **kw) -> dict:
+    """A store of n sequences written `step` sequences at a time."""
+    w = writer(path, encoding, n=n, per_shard=per_shard, **kw)
+    for a in range(0, n, step):
+        w.write_sequences(a, sparse.rows(a * P, min(a + step, n) * P))
+    return w.finalize(meta={"run": "test"})
+
+
+def assert_same_entries(a: SparseLogits, b: SparseLogits) -> None:
+    for x, y in zip(a._tensors(), b._tensors()):
+        assert torch.equal(x, y)
+    assert (a.log_power_sums is None) == (b.log_power_sums is None)
+    if a.log_power_sums is not None:
+        assert torch.equal(a.log_power_sums, b.log_power_sums)
+
+
+@pytest.mark.parametrize("data", ["llm_like", "clustered"])
+def test_ctxans_decodes_egsqrts_entries_bit_for_bit_in_fewer_bytes(tmp_path, sparse, clustered, data):
+    """ctxans codes egsqrt's symbols losslessly: the same decoded entries, so the same KL; and fewer bytes."""
+    s, n = (sparse, N) if data == "llm_like" else (clustered, NC)
+    m_new = build_all(tmp_path / "ctxans", s, "ctxans", n, per_shard=n // 2 + 1)
+    m_old = build_all(tmp_path / "egsqrt", s, "egsqrt", n, per_shard=n // 2 + 1)
+    new, old = LogitStore(tmp_path / "ctxans"), LogitStore(tmp_path / "egsqrt")
+    ids = np.random.default_rng(0).permutation(n)
+    assert_same_entries(new.sequences(ids), old.sequences(ids))
+    assert m_new["encoding"]["name"] == "ctxans" and m_new["encoding"]["value_step"] == m_old["encoding"]["value_step"]
+    clusters = [new._shard(i).model.clusters.n for i in range(len(m_new["shards"]))]
+    ratio = m_new["total_bytes"] / m_old["total_bytes"]
+    if data == "clustered":  # recurring supports: flags against fitted clusters (without them: 0.90 here)
+        assert min(clusters) >= 2 and ratio < 0.85, (clusters, ratio)
+    else:  # 88 tokens a shard: too few to fit clusters; the context model alone still beats Exp-Golomb
+        assert max(clusters) == 0 and ratio < 0.95, (clusters, ratio)
+    assert verify_store(tmp_path / "ctxans", deep=True)["checksums_ok"] is True
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 300), p=st.floats(0.1, 1.0),
+       data=st.sampled_from(["zipf", "uniform", "clustered"]), n_seq=st.sampled_from([3, 64]),
+       exps=st.sampled_from([(), (0.5,), (0.25, 2.0)]))
+def test_ctxans_codec_matches_egsqrt_property(seed, k, p, data, n_seq, exps):
+    """Any top-p-k cut, vocabulary use and power sums: ctxans decodes what egsqrt decodes, for any subset of sequences."""
+    vocab, positions = 700, 5
+    z = (clustered_logits(n_seq * positions, vocab, seed) if data == "clustered"
+         else llm_like_logits(n_seq * positions, vocab, seed, zipf=data == "zipf"))
+    s = truncate_top_p_k(z, p, k, power_exponents=exps)
+    kk = min(k, vocab)
+    enc = ctxans.encode_shard(ctxans.symbolize(s, positions, vocab, kk, 1 / 384), positions, vocab, kk, 1 / 384)
+    model = ctxans.ShardModel.from_bytes(enc.model, ctxans.model_layout(kk, vocab, 1 / 384, 2 + len(exps)))
+    off = codec._excl_cumsum(enc.chunk_sizes.astype(np.int64)).astype(np.uint64)
+    eg = codec.encode(s, positions, vocab, kk, "egsqrt", 1 / 384)
+    eoff = codec._excl_cumsum(eg.chunk_sizes.astype(np.int64)).astype(np.uint64)
+    seqs = np.random.default_rng(seed).choice(n_seq, size=min(n_seq, 7), replace=False)
+    got = ctxans.decode_arrays(model, enc.seq_entries, off, enc.payload, seqs, positions, vocab, kk, 1 / 384)
+    want = codec.decode_arrays(eg.counts, eg.params, eg.mass, eg.stats, eoff, eg.payload, seqs, positions, vocab, kk,
+                               "egsqrt", 1 / 384)
+    for a, b in zip(got, want):
+        assert (a is None and b is None) or np.array_equal(a, b)
+
+
+def test_ctxans_with_clusters_resumes_byte_identical_and_ranks_agree(tmp_path, clustered):
+    ref, run, ranks = tmp_path / "ref", tmp_path / "run", tmp_path / "ranks"
+    build_all(ref, clustered, "ctxans", NC, per_shard=32, step=7)
+    assert all(LogitStore(ref)._shard(i).model.clusters.n > 0 for i in range(2))
+    w = writer(run, "ctxans", n=NC, per_shard=32)
+    w.write_sequences(0, clustered.rows(0, 40 * P))  # shard 0 written, shard 1 part-buffered, then "killed"
+    del w
+    w = writer(run, "ctxans", n=NC, per_shard=32)
+    assert w.pending_shards() == [1]
+    w.write_sequences(32, clustered.rows(32 * P, NC * P))
+    w.finalize(meta={"run": "test"})
+    for r in range(2):
+        wr = writer(ranks, "ctxans", n=NC, per_shard=32, rank=r, world=2)
+        with AsyncShardWriter(wr) as aw:
+            for s_ in wr.pending_shards():
+                rng = wr.shard_range(s_)
+                aw.submit(rng.start, clustered.rows(rng.start * P, rng.stop * P))
+    wr.finalize(meta={"run": "test"})
+    for name in sorted(os.listdir(ref)):
+        assert (ref / name).read_bytes() == (run / name).read_bytes() == (ranks / name).read_bytes(), name
+
+
+def test_ctxans_corruption_detected_and_only_data_errors(tmp_path, clustered):
+    """Flips anywhere (model section with its clusters, offsets, ANS words, raw bits) fail as DataError naming the
+    shard, never another way; with checksums every flip is refused."""
+    build_all(tmp_path, clustered, "ctxans", NC, per_shard=32)
+    shard = tmp_path / "shard-000001.bin"
+    clean = shard.read_bytes()
+    header = json.loads(clean[12 : 12 + int(np.frombuffer(clean[8:12], "<u4")[0])])
+    m_off, m_len = header["sections"]["model"]
+    rng = np.random.default_rng(3)
+    spots = list(rng.integers(m_off, m_off + m_len, 15)) + list(rng.integers(0, len(clean), 45))
+    for byte in spots:
+        data = bytearray(clean)
+        data[int(byte)] ^= 1 << int(rng.integers(0, 8))
+        shard.write_bytes(bytes(data))
+        try:
+            LogitStore(tmp_path).sequences(range(32, 40))
+        except DataError as e:
+            assert "shard-000001.bin" in str(e)
+        with pytest.raises(DataError, match="shard-000001.bin"):
+            LogitStore(tmp_path, verify_checksums=True).sequences(range(32, 40))
+        with pytest.raises(DataError, match="shard-000001.bin"):
+            verify_store(tmp_path)
+    shard.write_bytes(clean)
+    assert verify_store(tmp_path, deep=True)["checksums_ok"] is True
+
+
+def test_default_encoding_is_egsqrt_and_ctxans_reads_the_same_entries(tmp_path, sparse, monkeypatch):
+    w = LogitStoreWriter(tmp_path / "default", vocab_size=V, p=0.95, k=40, positions_per_sequence=P, num_sequences=N,
+                         sequences_per_shard=4, teacher="t", teacher_config_hash="c", tokenizer_hash="h")
+    w.write_sequences(0, sparse)
+    assert w.finalize()["encoding"]["name"] == "egsqrt"  # ctxans decodes at about half its speed: opt-in
+    w = LogitStoreWriter(tmp_path / "new", vocab_size=V, p=0.95, k=40, positions_per_sequence=P, num_sequences=N,
+                         sequences_per_shard=4, teacher="t", teacher_config_hash="c", tokenizer_hash="h",
+                         encoding="ctxans")
+    w.write_sequences(0, sparse)
+    assert w.finalize()["encoding"]["name"] == "ctxans"
+    assert inspect_store(tmp_path / "new")["encoding"]["name"] == "ctxans"
+    new = LogitStore(tmp_path / "new").sequences(range(N))
+    build(tmp_path / "eg", sparse, "egsqrt")
+    _build_v1(tmp_path / "v1", sparse, monkeypatch)  # a store of the version before power sums and exact cuts
+    for old in ("eg", "v1"):
+        assert_same_entries(LogitStore(tmp_path / old).sequences(range(N)), new)

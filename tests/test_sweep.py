@@ -146,6 +146,10 @@ def test_pd_star_row_is_the_secondary_sources_configuration(scale: str):
     ({"search": {"trials": 2, "space": {"logits.tau": {"low": 0, "high": 2, "log": True}}}}, "must be > 0 with log"),
     ({"grid": {"loss.alpha": [0.5]}, "group_by": ["model.preset"]}, "group_by"),
     ({"grid": {"loss.alpha": [0.5]}, "objective": {"direction": "up"}}, "objective.direction='up'"),
+    ({"grid": {"loss.alpha": [0.5]}, "objective": {"metric": "eval.heldout.ecee"}}, "did you mean 'eval.heldout.ece'"),
+    ({"grid": {"loss.alpha": [0.5]}, "objective": {"metric": "eval.heldout.ece", "direction": "maximize"}},
+     "improves the other way; use minimize"),
+    ({"grid": {"loss.alpha": [0.5]}, "objective": {"metric": "eval.icl.copy_random"}, "eval": False}, "needs eval: true"),
     ({"grid": {"loss.alpha": [0.5]}, "budget": {"kind": "joules", "value": 1}}, "budget="),
     ({"base": "no-such-config"}, "base='no-such-config'"),
     ({}, "nothing to run"),
@@ -155,6 +159,22 @@ def test_bad_sweep_files_are_refused_in_one_line(tmp_path, body, match):
     with pytest.raises(ConfigError, match=match.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")) as err:
         load_sweep(path)
     assert "\n" not in str(err.value) and "bad.yaml" in str(err.value)
+
+
+def test_objective_metrics_are_selected_by_name_with_their_direction(tmp_path):
+    from pd_lightning.sweep import objective_metrics
+
+    known = objective_metrics()
+    assert known["eval.heldout.ece"] == "minimize" and known["eval.heldout.teacher_top1_agree"] == "maximize"
+    assert {"eval.icl.copy_random", "eval.icl.copy_natural", "eval.icl.fewshot_gain"} <= set(known)
+    ece = load_sweep(write_sweep(tmp_path, "ece", grid={"loss.alpha": [0.5]}, objective={"metric": "eval.heldout.ece"}))
+    assert (ece.objective_metric, ece.direction) == ("eval.heldout.ece", "minimize")  # the metric's own direction
+    # held-out metrics are logged by training itself: no lm-eval needed to optimise them
+    kl = load_sweep(write_sweep(tmp_path, "kl", grid={"loss.alpha": [0.5]}, eval=False,
+                                objective={"metric": "eval.heldout.teacher_kl", "direction": "minimize"}))
+    assert kl.direction == "minimize" and not kl.evaluate
+    other = load_sweep(write_sweep(tmp_path, "task", grid={"loss.alpha": [0.5]}, objective={"metric": "eval.synth_facts"}))
+    assert other.direction == "maximize"  # any other logged metric by name, maximised unless told
 
 
 def test_cli_validate_and_bad_scale(tmp_path):

@@ -75,6 +75,32 @@ def test_distillation_beats_lm_only_at_equal_tokens(lm_and_pd):
     assert pd["heldout_loss"] < lm["heldout_loss"], (pd["heldout_loss"], lm["heldout_loss"])
 
 
+def test_heldout_metrics_beside_the_loss_in_one_pass(lm_and_pd, tiny_store, tmp_path):
+    from pd_lightning.evaluation import heldout_defaults
+    from pd_lightning.logits.store import LogitStore
+    from pd_lightning.metrics import HELDOUT_METRICS
+
+    uri, root, lm, pd = lm_and_pd
+    client = MlflowClient(uri)
+    teacher = LogitStore(tiny_store).manifest["teacher"]
+    runs = {}
+    for name, summary in (("lm", lm), ("pd", pd)):
+        run = client.get_run(summary["run_id"])
+        m = runs[name] = run.data.metrics
+        assert {f"eval.heldout.{k}" for k in HELDOUT_METRICS} <= set(m)
+        assert m["eval.heldout.loss"] == m["heldout_loss"] == summary["heldout_loss"]
+        assert 0 < m["eval.heldout.ece"] < 0.5 and 0 < m["eval.heldout.teacher_top1_agree"] < 1 < m["eval.heldout.brier"] + 1
+        # the LM-only run is measured against the teacher of the store beside it, so its row has a reference
+        assert run.data.tags["eval.heldout.teacher"] == teacher and summary["heldout_teacher"] == teacher
+        assert m["cost.heldout_seconds"] > 0
+        saved = json.loads(Path(client.download_artifacts(summary["run_id"], "eval/heldout.json", str(tmp_path))).read_text())
+        assert len(saved["bins"]) == 15 and sum(b["n"] for b in saved["bins"]) == saved["tokens"]
+        assert heldout_defaults(root / name / "model") == (Path(summary["data"]), Path(teacher))
+    # distillation pulls the student toward its teacher: lower KL(teacher ‖ student), more top-1 agreement
+    assert runs["pd"]["eval.heldout.teacher_kl"] < runs["lm"]["eval.heldout.teacher_kl"], runs
+    assert runs["pd"]["eval.heldout.teacher_top1_agree"] > runs["lm"]["eval.heldout.teacher_top1_agree"], runs
+
+
 def test_rerun_of_a_finished_run_is_a_noop(lm_and_pd, tiny_data, tiny_store, capsys):
     uri, root, lm, _ = lm_and_pd
     again = train(load_config("tiny", run_args(tiny_data, tiny_store, root / "lm", uri, "loss.alpha=0",

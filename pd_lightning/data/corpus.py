@@ -627,3 +627,101 @@ def make_eval_items(task: str, n: int, seed: int = 0) -> list[dict]:
     world = _world(seed)
     # Items live in their own stream (never in train or heldout_texts); item i depends only on i.
     return [_ITEM_MAKERS[task](Rng("pdl-synthworld-eval", seed, task, i), world) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------
+# In-context copying probe (lm-eval task icl_copy_*): a span that reappears later in the context
+
+COPY_KINDS: tuple[str, ...] = ("random", "natural")
+# Words the corpus uses everywhere, so each is a short known token sequence, and none is predictable
+# from the others when drawn in random order: only copying the first occurrence predicts them.
+_COPY_WORDS = tuple(dict.fromkeys([*JOBS, *FOODS, *COLOURS, *OBJECTS, *PLACES, *SPECIES, *HABITATS]))
+COPY_DOC_OFFSET = 1_000_000  # held-out documents this far in: never the held-out shards' or synth_heldout's
+
+
+def _copy_words(rng: Rng, seed: int, doc: int, n: int) -> list[str]:
+    """n consecutive words of a held-out document (from a random start; documents shorter than n are skipped)."""
+    while True:
+        words = document("heldout", COPY_DOC_OFFSET + doc, seed=seed).split()
+        if len(words) >= n:
+            start = rng.below(len(words) - n + 1)
+            return words[start:start + n]
+        doc += 7919  # a prime stride: another document of the same stream
+
+
+COPY_POOL_DOCS = 3000  # held-out documents whose word runs the natural spans and their distractors come from
+
+
+@lru_cache(maxsize=4)
+def _continuations(seed: int, cue: int, rest: int) -> tuple[list[list[str]], dict[tuple[str, ...], list[tuple[int, int]]]]:
+    """The pool's documents as words, and every cue (`cue` words) -> the (document, position) of each occurrence
+    followed by at least `rest` words."""
+    docs = [document("heldout", 2 * COPY_DOC_OFFSET + j, seed=seed).split() for j in range(COPY_POOL_DOCS)]
+    index: dict[tuple[str, ...], list[tuple[int, int]]] = {}
+    for d, words in enumerate(docs):
+        for p in range(len(words) - cue - rest + 1):
+            index.setdefault(tuple(words[p:p + cue]), []).append((d, p))
+    return docs, index
+
+
+def _natural_span(rng: Rng, seed: int, cue: int, rest: int, before: int, after: int):
+    """A natural span in its own document: (the `before` words before it, cue, 4 continuations, gold index,
+    the `after` words after it). The cue (`cue` words) is a run of the pool; the 4 distinct continuations
+    (`rest` words each) follow it somewhere in the pool, each drawn like the pool's text (an occurrence
+    uniformly, so by frequency); the gold one is drawn uniformly among them, and the span cue + gold
+    is taken, with its neighbours, from a document where it occurs."""
+    docs, index = _continuations(seed, cue, rest)
+    keys = list(index)
+    while True:
+        places = index[keys[rng.below(len(keys))]]
+        found: dict[tuple[str, ...], tuple[int, int]] = {}
+        for _ in range(200):  # a cue with at least 4 different continuations is common in this grammar
+            d, p = places[rng.below(len(places))]
+            run = tuple(docs[d][p + cue:p + cue + rest])
+            if run not in found and p >= before and len(docs[d]) >= p + cue + rest + after:
+                found[run] = (d, p)
+                if len(found) == 4:
+                    runs = list(found)
+                    gold = rng.below(4)
+                    d, p = found[runs[gold]]
+                    words = docs[d]
+                    return (words[p - before:p], words[p:p + cue], [list(r) for r in runs], gold,
+                            words[p + cue + rest:p + cue + rest + after])
+
+
+def make_copy_items(kind: str, n: int, seed: int = 0, *, span_words: int = 6, cue_words: int = 2,
+                    prefix_words: int = 8, gap_words: int = 5) -> list[dict]:
+    """n multiple-choice items {"context", "choices", "label"} of the copying probe (4 choices).
+
+    Item i (a pure function of kind, i and seed) has the context `prefix S gap S[:cue]`: S = cue +
+    the gold continuation is a span of `span_words` words that reappears, and the choices are 4
+    continuations of the cue, `span_words − cue_words` words each, the gold one drawn uniformly
+    among them. For kind "random", the cue and the 4 continuations are corpus nouns drawn
+    uniformly and independently, and prefix and gap are runs of other held-out documents: only
+    copying S's first occurrence beats chance (25%), whatever the model's language model. For
+    "natural", S sits in its own held-out document (prefix: the words before it, gap: the words
+    after it) and the 4 continuations are different word runs that follow the same cue in a pool of
+    held-out documents: equally plausible after the cue alone (a model that ignores the context
+    scores 25% in expectation), so a model beats chance by using the context — S's first
+    occurrence and the entities its document mentions.
+    """
+    if kind not in COPY_KINDS:
+        from pd_lightning.errors import choice_error
+        raise choice_error("kind", kind, COPY_KINDS)
+    if not 0 < cue_words < span_words:
+        raise ValueError(f"cue_words={cue_words} must be in [1, span_words={span_words})")
+    rest = span_words - cue_words
+    items = []
+    for i in range(n):
+        rng = Rng("pdl-synthworld-copy", seed, kind, i)
+        if kind == "random":
+            prefix = _copy_words(rng, seed, 2 * i, prefix_words) if prefix_words else []
+            gap = _copy_words(rng, seed, 2 * i + 1, gap_words)
+            cue = [rng.pick(_COPY_WORDS) for _ in range(cue_words)]
+            runs = [[rng.pick(_COPY_WORDS) for _ in range(rest)] for _ in range(4)]
+            gold = rng.below(4)
+        else:
+            prefix, cue, runs, gold, gap = _natural_span(rng, seed, cue_words, rest, prefix_words, gap_words)
+        context = " ".join(prefix + cue + runs[gold] + gap + cue)
+        items.append({"context": context, "choices": [" " + " ".join(r) for r in runs], "label": gold})
+    return items

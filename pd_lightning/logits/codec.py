@@ -33,6 +33,12 @@ orders around log2 of the token's mean, stored as `params = m_gap | m_val << 5`.
 cumsum/gather: unary lengths come from the positions of zero bits, field positions from a cumsum.
 Chunks are padded to whole bytes with 1 bits (so padding never reads as a unary terminator).
 
+`ctxans` (encoding version 2, `logits.encoding=ctxans`; egsqrt stays the default: ctxans decodes at
+about half its speed): the same quantised symbols as egsqrt (so the same
+decoded entries, bit for bit), entropy-coded with constriction's ANS coder under a context model and
+support clusters fitted per shard; see the `ctxans` module. Its writer holds `ctxans.Symbols` per
+shard (`encode` returns them) and codes the whole shard at once (`ctxans.encode_shard`).
+
 `fixed` v1 (plain). Entries in descending order; ids as ⌈log2 V⌉-bit fields, values as 16-bit
 `level = round(-logprob · 1024)` (|error| <= 2^-11 nats for logprob >= -64). Chunks: ids, values.
 """
@@ -48,7 +54,7 @@ import torch
 
 from pd_lightning.logits.processing import SparseLogits
 
-ENCODINGS = ("egsqrt", "fixed")
+ENCODINGS = ("ctxans", "egsqrt", "fixed")
 ENCODING_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 DEFAULT_VALUE_STEP = 1.0 / 384  # expected KL ≈ K δ² / 6 ≈ 5e-5 nats at K = 45 kept entries
@@ -71,6 +77,15 @@ def index_bits(vocab_size: int) -> int:
 def chunks_per_sequence(encoding: str) -> int:
     """Number of byte-aligned payload chunks each sequence owns."""
     return 4 if encoding == "egsqrt" else 2
+
+
+def sections(encoding: str) -> list[str]:
+    """A shard's sections, in file order (`store` module docstring)."""
+    if encoding == "ctxans":
+        return ["model", "seq_entries", "chunks", "payload"]
+    if encoding == "egsqrt":
+        return ["counts", "params", "mass", "stats", "chunks", "payload"]
+    return ["counts", "stats", "chunks", "payload"]
 
 
 @dataclass
@@ -192,8 +207,32 @@ def _token_entries(sparse: SparseLogits, by_id: bool) -> tuple[np.ndarray, np.nd
     return counts, ids[mask], lps[mask], log_mass
 
 
+def stats_columns(sparse: SparseLogits) -> np.ndarray:
+    """[T, 2 + G] float16: entropy, logit std, then the power sums."""
+    cols = [sparse.entropy.cpu().float().numpy(), sparse.logit_std.cpu().float().numpy()]
+    if sparse.power_exponents:
+        cols += list(sparse.log_power_sums.cpu().float().numpy().T)
+    return np.stack(cols, 1).astype(np.float16)
+
+
+def quantise_sqrt(lps: np.ndarray, lq: np.ndarray, counts: np.ndarray, value_step: float) -> tuple[np.ndarray, np.ndarray]:
+    """egsqrt's quantisation: (mass [T] uint16 = round(-log Q · 4096), levels [M] = round(sqrt(q / Q) / δ))."""
+    mass = np.clip(np.rint(-lq * MASS_SCALE), 0, 65535).astype(np.uint16)
+    r = lps.astype(np.float64) - np.repeat(lq, counts)
+    levels = np.rint(np.exp(r / 2) / value_step).astype(np.int64)
+    return mass, np.clip(levels, 0, int(1.0 / value_step) + 1)
+
+
 def encode(sparse: SparseLogits, positions: int, vocab_size: int, k: int, encoding: str, value_step: float) -> EncodedBatch:
-    """Encode S = len(sparse) / positions whole sequences (rows in sequence-major order)."""
+    """Encode S = len(sparse) / positions whole sequences (rows in sequence-major order).
+
+    For `ctxans` this returns its quantised `ctxans.Symbols`: the entropy coder needs the whole shard
+    (`ctxans.encode_shard`) to fit its model.
+    """
+    if encoding == "ctxans":
+        from pd_lightning.logits import ctxans
+
+        return ctxans.symbolize(sparse, positions, vocab_size, k, value_step)
     n_tok = len(sparse)
     if n_tok % positions:
         raise ValueError(f"{n_tok} token rows is not a whole number of sequences of {positions} positions")
@@ -203,23 +242,16 @@ def encode(sparse: SparseLogits, positions: int, vocab_size: int, k: int, encodi
         raise ValueError(f"kept-entry counts must lie in [1, {k}]")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         raise ValueError(f"ids must lie in [0, {vocab_size})")
-    cols = [sparse.entropy.cpu().float().numpy(), sparse.logit_std.cpu().float().numpy()]
-    if sparse.power_exponents:
-        cols += list(sparse.log_power_sums.cpu().float().numpy().T)
-    stats = np.stack(cols, 1).astype(np.float16)
+    stats = stats_columns(sparse)
     count_dtype = np.uint8 if k < 256 else np.uint16
     tok_starts = _excl_cumsum(counts)
     seq_entry_starts = tok_starts[::positions]  # [S+1]
     m = len(ids)
-    seq_of_entry = np.repeat(np.arange(n_seq), np.diff(seq_entry_starts))
     if encoding == "egsqrt":
         gaps = ids.copy()
         gaps[1:] -= ids[:-1] + 1
         gaps[tok_starts[:-1]] = ids[tok_starts[:-1]]
-        mass = np.clip(np.rint(-lq * MASS_SCALE), 0, 65535).astype(np.uint16)
-        r = lps.astype(np.float64) - np.repeat(lq, counts)
-        levels = np.rint(np.exp(r / 2) / value_step).astype(np.int64)
-        levels = np.clip(levels, 0, int(1.0 / value_step) + 1)
+        mass, levels = quantise_sqrt(lps, lq, counts, value_step)
         m_gap = _best_orders(gaps, tok_starts[:-1], counts, MAX_GAP_ORDER)
         m_val = _best_orders(levels, tok_starts[:-1], counts, MAX_VALUE_ORDER)
         params = (m_gap | (m_val << 5)).astype(np.uint8)
@@ -298,7 +330,6 @@ def decode_arrays(
     cnt = counts[rows].astype(np.int64)
     if cnt.size and (cnt.min() < 1 or cnt.max() > k):
         raise CorruptChunk(f"a kept-entry count lies outside [1, {k}]")
-    n_tok = len(rows)
     per_seq = cnt.reshape(len(seqs), positions).sum(1)
     c = chunks_per_sequence(encoding)
     tok_starts = _excl_cumsum(cnt)
@@ -316,28 +347,51 @@ def decode_arrays(
         cs = np.cumsum(gaps + 1)
         base = np.repeat(np.concatenate([[0], cs])[tok_starts[:-1]], cnt)
         ids = cs - base - 1
-        # descending values, ties by ascending id (the stored order): one stable integer argsort
-        tok = np.repeat(np.arange(n_tok, dtype=np.int64), cnt)
-        order = np.argsort(tok * (int(1.0 / value_step) + 2) - levels, kind="stable")
-        ids, levels = ids[order], levels[order]
-        u = np.where(levels == 0, value_step / 4, levels * value_step)
-        lq = -np.repeat(mass[rows].astype(np.float64), cnt) / MASS_SCALE
-        lps = (2.0 * np.log(u) + lq).astype(np.float32)
-    else:
-        ib = index_bits(vocab_size)
-        m = int(tok_starts[-1])
-        ids = _decode_fields(bufs[0][0], bufs[0][1], per_seq, np.full(m, ib, np.int64))
-        lev = _decode_fields(bufs[1][0], bufs[1][1], per_seq, np.full(m, 16, np.int64))
-        lps = (-lev / FIXED_VALUE_SCALE).astype(np.float32)
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise CorruptChunk(f"a decoded id lies outside [0, {vocab_size})")
+        return assemble(ids, levels, mass[rows], cnt, stats[rows], k, value_step)
+    ib = index_bits(vocab_size)
+    m = int(tok_starts[-1])
+    ids = _decode_fields(bufs[0][0], bufs[0][1], per_seq, np.full(m, ib, np.int64))
+    lev = _decode_fields(bufs[1][0], bufs[1][1], per_seq, np.full(m, 16, np.int64))
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         raise CorruptChunk(f"a decoded id lies outside [0, {vocab_size})")
-    col = np.arange(len(ids)) - np.repeat(tok_starts[:-1], cnt)
-    row = np.repeat(np.arange(n_tok), cnt)
+    return _padded(ids, (-lev / FIXED_VALUE_SCALE).astype(np.float32), cnt, stats[rows], k)
+
+
+def assemble(ids: np.ndarray, levels: np.ndarray, mass: np.ndarray, cnt: np.ndarray, stats: np.ndarray, k: int,
+             value_step: float) -> tuple:
+    """Square-root levels in id order (egsqrt's and ctxans' symbols) -> the `decode_arrays` tuple, rows descending."""
+    order = _descending_order(cnt, levels, int(1.0 / value_step) + 1)
+    ids, levels = ids[order], levels[order]
+    u = np.where(levels == 0, value_step / 4, levels * value_step)
+    lq = -np.repeat(mass.astype(np.float64), cnt) / MASS_SCALE
+    return _padded(ids, (2.0 * np.log(u) + lq).astype(np.float32), cnt, stats, k)
+
+
+def _descending_order(cnt: np.ndarray, levels: np.ndarray, max_level: int) -> np.ndarray:
+    """Entries of each token by descending level, ties by their (ascending id) order: a stable sort by (token, -level).
+
+    Two stable 16-bit radix sorts (level, then token) where the batch has at most 65,536 tokens, else
+    one stable sort of the combined 64-bit key; both give the same permutation.
+    """
+    n_tok = len(cnt)
+    if n_tok <= 1 << 16 and max_level < 1 << 16:
+        by_level = np.argsort((max_level - levels).astype(np.uint16), kind="stable")
+        tok = np.repeat(np.arange(n_tok, dtype=np.uint16) if n_tok else np.zeros(0, np.uint16), cnt)
+        return by_level[np.argsort(tok[by_level], kind="stable")]
+    tok = np.repeat(np.arange(n_tok, dtype=np.int64), cnt)
+    return np.argsort(tok * (max_level + 1) - levels, kind="stable")
+
+
+def _padded(ids: np.ndarray, lps: np.ndarray, cnt: np.ndarray, stats: np.ndarray, k: int) -> tuple:
+    n_tok = len(cnt)
+    kept = np.arange(k) < cnt[:, None]  # row-major, as the entries are: token-major, then column
     idx_pad = np.zeros((n_tok, k), np.int64)
     lp_pad = np.full((n_tok, k), -np.inf, np.float32)
-    idx_pad[row, col] = ids
-    lp_pad[row, col] = lps
-    st = stats[rows].astype(np.float32)
+    idx_pad[kept] = ids
+    lp_pad[kept] = lps
+    st = stats.astype(np.float32)
     sums = st[:, 2:].copy() if st.shape[1] > 2 else None
     return idx_pad, lp_pad, cnt, st[:, 0].copy(), st[:, 1].copy(), sums
 

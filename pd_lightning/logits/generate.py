@@ -5,8 +5,19 @@ The store is generated once per teacher and corpus at the loosest truncation a s
 time. Position t of sequence i holds the teacher's distribution over token t+1, so a store keeps
 `seq_len - 1` positions per sequence, aligned with the shards by sequence index.
 
-Truncation, encoding and writing run on a background thread (`AsyncShardWriter`) while the next
-batch goes through the teacher. Generation resumes from the last whole shard after any kill and
+No dense [B·T, V] logits ever exist (`TeacherLogits`): the teacher's backbone runs to hidden
+states, then the LM head, the full-vocabulary statistics (log-normaliser, entropy, logit std, power
+sums) and the top-p-k cut run per chunk of positions on the teacher's device, in fp32 whatever the
+teacher's dtype (bf16 on CUDA by default: `teacher.dtype`); only the SparseLogits cross to the
+writer. On CPU the chunks are the 64-row groups `truncate_top_p_k` uses, so the store is byte-identical
+to truncating the model's dense fp32 logits. Vocabulary rows at or past the tokenizer's size (a
+model vocabulary padded past its tokenizer's) are left out, which is masking them to -inf before
+truncation and statistics; the store records the tokenizer's vocabulary as its `vocab_size` and the
+teacher's own row count in `meta.teacher_vocab_size`.
+
+Encoding and writing run off the forward's thread (`AsyncShardWriter`: a thread, or
+`logits.encode_workers` encoder processes) while the next batch goes through the teacher.
+Generation resumes from the last whole shard after any kill and
 the finished store is byte-identical to an uninterrupted run. With several ranks (`torchrun`,
 `RANK`/`WORLD_SIZE` in the environment) each rank writes a disjoint set of shards; the last rank to
 finish finds every shard present and writes the manifest.
@@ -25,6 +36,7 @@ the background thread; no torn shard keeps a final name, so the same command res
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -39,13 +51,19 @@ from pd_lightning.cost import model_cost_shape, store_cost_meta
 from pd_lightning.data.shards import TokenShards, read_manifest, write_json_atomic
 from pd_lightning.data.tokenizer import load_tokenizer, tokenizer_hash
 from pd_lightning.errors import DataError
-from pd_lightning.logits.processing import power_exponents_for
+from pd_lightning.logits.processing import SparseLogits, check_power_exponents, power_exponents_for, truncate_chunk
 from pd_lightning.logits.store import (MANIFEST, AsyncShardWriter, LogitStoreWriter, load_manifest, shard_name,
                                        store_write_error)
-from pd_lightning.models import load_causal_lm
+from pd_lightning.models import load_causal_lm, teacher_dtype
 from pd_lightning.progress import ProgressBar
 
 STATS_FILE = "generation_stats.json"
+# Rows per head chunk on CPU: the groups `truncate_top_p_k` truncates in (and a GEMM height whose
+# per-row results equal the full-batch product's), so CPU stores are byte-identical to the dense path.
+CPU_CHUNK_ROWS = 64
+# On accelerators a chunk's fp32 [rows, V] logits take about this many bytes (2 such buffers live:
+# the logits, overwritten by the statistics, and one work buffer), in multiples of 64 rows, at most 4,096 rows.
+ACCEL_CHUNK_BYTES = 512 * 2**20
 
 
 def stats_path(store_dir: Path, rank: int) -> Path:
@@ -119,6 +137,177 @@ def check_teacher_matches_shards(teacher: Path, data_manifest: dict) -> tuple[st
     return tok_hash, vocab
 
 
+def chunk_rows_for(vocab: int, device: torch.device) -> int:
+    """Positions per head chunk: CPU_CHUNK_ROWS on CPU, else ~ACCEL_CHUNK_BYTES of fp32 logits (multiple of 64)."""
+    if device.type == "cpu":
+        return CPU_CHUNK_ROWS
+    return int(min(4096, max(64, ACCEL_CHUNK_BYTES // (4 * vocab) // 64 * 64)))
+
+
+class TeacherLogits:
+    """A teacher's next-token logits over its first `vocab` ids, one fp32 chunk of positions at a time.
+
+    mode "hidden" (every HF causal LM whose logits are `post(lm_head(base_model(ids)))`): the backbone
+    `model.base_model` runs to hidden states [N, H]; a chunk is `h @ W[:vocab]^T (+ b)` with an fp32
+    result, then the model's own post-processing when its config names one (Gemma-2's
+    `final_logit_softcapping`, Cohere's `logit_scale`, Granite's `logits_scaling`). fp32 teachers
+    multiply in fp32. 16-bit teachers on CUDA multiply their own bf16/fp16 W and h with fp32
+    accumulation and an fp32 result (`torch.mm(..., out_dtype=float32)`, torch >= 2.8): the logits are
+    never rounded to 16 bits; on an older torch the result is the teacher's dtype, upcast (what
+    autocast gave before). 16-bit teachers on CPU multiply an fp32 copy of W.
+    mode "logits" (the fallback, for a head this cannot reproduce, see `check`): the model's own
+    forward logits, in its dtype, read one chunk at a time (so [B, T, V] exists once, in the model's
+    dtype, never in fp32 or in the writer's queue).
+    """
+
+    def __init__(self, model: torch.nn.Module, vocab: int, device: torch.device, chunk_rows: int | None = None):
+        self.model, self.vocab, self.device = model, int(vocab), device
+        self.dtype = next(model.parameters()).dtype
+        self.chunk_rows = int(chunk_rows or chunk_rows_for(self.vocab, device))
+        self.mode, self.why_logits = "hidden", ""
+        head = model.get_output_embeddings()
+        backbone = getattr(model, "base_model", model)
+        weight = getattr(head, "weight", None)
+        if backbone is model or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            self.mode, self.why_logits = "logits", "its LM head is not a linear layer after a base model"
+        elif weight.shape[0] < self.vocab:
+            raise DataError(f"teacher LM head has {weight.shape[0]} rows, fewer than the tokenizer's {self.vocab} ids")
+        self.backbone, self.head = backbone, head
+        self._w = self._b = None
+        self._out_dtype = False  # CUDA 16-bit: torch.mm(h, W^T, out_dtype=float32)
+        if self.mode == "hidden":
+            w = weight.detach()[: self.vocab]
+            bias = getattr(head, "bias", None)
+            self._b = None if bias is None else bias.detach()[: self.vocab].float()
+            if device.type == "cuda" and w.dtype in (torch.bfloat16, torch.float16):
+                self._out_dtype = _mm_out_dtype_works(w)
+                self._w = w
+            else:
+                self._w = w if w.dtype == torch.float32 else w.float()
+        cfg = model.config
+        self.softcap = float(getattr(cfg, "final_logit_softcapping", None) or 0.0)
+        self.scale = float(getattr(cfg, "logit_scale", None) or 1.0)
+        self.divide = float(getattr(cfg, "logits_scaling", None) or 1.0)
+        self._buffers: list[torch.Tensor | None] = [None, None]
+
+    # -- rows ---------------------------------------------------------------------------------
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """What the chunks are computed from for ids [B, T]: hidden states [B·(T-1), H] ("hidden"), or the
+        model's logits [B, T, V_model] ("logits"); position t predicts token t+1, the last position is dropped."""
+        if self.mode == "logits":
+            return self.model(input_ids=ids, use_cache=False).logits
+        try:
+            out = self.backbone(input_ids=ids, use_cache=False)
+        except TypeError:  # a backbone without a cache argument
+            out = self.backbone(input_ids=ids)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return hidden[:, :-1].reshape(-1, hidden.shape[-1])
+
+    def num_positions(self, rows: torch.Tensor) -> int:
+        return rows.shape[0] if self.mode == "hidden" else rows.shape[0] * (rows.shape[1] - 1)
+
+    def _buffer(self, i: int) -> torch.Tensor:
+        """Reused buffers (fresh chunk-sized ones would page-fault on every chunk): 0 = [rows, V] fp32 logits,
+        1 = the [1, rows, V] work buffer of `truncate_chunk` (which overwrites the logits as its other one)."""
+        if self._buffers[i] is None:
+            shape = (self.chunk_rows, self.vocab) if i == 0 else (1, self.chunk_rows, self.vocab)
+            self._buffers[i] = torch.empty(shape, device=self.device)
+        return self._buffers[i]
+
+    def chunk(self, rows: torch.Tensor, start: int, n: int) -> torch.Tensor:
+        """fp32 logits [n, vocab] of positions [start, start + n) (a view of a reused buffer)."""
+        if self.mode == "logits":
+            t = rows.shape[1] - 1
+            pos = torch.arange(start, start + n, device=rows.device)
+            flat = rows.reshape(-1, rows.shape[-1])
+            z = self._buffer(0)[:n]
+            z.copy_(flat.index_select(0, pos // t * rows.shape[1] + pos % t)[:, : self.vocab])
+            return z
+        total = rows.shape[0]
+        lo = start
+        if self.device.type == "cpu" and n < CPU_CHUNK_ROWS <= total:
+            # a short tail as the last 64 rows: a GEMM this short would round differently from the full product
+            lo = start + n - CPU_CHUNK_ROWS
+        m = start + n - lo
+        h = rows[lo : start + n]
+        if self._w.dtype == torch.float32:
+            out = self._buffer(0)[:m]
+            h = h if h.dtype == torch.float32 else h.float()
+            if self._b is None:
+                torch.mm(h, self._w.t(), out=out)
+            else:  # F.linear's own kernel for a bias, so CPU rows equal the model's logits bit for bit
+                torch.addmm(self._b, h, self._w.t(), out=out)
+        else:
+            out = torch.mm(h, self._w.t(), out_dtype=torch.float32) if self._out_dtype else torch.mm(h, self._w.t()).float()
+            if self._b is not None:
+                out.add_(self._b)
+        z = out[m - n :]
+        if self.scale != 1.0:
+            z.mul_(self.scale)
+        if self.divide != 1.0:
+            z.div_(self.divide)
+        if self.softcap:
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
+        return z
+
+    # -- truncation ---------------------------------------------------------------------------
+
+    def sparse(self, ids: torch.Tensor, p: float, k: int, exponents: tuple[float, ...] = ()) -> SparseLogits:
+        """Top-p-k SparseLogits (on the teacher's device) of every predicting position of ids [B, T]."""
+        exponents = check_power_exponents(exponents)
+        kk = min(int(k), self.vocab)
+        work = self._buffer(1)
+        rows = self.rows(ids)
+        n_pos = self.num_positions(rows)
+        parts = []
+        for start in range(0, n_pos, self.chunk_rows):
+            n = min(self.chunk_rows, n_pos - start)
+            parts.append(truncate_chunk(self.chunk(rows, start, n), p, kk, work, exponents, z_scratch=True))
+        return parts[0] if len(parts) == 1 else SparseLogits.cat(parts)
+
+    def check(self, ids: torch.Tensor) -> float:
+        """Largest |chunked - model logits| / (1 + max |model logits|) on ids; falls back to mode "logits" when
+        the chunked head does not reproduce the model's own logits (an architecture with another head)."""
+        if self.mode == "logits":
+            return 0.0
+        ref = self.model(input_ids=ids, use_cache=False).logits[:, :-1, : self.vocab].float()
+        ref = ref.reshape(-1, self.vocab)
+        rows = self.rows(ids)
+        got = torch.cat([self.chunk(rows, s, min(self.chunk_rows, rows.shape[0] - s)).clone()
+                         for s in range(0, rows.shape[0], self.chunk_rows)])
+        err = float((got - ref).abs().max() / (1 + ref.abs().max()))
+        # fp32: rounding-level differences only; 16-bit: the model's logits are rounded to its dtype
+        tol = 1e-4 if self.dtype == torch.float32 else 2e-2
+        if not err <= tol:
+            self.mode = "logits"
+            self.why_logits = f"its head is not lm_head(base_model(ids)) (relative difference {err:.2g} on a probe)"
+            self._w = self._b = None
+        return err
+
+
+def _mm_out_dtype_works(w: torch.Tensor) -> bool:
+    """Whether this torch multiplies 16-bit CUDA matrices into an fp32 result (`mm(..., out_dtype=)`, torch >= 2.8)."""
+    try:
+        probe = torch.mm(torch.ones(1, w.shape[1], dtype=w.dtype, device=w.device), w[:2].t(), out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return probe.dtype == torch.float32
+
+
+def auto_encode_workers(device: torch.device) -> int:
+    """Encoder processes per rank for logits.encode_workers=null: 0 on CPU (the thread), else min(4, cores per
+    local rank - 2), at least 1."""
+    if device.type == "cpu":
+        return 0
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, min(4, cpus // local - 2))
+
+
 def generate_store(cfg: PDLConfig, *, quiet: bool = False) -> Path:
     """Generate (or resume, or reuse) the logit store `logits.store` from the teacher over `data.out`."""
     lg = cfg.logits
@@ -127,36 +316,52 @@ def generate_store(cfg: PDLConfig, *, quiet: bool = False) -> Path:
     if not teacher.is_dir():
         raise DataError(f"teacher dir {str(teacher)!r} does not exist; set teacher.path to an HF model dir or run "
                         "`pdl teacher train` first")
-    tok_hash, vocab = check_teacher_matches_shards(teacher, data_manifest)
+    tok_hash, _ = check_teacher_matches_shards(teacher, data_manifest)
+    # The tokenizer's ids are the distribution's support: rows of a padded model vocabulary past them are left out.
+    vocab = int(data_manifest["vocab_size"])
     shards = TokenShards(data_dir, "train")
     rank, world = _rank_and_world()
     created = not store_dir.exists()
-    writer = LogitStoreWriter(
-        store_dir, vocab_size=vocab, p=lg.store_p, k=lg.store_k, positions_per_sequence=shards.seq_len - 1,
+    settings = dict(
+        vocab_size=vocab, p=lg.store_p, k=lg.store_k, positions_per_sequence=shards.seq_len - 1,
         num_sequences=len(shards), sequences_per_shard=lg.sequences_per_shard, teacher=str(teacher.resolve()),
         teacher_config_hash=teacher_identity(teacher), tokenizer_hash=tok_hash, rank=rank, world_size=world,
-        power_exponents=power_exponents_for(lg),
+        power_exponents=power_exponents_for(lg), encoding=lg.encoding,
     )
+    writer = LogitStoreWriter(store_dir, **settings)
     if (store_dir / MANIFEST).is_file():
         if not quiet:
             print(f"logits: {store_dir} is complete ({len(shards):,} sequences); nothing to do")
         return store_dir
     pending = writer.pending_shards()
+    device = _device()
     try:
-        model = load_causal_lm(teacher, what="teacher.path")
+        model = load_causal_lm(teacher, dtype=teacher_dtype(teacher, cfg.teacher.dtype, device), what="teacher.path")
     except BaseException:
         if created:  # nothing is written yet: leave no empty store behind for an unusable teacher
             shutil.rmtree(store_dir, ignore_errors=True)
         raise
-    device = _device()
     model.to(device)
     params = sum(p.numel() for p in model.parameters())
     todo = sum(len(writer.shard_range(s)) for s in pending)
+    exponents = power_exponents_for(lg)
+    source = TeacherLogits(model, vocab, device)
+    workers = auto_encode_workers(device) if lg.encode_workers is None else int(lg.encode_workers)
+    if pending:
+        with torch.no_grad():  # one short probe: does lm_head(base_model(ids)) reproduce the model's logits?
+            first = writer.shard_range(pending[0]).start
+            source.check(torch.from_numpy(shards.batch([first])[:, :32]).to(device))
     if not quiet:
         done_before = len(writer.own_shards()) - len(pending)
-        print(f"logits: top-{lg.store_p}-{lg.store_k} of {teacher} ({params / 1e6:.1f}M params) over {todo:,} sequences "
-              f"into {store_dir} (rank {rank}/{world}, {done_before} shards already done, device {device})")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        rows = getattr(model.get_output_embeddings(), "weight", None)
+        padded = f", {rows.shape[0] - vocab:,} padded vocabulary rows left out" if rows is not None and rows.shape[0] > vocab else ""
+        print(f"logits: top-{lg.store_p}-{lg.store_k} of {teacher} ({params / 1e6:.1f}M params, "
+              f"{str(source.dtype).removeprefix('torch.')}{padded}) over {todo:,} sequences into {store_dir} "
+              f"(rank {rank}/{world}, {done_before} shards already done, device {device}, "
+              f"{workers or 'no'} encoder processes)")
+        if source.mode == "logits":
+            print(f"logits: {teacher}: {source.why_logits}; truncating its full logits chunk by chunk, which holds "
+                  f"[{lg.batch_size}, {shards.seq_len}, V] logits in {str(source.dtype).removeprefix('torch.')} per batch")
     stats_file = stats_path(store_dir, rank)
     earlier = _previous_seconds(stats_file)  # a resumed store: its earlier sessions' time counts too
     done_sequences = 0
@@ -173,16 +378,18 @@ def generate_store(cfg: PDLConfig, *, quiet: bool = False) -> Path:
             raise store_write_error(store_dir, e, f"writing {stats_file.name}") from None
 
     started = time.perf_counter()
-    with ProgressBar(todo * shards.seq_len, "tokens", "logits generate") as bar, AsyncShardWriter(writer) as async_writer:
+    with ProgressBar(todo * shards.seq_len, "tokens", "logits generate") as bar, \
+            AsyncShardWriter(writer, encode_workers=workers, make_writer=functools.partial(
+                LogitStoreWriter, store_dir, **settings, verify_existing=False)) as async_writer:
         for s in pending:
             rng = writer.shard_range(s)
             for first in range(rng.start, rng.stop, lg.batch_size):
                 last = min(first + lg.batch_size, rng.stop)
                 ids = torch.from_numpy(shards.batch(range(first, last))).to(device)
-                with torch.no_grad(), autocast:
-                    logits = model(input_ids=ids).logits[:, :-1]
-                # fp32 for truncation: top-p on bf16 probabilities would move the cut by whole entries.
-                async_writer.submit(first, logits.float().reshape(-1, logits.size(-1)))
+                with torch.no_grad():
+                    # backbone -> per-chunk fp32 head, statistics and top-p-k on the device: no [B·T, V] tensor
+                    sparse = source.sparse(ids, lg.store_p, lg.store_k, exponents)
+                async_writer.submit(first, sparse)
                 bar.advance((last - first) * shards.seq_len)
                 done_sequences += last - first
             record_stats()  # per shard, so a killed session still leaves its time on record

@@ -136,7 +136,7 @@ def _prefix_counts(logprobs: Tensor, p: float) -> Tensor:
 
 
 def _full_stats(
-    z: Tensor, top1: Tensor, top1_idx: Tensor, work: Tensor, exponents: tuple[float, ...] = ()
+    z: Tensor, top1: Tensor, top1_idx: Tensor, work: Tensor, exponents: tuple[float, ...] = (), z_scratch: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(log s, entropy, population std, log power sums) of each row of logits z [n, V].
 
@@ -148,10 +148,11 @@ def _full_stats(
            where the one-pass E[d²] - E[d]² of d = z - max cancelled ~|max - mean|² against itself)
       log Σ_v q_v^a = log1p(Σ_{v ≠ argmax} exp(a·d_v)) - a·log s   for each exponent a (WTTM's U)
     `work` is a reused [2, >= n, V] buffer: fresh chunk-sized temporaries would page-fault on every
-    chunk, which costs more than the arithmetic on CPU.
+    chunk, which costs more than the arithmetic on CPU. `z_scratch`: z may be overwritten (it then
+    holds d, the same values computed in place), and `work` needs only [1, >= n, V].
     """
     n, vocab = z.shape
-    d, e = work[0, :n], work[1, :n]
+    d, e = (z if z_scratch else work[0, :n]), work[-1, :n]
     rows = torch.arange(n, device=z.device)
     col = top1_idx[:, 0]
     masked = not bool(torch.isfinite(top1).all()) or bool((z.amin(-1) == -math.inf).any())
@@ -219,17 +220,29 @@ def truncate_top_p_k(
     parts = []
     work = torch.empty(2, min(chunk_tokens, max(z_all.shape[0], 1)), vocab, device=logits.device)
     for start in range(0, max(z_all.shape[0], 1), chunk_tokens):
-        z = z_all[start : start + chunk_tokens].float()
-        top, idx = torch.topk(z, kk, dim=-1, largest=True, sorted=True)
-        log_s, entropy, std, sums = _full_stats(z, top[:, :1], idx[:, :1], work, exponents)
-        # the difference of two float32 numbers is exact in float64: the top-1 keeps its -log s
-        lp = ((top.double() - top[:, :1].double()) - log_s.double()[:, None]).float()
-        counts = _prefix_counts(lp, p)
-        keep = torch.arange(kk, device=z.device)[None, :] < counts[:, None]
-        lp = torch.where(keep, lp, torch.full_like(lp, -math.inf))
-        idx = torch.where(keep, idx, torch.zeros_like(idx))
-        parts.append(SparseLogits(idx.long(), lp, counts.long(), entropy, std, sums, exponents))
+        parts.append(truncate_chunk(z_all[start : start + chunk_tokens].float(), p, kk, work, exponents))
     return parts[0] if len(parts) == 1 else SparseLogits.cat(parts)
+
+
+def truncate_chunk(z: Tensor, p: float, kk: int, work: Tensor, exponents: tuple[float, ...] = (),
+                   z_scratch: bool = False) -> SparseLogits:
+    """One chunk of `truncate_top_p_k`: fp32 logits z [n, V] -> SparseLogits of width kk = min(k, V).
+
+    `work` is a reused [2, >= n, V] fp32 buffer on z's device ([1, >= n, V] with `z_scratch`, which
+    lets the statistics overwrite z: same results, one buffer less); p, kk and the (checked, ascending)
+    exponents are taken as given. Rows are independent except that a chunk holding a -inf logit
+    takes the masked statistics path as a whole, so callers that must match `truncate_top_p_k`
+    bit for bit group rows the same way (chunks of `chunk_tokens` from the first row).
+    """
+    top, idx = torch.topk(z, kk, dim=-1, largest=True, sorted=True)
+    log_s, entropy, std, sums = _full_stats(z, top[:, :1], idx[:, :1], work, exponents, z_scratch)
+    # the difference of two float32 numbers is exact in float64: the top-1 keeps its -log s
+    lp = ((top.double() - top[:, :1].double()) - log_s.double()[:, None]).float()
+    counts = _prefix_counts(lp, p)
+    keep = torch.arange(kk, device=z.device)[None, :] < counts[:, None]
+    lp = torch.where(keep, lp, torch.full_like(lp, -math.inf))
+    idx = torch.where(keep, idx, torch.zeros_like(idx))
+    return SparseLogits(idx.long(), lp, counts.long(), entropy, std, sums, exponents)
 
 
 def narrow(sparse: SparseLogits, p: float, k: int, store_p: float = 1.0, store_k: int | None = None) -> SparseLogits:

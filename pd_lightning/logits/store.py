@@ -18,7 +18,9 @@ Shard binary (little-endian; sections 8-byte aligned, offsets from the file star
     sections named in header["sections"] = {name: [offset, nbytes]}, in this order:
       counts [S·P] uint8 (uint16 if k >= 256), params [S·P] uint8 (egsqrt), mass [S·P] uint16 (egsqrt),
       stats [S·P, 2 + G] float16 (G = len(power_exponents)), chunks [S·C + 1] uint64 byte offsets into payload, payload uint8
-    The file ends exactly at the end of payload. Bit layout of the payload: see `codec`.
+    ctxans (the default) instead: model uint8 (the shard's fitted context model), seq_entries [S] uint32,
+      chunks [S·2 + 1] uint64, payload uint8; its per-token columns are entropy-coded in the payload.
+    The file ends exactly at the end of payload. Bit layout of the payload: see `codec` (and `ctxans`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 
 from pd_lightning.errors import ConfigError, DataError, choice_error
-from pd_lightning.logits import codec
+from pd_lightning.logits import codec, ctxans
 from pd_lightning.logits.processing import SparseLogits, check_power_exponents, truncate_top_p_k
 
 FORMAT = "pd-lightning-logit-store"
@@ -125,7 +127,7 @@ def store_write_error(store: str | Path, exc: OSError, doing: str, rerun: str = 
 
 def _encoding_info(encoding: str, value_step: float, vocab_size: int) -> dict[str, Any]:
     info: dict[str, Any] = {"name": encoding, "version": codec.ENCODING_VERSION, "index_bits": codec.index_bits(vocab_size)}
-    if encoding == "egsqrt":
+    if encoding in ("egsqrt", "ctxans"):
         info["value_step"] = value_step
     else:
         info["value_scale"] = codec.FIXED_VALUE_SCALE
@@ -174,7 +176,7 @@ class LogitStoreWriter:
             raise ConfigError(f"logits.p={p!r} is out of range; expected 0 < p <= 1")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank={rank!r} is out of range; expected 0 <= rank < {world_size}")
-        if encoding == "egsqrt" and not 2.0**-16 <= value_step <= 0.25:
+        if encoding in ("egsqrt", "ctxans") and not 2.0**-16 <= value_step <= 0.25:
             raise ConfigError(f"logits.value_step={value_step!r} is out of range; expected 2^-16 <= value_step <= 0.25")
         self.path = Path(path)
         self.vocab_size, self.p, self.k = int(vocab_size), float(p), int(k)
@@ -292,17 +294,24 @@ class LogitStoreWriter:
             seq = stop
         return done
 
-    def _write_shard(self, index: int, parts: list[codec.EncodedBatch]) -> None:
+    def _write_shard(self, index: int, parts: list) -> None:
         rng = self.shard_range(index)
-        cols = {"counts": np.concatenate([e.counts for e in parts])}
+        if self.encoding == "ctxans":  # the model is fitted to the whole shard, then each sequence is coded
+            enc = ctxans.encode_shard(ctxans.Symbols.cat(parts), self.positions, self.vocab_size, self.k, self.value_step)
+            cols = {"model": enc.model, "seq_entries": enc.seq_entries.astype("<u4"),
+                    "chunks": codec._excl_cumsum(enc.chunk_sizes.astype(np.int64)).astype("<u8"), "payload": enc.payload}
+            parts = [enc]
+        else:
+            cols = {"counts": np.concatenate([e.counts for e in parts])}
         if self.encoding == "egsqrt":
             cols["params"] = np.concatenate([e.params for e in parts])
             cols["mass"] = np.concatenate([e.mass for e in parts]).astype("<u2")
-        cols["stats"] = np.concatenate([e.stats for e in parts]).astype("<f2")
-        cols["chunks"] = codec._excl_cumsum(np.concatenate([e.chunk_sizes for e in parts]).astype(np.int64)).astype("<u8")
-        cols["payload"] = np.concatenate([e.payload for e in parts])
-        if cols["counts"].dtype == np.uint16:
-            cols["counts"] = cols["counts"].astype("<u2")
+        if self.encoding != "ctxans":
+            cols["stats"] = np.concatenate([e.stats for e in parts]).astype("<f2")
+            cols["chunks"] = codec._excl_cumsum(np.concatenate([e.chunk_sizes for e in parts]).astype(np.int64)).astype("<u8")
+            cols["payload"] = np.concatenate([e.payload for e in parts])
+            if cols["counts"].dtype == np.uint16:
+                cols["counts"] = cols["counts"].astype("<u2")
         n_entries = int(sum(e.num_entries for e in parts))
         header: dict[str, Any] = {
             "format": FORMAT, "version": FORMAT_VERSION, "shard_index": index, "first_sequence": rng.start,
@@ -415,37 +424,148 @@ def _load_json(path: Path, what: str) -> dict[str, Any]:
 
 
 class AsyncShardWriter:
-    """Runs truncate + encode + write on a background thread, overlapping the next teacher forward.
+    """Runs (truncate +) encode + write off the caller's thread, overlapping the next teacher forward.
 
-    `submit(first_sequence, logits)` takes dense logits [B, P, V] (truncated to the writer's top-p-k
-    in the background) or ready SparseLogits; at most `max_pending` batches wait, so memory stays
-    bounded. Errors from the thread are raised by the next submit() or close(); after one, the thread
-    writes nothing more (finished shards stay, the failed one is left to the resume). With a GPU teacher
-    at V ≈ 150k, dense [B, P, V] batches are large: truncate on the GPU in the forward's thread
-    (`truncate_top_p_k` is cheap there) and submit the SparseLogits, leaving encode + write here.
+    `submit(first_sequence, data)` takes ready SparseLogits on any device (what generation hands over:
+    it never builds dense logits) or dense logits [B·P, V], truncated to the writer's top-p-k here (the
+    online store does this). At most `max_pending` batches wait, so memory stays bounded.
+
+    encode_workers = 0: the background thread encodes and writes (one core, sharing the GIL with the
+    caller). encode_workers = n > 0: n encoder processes (spawned, so safe beside CUDA), each with its
+    own writer from `make_writer` (a picklable factory of a writer with this one's settings, e.g.
+    `functools.partial(LogitStoreWriter, **kwargs)`), write whole shards: the batches of this rank's
+    j-th pending shard go to process j mod n, so while one process fits and codes a finished shard the
+    next shard's batches go to another and n shards are coded at once. Every byte comes from the same
+    writer code, so the store is byte-identical to the thread's. A batch must lie within one shard
+    (generation's batches do); a process holds at most `max_pending` batches in its queue.
+
+    Errors from the thread or a process are raised by the next submit(), flush() or close(); after one,
+    nothing more is written (finished shards stay, the failed one is left to the resume).
     """
 
-    def __init__(self, writer: LogitStoreWriter, max_pending: int = 2):
+    def __init__(self, writer: LogitStoreWriter, max_pending: int = 2, encode_workers: int = 0,
+                 make_writer=None):
         self.writer = writer
         self._q: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._failed = False  # set with the first error; stays set after the error is raised
+        self._procs: list = []  # (process, its input queue)
+        self._outstanding = 0  # batches handed to processes and not yet acknowledged
+        if encode_workers > 0:
+            if make_writer is None:
+                raise ValueError("encode_workers > 0 needs make_writer, a picklable factory of this store's writer")
+            self._start_processes(int(encode_workers), make_writer, max_pending)
         self._thread = threading.Thread(target=self._run, name="logit-store-writer", daemon=True)
         self._thread.start()
 
+    # -- encoder processes ----------------------------------------------------------------------
+
+    def _start_processes(self, n: int, make_writer, max_pending: int) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._acks = ctx.Queue()
+        try:
+            for i in range(n):
+                q = ctx.Queue(maxsize=max(1, max_pending))
+                proc = ctx.Process(target=_encoder_process, args=(make_writer, q, self._acks, i), daemon=True,
+                                   name=f"logit-store-encoder-{i}")
+                proc.start()
+                self._procs.append((proc, q))
+            # Every process opens its writer (a resume scan that deletes stray .tmp files) before any shard is written.
+            for _ in range(n):
+                _, _, err = self._ack()
+                if err is not None:
+                    raise err
+        except BaseException:
+            self._stop_processes()
+            raise
+
+    def _ack(self) -> tuple:
+        """The next acknowledgement (worker, first sequence or "ready", error or None); a dead process is an error."""
+        while True:
+            try:
+                wid, what, err = self._acks.get(timeout=1.0)
+                return wid, what, _rebuilt(err)
+            except queue.Empty:
+                dead = [p for p, _ in self._procs if not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"logit store encoder process {dead[0].name} died (exit code {dead[0].exitcode}); "
+                                       f"{GENERATION_RERUN} when the same command runs again")
+
+    def _take_ack(self) -> None:
+        _, _, err = self._ack()
+        self._outstanding -= 1
+        if err is not None and not self._failed:
+            self._error, self._failed = err, True
+
+    def _send(self, first: int, data: SparseLogits) -> None:
+        n_seq = len(data) // self.writer.positions
+        shard = first // self.writer.sequences_per_shard
+        if (first + max(n_seq, 1) - 1) // self.writer.sequences_per_shard != shard:
+            raise ValueError(f"sequences [{first}, {first + n_seq}) span two shards; with encoder processes a batch "
+                             "must lie within one shard")
+        proc, q = self._procs[(shard // self.writer.world_size) % len(self._procs)]
+        item = (first, _sparse_arrays(data))
+        while True:
+            try:
+                q.put(item, timeout=1.0)
+                break
+            except queue.Full:
+                while self._outstanding and not self._acks.empty():
+                    self._take_ack()
+                if not proc.is_alive():
+                    raise RuntimeError(f"logit store encoder process {proc.name} died (exit code {proc.exitcode}); "
+                                       f"{GENERATION_RERUN} when the same command runs again")
+        self._outstanding += 1
+        while self._outstanding and not self._acks.empty():
+            self._take_ack()
+
+    def _stop_processes(self) -> None:
+        for _, q in self._procs:
+            try:
+                q.put(None, timeout=5.0)
+            except (queue.Full, ValueError, OSError):
+                pass
+        for proc, q in self._procs:
+            proc.join(timeout=60.0)
+            if proc.is_alive():  # a write cut short leaves only a .tmp, which a resume deletes
+                proc.terminate()
+                proc.join()
+            q.close()
+        self._procs = []
+
+    # -- the thread -----------------------------------------------------------------------------
+
     def _run(self) -> None:
-        while (item := self._q.get()) is not None:
-            if not self._failed:
-                try:
-                    first, data = item
-                    if not isinstance(data, SparseLogits):
-                        data = truncate_top_p_k(data.detach(), self.writer.p, self.writer.k,
-                                                power_exponents=self.writer.power_exponents)
-                    self.writer.write_sequences(first, data.to("cpu"))
-                except BaseException as e:  # handed to the caller's thread
-                    self._error, self._failed = e, True
-            self._q.task_done()
-        self._q.task_done()
+        while True:
+            item = self._q.get()
+            try:
+                if item is None or item is _FLUSH:
+                    while self._procs and self._outstanding:
+                        self._take_ack()  # every batch handed out is on disk (or failed)
+                    if item is None:
+                        return
+                    continue
+                if self._failed:
+                    continue
+                first, data = item
+                if not isinstance(data, SparseLogits):
+                    data = truncate_top_p_k(data.detach(), self.writer.p, self.writer.k,
+                                            power_exponents=self.writer.power_exponents)
+                data = data.to("cpu")
+                if self._procs:
+                    self._send(first, data)
+                else:
+                    self.writer.write_sequences(first, data)
+            except BaseException as e:  # handed to the caller's thread
+                if not self._failed:
+                    self._error = e
+                self._failed = True
+                if item is None:
+                    return
+            finally:
+                self._q.task_done()
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -459,11 +579,13 @@ class AsyncShardWriter:
 
     def flush(self) -> None:
         """Wait until every submitted batch is written."""
-        self._q.join()
+        if self._thread.is_alive():
+            self._q.put(_FLUSH)
+            self._q.join()
         self._raise()
 
     def close(self) -> None:
-        """Flush, stop the thread, re-raise any background error."""
+        """Flush, stop the thread (and the encoder processes), re-raise any background error."""
         self._stop()
         self._raise()
 
@@ -471,6 +593,8 @@ class AsyncShardWriter:
         if self._thread.is_alive():
             self._q.put(None)
             self._thread.join()
+        if self._procs:
+            self._stop_processes()
 
     def __enter__(self) -> "AsyncShardWriter":
         return self
@@ -482,6 +606,71 @@ class AsyncShardWriter:
             self._failed = True
             self._stop()
             self._error = None
+
+
+_FLUSH = object()  # a queue item: wait for the encoder processes
+
+
+def _sparse_arrays(s: SparseLogits) -> tuple:
+    """CPU SparseLogits as compact numpy arrays for an encoder process (columns cut to the widest row, int32 ids)."""
+    width = max(int(s.counts.max()), 1) if len(s) else 1
+    sums = None if s.log_power_sums is None else s.log_power_sums.numpy()
+    return (s.indices[:, :width].to(torch.int32).numpy(), s.logprobs[:, :width].numpy(), s.counts.numpy(),
+            s.entropy.numpy(), s.logit_std.numpy(), sums, tuple(s.power_exponents))
+
+
+def _sparse_from_arrays(arrays: tuple) -> SparseLogits:
+    idx, lp, counts, entropy, std, sums, exps = arrays
+    return SparseLogits(torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(lp), torch.from_numpy(counts),
+                        torch.from_numpy(entropy), torch.from_numpy(std),
+                        None if sums is None else torch.from_numpy(sums), exps)
+
+
+def _portable(exc: BaseException) -> tuple[str, str]:
+    """An exception as (kind, one-line message) for the way back to the parent (no pickled objects)."""
+    kind = next((c.__name__ for c in (DataError, ConfigError) if isinstance(exc, c)), "RuntimeError")
+    message = str(exc) if kind != "RuntimeError" else f"{type(exc).__name__}: {exc}"
+    return kind, message
+
+
+def _rebuilt(err: tuple[str, str] | None) -> BaseException | None:
+    """The parent's exception for a `_portable` error: the same one-line DataError / ConfigError, else RuntimeError."""
+    if err is None:
+        return None
+    kind, message = err
+    return {"DataError": DataError, "ConfigError": ConfigError}.get(kind, RuntimeError)(message)
+
+
+def _encoder_process(make_writer, inq, acks, wid: int) -> None:
+    """An encoder process: build the writer, then write the batches it is sent; one acknowledgement per batch."""
+    import multiprocessing
+
+    torch.set_num_threads(1)  # numpy does the work; one process per core
+    try:
+        writer = make_writer()
+    except BaseException as e:
+        acks.put((wid, "ready", _portable(e)))
+        return
+    acks.put((wid, "ready", None))
+    parent = multiprocessing.parent_process()
+    failed = False
+    while True:
+        try:
+            item = inq.get(timeout=2.0)
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                return  # the generation was killed: nothing to write for
+            continue
+        if item is None:
+            return
+        first, arrays = item
+        err = None
+        if not failed:
+            try:
+                writer.write_sequences(first, _sparse_from_arrays(arrays))
+            except BaseException as e:  # e.g. a full disk: the one-line DataError goes back to the parent
+                err, failed = _portable(e), True
+        acks.put((wid, first, err))
 
 
 # ----------------------------------------------------------------------------- reader
@@ -556,8 +745,8 @@ class _Shard:
         c = codec.chunks_per_sequence(enc)
         n_stats = 2 + len(manifest.get("power_exponents", []))
         shapes = {"counts": (n_tok,), "params": (n_tok,), "mass": (n_tok,), "stats": (n_tok, n_stats),
-                  "chunks": (h["num_sequences"] * c + 1,), "payload": (-1,)}
-        names = ["counts", "params", "mass", "stats", "chunks", "payload"] if enc == "egsqrt" else ["counts", "stats", "chunks", "payload"]
+                  "chunks": (h["num_sequences"] * c + 1,), "payload": (-1,), "model": (-1,), "seq_entries": (h["num_sequences"],)}
+        names = codec.sections(enc)
         views = {}
         end = 0
         for name in names:
@@ -585,10 +774,22 @@ class _Shard:
         self.encoding = enc
         self.value_step = float(h["encoding"].get("value_step", 0.0))
         self._mm = mm
+        if enc == "ctxans":
+            if int(views["seq_entries"].astype(np.int64).sum()) != h["num_entries"]:
+                raise bad("per-sequence entry counts do not sum to the header's num_entries")
+            try:
+                self.model = ctxans.ShardModel.from_bytes(views["model"], ctxans.model_layout(
+                    manifest["k"], manifest["vocab_size"], self.value_step, n_stats))
+            except (codec.CorruptChunk, ValueError) as e:
+                raise bad(str(e)) from None
 
     def decode(self, local: np.ndarray, manifest: dict[str, Any]) -> tuple[np.ndarray, ...]:
         v = self.views
         try:
+            if self.encoding == "ctxans":
+                return ctxans.decode_arrays(self.model, v["seq_entries"], v["chunks"], v["payload"], local,
+                                            manifest["positions_per_sequence"], manifest["vocab_size"], manifest["k"],
+                                            self.value_step)
             return codec.decode_arrays(v["counts"], v.get("params"), v.get("mass"), v["stats"], v["chunks"], v["payload"], local,
                                 manifest["positions_per_sequence"], manifest["vocab_size"], manifest["k"],
                                 self.encoding, self.value_step)
@@ -739,8 +940,14 @@ def verify_store(path: str | Path, deep: bool = False) -> dict[str, Any]:
         if file_checksum(store.path / e["file"]) != e["checksum"]:
             raise DataError(f"logit store shard {e['file']}: checksum mismatch (corrupt or modified); regenerate this shard")
         shard = store._shard(s)
-        cnt = shard.views["counts"].astype(np.int64)
-        if cnt.min() < 1 or cnt.max() > store.k or int(cnt.sum()) != e["num_entries"]:
+        if shard.encoding == "ctxans":  # counts live in the entropy-coded payload: the per-sequence totals must agree
+            cnt = shard.views["seq_entries"].astype(np.int64)
+            bad = (int(cnt.sum()) != e["num_entries"] or cnt.min() < store.positions_per_sequence
+                   or cnt.max() > store.k * store.positions_per_sequence)
+        else:
+            cnt = shard.views["counts"].astype(np.int64)
+            bad = cnt.min() < 1 or cnt.max() > store.k or int(cnt.sum()) != e["num_entries"]
+        if bad:
             raise DataError(f"logit store shard {e['file']}: kept-entry counts are out of range or do not sum to {e['num_entries']}")
         if deep:
             for a in range(0, e["num_sequences"], 64):
