@@ -419,8 +419,14 @@ class OnlineLogitWriter(pl.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step - 1  # the optimizer step of this batch has been taken
         if module.capture_logits and module.captured_logits is not None:
-            logits = module.captured_logits.float()
-            self.async_writer.submit((step - self.start_step) * self.batch_size, logits.reshape(-1, logits.size(-1)))
+            logits = module.captured_logits
+            logits = logits.reshape(-1, logits.size(-1))
+            if logits.device.type != "cpu":  # cut on the GPU chunk by chunk: no fp32 copy of [B·T, V] queued
+                w = self.async_writer.writer
+                data = truncate_top_p_k(logits, w.p, w.k, power_exponents=w.power_exponents)
+            else:  # on CPU the writer thread truncates, overlapping the next step
+                data = logits.float()
+            self.async_writer.submit((step - self.start_step) * self.batch_size, data)
             module.captured_logits = None
 
     def on_train_end(self, trainer, module) -> None:

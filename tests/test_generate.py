@@ -367,3 +367,16 @@ def test_bench_gpu_runs_end_to_end_in_cpu_smoke_mode():
     gen = out["generation"]
     assert gen["head_mode"] == "hidden" and gen["tokens_per_s"] > 0 and gen["entries_per_token"] >= 1
     assert out["train_pd"]["step_s"] > 0 and out["train_lm"]["tokens_per_s"] > 0 and out["pd_vs_lm_step_time"] > 0
+
+
+def test_truncate_chunk_overwriting_its_logits_gives_the_same_entries_also_with_masked_rows():
+    from pd_lightning.logits.processing import truncate_chunk
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 300, generator=g) * 3
+    for masked in (False, True):
+        if masked:
+            z[:, 250:] = -math.inf  # -inf logits take the masked statistics path
+        ref = truncate_chunk(z, 0.95, 100, torch.empty(2, 64, 300), (0.5,))
+        got = truncate_chunk(z.clone(), 0.95, 100, torch.empty(1, 64, 300), (0.5,), z_scratch=True)
+        assert same_sparse(got, ref)

@@ -196,11 +196,8 @@ class TeacherLogits:
         """What the chunks are computed from for ids [B, T]: hidden states [B·(T-1), H] ("hidden"), or the
         model's logits [B, T, V_model] ("logits"); position t predicts token t+1, the last position is dropped."""
         if self.mode == "logits":
-            return self.model(input_ids=ids, use_cache=False).logits
-        try:
-            out = self.backbone(input_ids=ids, use_cache=False)
-        except TypeError:  # a backbone without a cache argument
-            out = self.backbone(input_ids=ids)
+            return _no_cache(self.model, ids).logits
+        out = _no_cache(self.backbone, ids)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return hidden[:, :-1].reshape(-1, hidden.shape[-1])
 
@@ -271,7 +268,7 @@ class TeacherLogits:
         the chunked head does not reproduce the model's own logits (an architecture with another head)."""
         if self.mode == "logits":
             return 0.0
-        ref = self.model(input_ids=ids, use_cache=False).logits[:, :-1, : self.vocab].float()
+        ref = _no_cache(self.model, ids).logits[:, :-1, : self.vocab].float()
         ref = ref.reshape(-1, self.vocab)
         rows = self.rows(ids)
         got = torch.cat([self.chunk(rows, s, min(self.chunk_rows, rows.shape[0] - s)).clone()
@@ -284,6 +281,14 @@ class TeacherLogits:
             self.why_logits = f"its head is not lm_head(base_model(ids)) (relative difference {err:.2g} on a probe)"
             self._w = self._b = None
         return err
+
+
+def _no_cache(module: torch.nn.Module, ids: torch.Tensor):
+    """module(input_ids=ids) without building a KV cache (nothing is decoded after), for modules that take the flag."""
+    try:
+        return module(input_ids=ids, use_cache=False)
+    except TypeError:  # a forward without a cache argument
+        return module(input_ids=ids)
 
 
 def _mm_out_dtype_works(w: torch.Tensor) -> bool:

@@ -661,8 +661,8 @@ def _encoder_process(make_writer, inq, acks, wid: int) -> None:
             if parent is not None and not parent.is_alive():
                 return  # the generation was killed: nothing to write for
             continue
-        if item is None:
-            return
+        if item is None or (parent is not None and not parent.is_alive()):
+            return  # stopped, or the generation was killed: a batch of a dead run is not written
         first, arrays = item
         err = None
         if not failed:
