@@ -18,7 +18,7 @@ Shard binary (little-endian; sections 8-byte aligned, offsets from the file star
     sections named in header["sections"] = {name: [offset, nbytes]}, in this order:
       counts [S·P] uint8 (uint16 if k >= 256), params [S·P] uint8 (egsqrt), mass [S·P] uint16 (egsqrt),
       stats [S·P, 2 + G] float16 (G = len(power_exponents)), chunks [S·C + 1] uint64 byte offsets into payload, payload uint8
-    ctxans (the default) instead: model uint8 (the shard's fitted context model), seq_entries [S] uint32,
+    ctxans (logits.encoding=ctxans) instead: model uint8 (the shard's fitted context model), seq_entries [S] uint32,
       chunks [S·2 + 1] uint64, payload uint8; its per-token columns are entropy-coded in the payload.
     The file ends exactly at the end of payload. Bit layout of the payload: see `codec` (and `ctxans`).
 """
