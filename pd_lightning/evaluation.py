@@ -209,12 +209,8 @@ def trained_seq_len(model_dir: str | Path) -> int | None:
 
     An info file may carry `seq_len` itself or name its prepared `data` dir, whose manifest has it.
     """
-    for name in MODEL_INFO_FILES:
-        path = Path(model_dir) / name
-        if not path.is_file():
-            continue
+    for info in _export_infos(model_dir):
         try:
-            info = json.loads(path.read_text(encoding="utf-8"))
             if info.get("seq_len"):
                 return int(info["seq_len"])
             if info.get("data"):
@@ -223,6 +219,20 @@ def trained_seq_len(model_dir: str | Path) -> int | None:
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             continue  # a moved data dir or an older info file: fall back to the model's own limit
     return None
+
+
+def _export_infos(model_dir: str | Path):
+    """The readable info files (`MODEL_INFO_FILES`, in order) of an export, parsed; unreadable ones are skipped."""
+    for name in MODEL_INFO_FILES:
+        path = Path(model_dir) / name
+        if not path.is_file():
+            continue
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(info, dict):
+            yield info
 
 
 def _check_model_dir(model_dir: Path) -> None:
@@ -418,14 +428,7 @@ def heldout_defaults(model_dir: str | Path) -> tuple[Path | None, Path | None]:
     shards; the teacher is the run's `heldout_teacher` (what `pdl train` measured against), else its
     store's `teacher`, when that is an HF dir here.
     """
-    for name in MODEL_INFO_FILES:
-        path = Path(model_dir) / name
-        if not path.is_file():
-            continue
-        try:
-            info = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
+    for info in _export_infos(model_dir):
         data = info.get("data")
         data = Path(data) if data and (Path(data) / "manifest.json").is_file() else None
         teacher = next((Path(t) for t in (info.get("heldout_teacher"), info.get("teacher"))
