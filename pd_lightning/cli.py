@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import textwrap
 
-from pd_lightning import __version__
+from pd_lightning import __version__, logs
 from pd_lightning.errors import UserError
 
 CONFIG_HELP = (
@@ -427,24 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    """Our own progress lines are enough; silence per-file bars and tips from the libraries we call."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `pdl` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries()
+    logs.quiet_libraries()
+    logs.setup(logging.WARNING if getattr(args, "json", False) else logging.INFO)
     try:
         args.func(args)
     except UserError as exc:

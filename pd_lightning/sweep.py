@@ -1419,9 +1419,10 @@ def _worker_main(argv: list[str]) -> int:
         import torch
 
         torch.set_num_threads(int(threads))
-    from pd_lightning.cli import _quiet_libraries
+    from pd_lightning import logs
 
-    _quiet_libraries()
+    logs.quiet_libraries()
+    logs.setup()
     spec = load_sweep(args.sweep, args.scale)
     place = Place(Path(args.out), Path(args.cache), args.storage)
     share = None
