@@ -3,15 +3,25 @@
 A config file is YAML with the sections below. It may start with `defaults: [other.yaml, ...]`
 (paths relative to the file, or names of the packaged configs in `pd_lightning/configs/`), merged
 first in order, then the file itself, then `key=value` overrides from the command line.
-Every value is type-checked by OmegaConf against the dataclasses and range-checked by `validate`
-before any compute starts; errors are one line naming the field, the value and what is allowed.
+Every value is type-checked by OmegaConf against the dataclasses and checked by `validate` before
+any compute starts; errors are one line naming the field, the value and what is allowed.
+
+Each field's allowed values are declared once, next to the field: `choice(default, NAMES)` or
+`ranged(default, Range(...))`. The name tuples live here, and the modules that implement them
+(losses, schedules, logits.processing, logits.codec, cost) import them from here, so this module
+needs no torch: `pdl config show` and anything that only reads configs stay light. `check_field`
+applies one field's declaration to a library function's argument (same one-line error); `validate`
+applies all of them, then the rules that tie several fields together.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
+import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -20,50 +30,182 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from pd_lightning.cost import BUDGET_KINDS
 from pd_lightning.errors import ConfigError, choice_error, did_you_mean
-from pd_lightning.logits.processing import METHODS as TEMPERATURE_METHODS
-from pd_lightning.logits.codec import ENCODINGS as STORE_ENCODINGS
-from pd_lightning.logits.processing import WTTM_WEIGHTS, check_power_exponents
-from pd_lightning.losses import LOSS_KINDS, NORMKD_STUDENT_TAU
-from pd_lightning.schedules import ALPHA_SCHEDULES, DECAY_SHAPES, LR_SCHEDULES, WSD_ALPHA_SCHEDULES
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
-# Names the config accepts come from the modules that implement them.
+
+# ----------------------------------------------------------------------------- field declarations
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A value that must be one of a fixed set of names."""
+
+    allowed: tuple[str, ...]
+
+    def __call__(self, name: str, value: Any) -> None:
+        if value not in self.allowed:
+            raise choice_error(name, value, self.allowed)
+
+
+@dataclass(frozen=True)
+class Range:
+    """A finite number (an integer if `integer`) in an interval; open ends are excluded.
+
+    The error says "allowed: " + `text`, or the interval in words ("an integer >= 1", "(0, 1]",
+    "a number > 0"), then `why` in parentheses.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    why: str = ""
+    text: str = ""
+
+    def holds(self, value: Any) -> bool:
+        """Whether `value` is a number of the right kind inside the interval."""
+        if not isinstance(value, numbers.Integral if self.integer else numbers.Real):
+            return False
+        if not isinstance(value, numbers.Integral) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        """The allowed values in words, as the error message shows them."""
+        if self.text:
+            words = self.text
+        elif self.high is not None:
+            interval = f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            words = f"an integer in {interval}" if self.integer else interval
+        else:
+            words = f"{'an integer' if self.integer else 'a number'} {'>' if self.low_open else '>='} {self.low:g}"
+        return f"{words} ({self.why})" if self.why else words
+
+    def __call__(self, name: str, value: Any) -> None:
+        if not self.holds(value):
+            raise ConfigError(f"{name}={value!r} is out of range; allowed: {self.describe()}")
+
+
+@dataclass(frozen=True)
+class NonEmpty:
+    """A string that is not blank; `text` says what it may name."""
+
+    text: str
+
+    def __call__(self, name: str, value: Any) -> None:
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{name}={value!r} is out of range; allowed: {self.text}")
+
+
+POSITIVE_INT = Range(1, integer=True)
+NON_NEGATIVE_INT = Range(0, integer=True)
+FRACTION = Range(0, 1)  # [0, 1]
+OPEN_FRACTION = Range(0, 1, low_open=True)  # (0, 1]
+BELOW_ONE = Range(0, 1, high_open=True)  # [0, 1)
+POSITIVE = Range(0, low_open=True)  # a number > 0
+NON_NEGATIVE = Range(0)
+
+
+def choice(default: str, allowed: tuple[str, ...]) -> Any:
+    """A dataclass field whose value must be one of `allowed` (checked by `validate` and `check_field`)."""
+    return field(default=default, metadata={"check": Choice(tuple(allowed))})
+
+
+def ranged(default: Any, check: Callable[[str, Any], None]) -> Any:
+    """A dataclass field checked by `check(name, value)` (a Range, NonEmpty or function); null passes if Optional."""
+    return field(default=default, metadata={"check": check})
+
+
+def check_power_exponents(exponents) -> tuple[float, ...]:
+    """Exponents a > 0 of the per-token log Σ_v q_v^a a store keeps, as an ascending, duplicate-free tuple."""
+    out = []
+    for a in exponents or ():
+        if not isinstance(a, (int, float)) or isinstance(a, bool) or not (0 < float(a) <= 64):
+            raise ConfigError(f"logits.store_power_exponents={list(exponents)!r} holds {a!r}; expected numbers in (0, 64]")
+        out.append(float(a))
+    return tuple(sorted(set(out)))
+
+
+# ----------------------------------------------------------------------------- sections
+
 DATA_SOURCES = ("builtin", "text", "jsonl", "parquet", "hf")
-PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
-STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed", "single_device")
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
-DISTILL_MODES = ("offline", "online_store", "cotrain")
 
 
 @dataclass
 class DataConfig:
     """Where the text comes from, how it is tokenized, and where the packed shards go."""
 
-    source: str = "builtin"  # builtin | text | jsonl | parquet | hf
+    source: str = choice("builtin", DATA_SOURCES)
     path: Optional[str] = None  # file, directory or glob for text/jsonl/parquet; dataset name for hf
     text_field: str = "text"  # jsonl / parquet / hf column holding the document text
     hf_split: str = "train"
-    heldout_fraction: float = 0.02  # for sources without their own held-out split
+    heldout_fraction: float = ranged(0.02, FRACTION)  # for sources without their own held-out split
     corpus_seed: int = 0  # builtin corpus: which world and which document streams
-    train_tokens: int = 2_000_000  # tokens to pack into the train split (upper bound for files)
-    heldout_tokens: int = 100_000
-    seq_len: int = 128
+    train_tokens: int = ranged(2_000_000, POSITIVE_INT)  # tokens to pack into the train split (upper bound for files)
+    heldout_tokens: int = ranged(100_000, POSITIVE_INT)
+    seq_len: int = ranged(128, Range(2, integer=True, why="next-token prediction needs two tokens"))
     tokenizer: Optional[str] = None  # an HF tokenizer dir (e.g. the teacher's); None = train a BPE
-    vocab_size: int = 2048  # size of the BPE trained when `tokenizer` is None
-    tokenizer_train_chars: int = 4_000_000  # corpus sample the BPE is trained on
-    sequences_per_shard: int = 8192
+    # size of the BPE trained when `tokenizer` is None
+    vocab_size: int = ranged(2048, Range(257, 2**32 - 1, integer=True, text="257 .. 4294967295",
+                                         why="a byte-level BPE needs 256 byte tokens + specials"))
+    tokenizer_train_chars: int = ranged(4_000_000, POSITIVE_INT)  # corpus sample the BPE is trained on
+    sequences_per_shard: int = ranged(8192, POSITIVE_INT)
     out: str = "runs/data"
+
+
+GLM4_VOCAB_SIZE = 151_552  # the paper's teacher vocabulary (GLM-4), used for Table 7 param counts
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One decoder size: the columns of the paper's Table 7 (built into a model by `pd_lightning.models`)."""
+
+    name: str
+    hidden: int
+    ffn: int
+    layers: int
+    heads: int
+    query_groups: int  # = key/value heads (GQA)
+    tied_embeddings: bool
+    max_seq_len: int = 4096
+    nominal_params: float | None = None  # the size the name promises, at its reference vocabulary
+    reference_vocab: int = GLM4_VOCAB_SIZE
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+# The choices of model.preset and teacher.preset.
+PRESETS: dict[str, Preset] = {
+    # Tiny CPU sizes for tests and the quickstart; nominal sizes at the default 2,048-token BPE.
+    "tiny-1m": Preset("tiny-1m", 128, 384, 4, 4, 2, True, 1024, 1.0e6, 2048),
+    "tiny-5m": Preset("tiny-5m", 256, 768, 6, 8, 4, True, 1024, 5.0e6, 2048),
+    "tiny-20m": Preset("tiny-20m", 384, 1152, 11, 6, 2, False, 1024, 20.0e6, 2048),
+    # The paper's Table 7 (all GQA, BF16 on GPU), nominal sizes at the GLM-4 vocabulary.
+    "330M": Preset("330M", 1024, 4096, 12, 16, 2, True, 4096, 330e6),
+    "670M": Preset("670M", 1024, 4096, 24, 16, 2, False, 4096, 670e6),
+    "1.9B": Preset("1.9B", 2048, 6912, 24, 16, 2, False, 4096, 1.9e9),
+    "3.8B": Preset("3.8B", 3072, 8192, 28, 24, 8, False, 4096, 3.8e9),
+    "6.8B": Preset("6.8B", 4096, 12800, 28, 32, 8, False, 4096, 6.8e9),
+}
+PAPER_PRESETS = ("330M", "670M", "1.9B", "3.8B", "6.8B")
 
 
 @dataclass
 class ModelConfig:
-    """The student: a preset from `pd_lightning.models.PRESETS`."""
+    """The student: a preset from `PRESETS`."""
 
-    preset: str = "tiny-1m"
+    preset: str = choice("tiny-1m", tuple(PRESETS))
     init_seed: int = 0
+
+
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -71,118 +213,152 @@ class TeacherConfig:
     """A teacher: an existing HF causal-LM dir, or a preset that `pdl teacher train` pre-trains."""
 
     path: Optional[str] = None  # HF model dir; when set, it is the teacher and `preset` is unused
-    preset: str = "tiny-5m"
-    max_steps: int = 1500
-    batch_size: int = 32
-    lr: float = 3.0e-3
-    warmup_frac: float = 0.02
+    preset: str = choice("tiny-5m", tuple(PRESETS))
+    max_steps: int = ranged(1500, POSITIVE_INT)
+    batch_size: int = ranged(32, POSITIVE_INT)
+    lr: float = ranged(3.0e-3, POSITIVE)
+    warmup_frac: float = ranged(0.02, FRACTION)
     seed: int = 0
     out: str = "runs/teacher"
     # dtype the teacher runs in for `pdl logits generate`: auto = the dir's own dtype (config.json) on CUDA,
     # float32 on CPU | float32 | bfloat16 | float16
-    dtype: str = "auto"
+    dtype: str = choice("auto", TEACHER_DTYPES)
+
+
+TEMPERATURE_METHODS = ("none", "normkd", "wttm", "adakd_sd", "adakd_h")  # logits.processing implements them
+# NormKD's student temperature: in the autograd graph (the method) or treated as a constant.
+NORMKD_STUDENT_TAU = ("graph", "detached")
+WTTM_WEIGHTS = ("full", "support")
+STORE_ENCODINGS = ("ctxans", "egsqrt", "fixed")  # logits.codec implements them
+DISTILL_MODES = ("offline", "online_store", "cotrain")
+
+
+def _power_exponents(name: str, value: Any) -> None:
+    check_power_exponents(value)
 
 
 @dataclass
 class LogitsConfig:
     """Teacher logits: what the store keeps (store_p/store_k) and what training derives from it."""
 
-    p: float = 0.95  # top-p on the teacher's tau=1 probabilities ...
-    k: int = 100  # ... then at most k entries (the paper's top-p-k)
-    tau: float = 1.0  # the temperature (method none), or the base temperature of AdaKD
-    method: str = "none"  # none (fixed tau) | normkd | wttm | adakd_sd | adakd_h
-    normkd_t: float = 1.5  # NormKD's T_norm
+    p: float = ranged(0.95, OPEN_FRACTION)  # top-p on the teacher's tau=1 probabilities ...
+    k: int = ranged(100, POSITIVE_INT)  # ... then at most k entries (the paper's top-p-k)
+    tau: float = ranged(1.0, POSITIVE)  # the temperature (method none), or the base temperature of AdaKD
+    method: str = choice("none", TEMPERATURE_METHODS)  # none (fixed tau) | normkd | wttm | adakd_sd | adakd_h
+    normkd_t: float = ranged(1.5, POSITIVE)  # NormKD's T_norm
     # NormKD's student temperature τ_s = normkd_t * std(z_s): graph = in the autograd graph, as in
     # Chi et al. 2023 | detached = a constant (the lab before issue 16; same loss, other gradient)
-    normkd_student_tau: str = "graph"
-    wttm_gamma: float = 0.5  # WTTM's power transform exponent
+    normkd_student_tau: str = choice("graph", NORMKD_STUDENT_TAU)
+    wttm_gamma: float = ranged(0.5, POSITIVE)  # WTTM's power transform exponent
     # WTTM's token weight U: full = Σ over the whole vocabulary of q^γ (the original method; needs the
     # store's power sums, see store_power_exponents) | support = Σ over the kept entries (a departure)
-    wttm_weight: str = "full"
-    adakd_beta: float = 1.0  # AdaKD: exponent of the statistic's ratio to its batch mean
+    wttm_weight: str = choice("full", WTTM_WEIGHTS)
+    adakd_beta: float = ranged(1.0, POSITIVE)  # AdaKD: exponent of the statistic's ratio to its batch mean
     adakd_min_tau: Optional[float] = None  # AdaKD clip range; None = tau / 2 and 2 * tau
     adakd_max_tau: Optional[float] = None
     store: str = "runs/logits"  # the store directory
-    store_p: float = 0.95  # truncation the store is generated at (the loosest a sweep needs)
-    store_k: int = 100
+    store_p: float = ranged(0.95, OPEN_FRACTION)  # truncation the store is generated at (the loosest a sweep needs)
+    store_k: int = ranged(100, POSITIVE_INT)
     # exponents a of the per-token log Σ_v q_v^a the store keeps, beyond those this config's own method
     # needs (WTTM with wttm_weight=full: γ/τ and 1/τ, added by itself); sweeps fill in their rows' needs
-    store_power_exponents: list[float] = field(default_factory=list)
-    batch_size: int = 16  # sequences per teacher forward during generation
+    store_power_exponents: list[float] = field(default_factory=list, metadata={"check": _power_exponents})
+    batch_size: int = ranged(16, POSITIVE_INT)  # sequences per teacher forward during generation
     # how a new store codes its entries: egsqrt (Exp-Golomb, fast decode) | ctxans (the same entries
     # entropy-coded: 0.61x egsqrt's bytes on a real tiny-teacher store, decodes at ~0.5x egsqrt's
     # speed) | fixed (plain). Reading needs no setting: the manifest names the encoding.
-    encoding: str = "egsqrt"
+    encoding: str = choice("egsqrt", STORE_ENCODINGS)
     # encoder processes per generation rank (encode + write off the GIL); null = auto: 0 (a thread) on CPU,
     # min(4, CPU cores per local rank - 2) and at least 1 on CUDA
-    encode_workers: Optional[int] = None
-    sequences_per_shard: int = 1024
-    mode: str = "offline"  # offline | online_store | cotrain (the paper's Table 6: logits of a teacher in training)
-    online_start_frac: float = 0.5  # online_store: the share of teacher training after which its logits are kept...
-    online_end_frac: float = 1.0  # ... up to this share (early part: 0.0-0.5, late part: 0.5-1.0)
+    encode_workers: Optional[int] = ranged(None, Range(0, 64, integer=True, text="null (auto) or an integer in [0, 64]",
+                                                       why="0 = encode on a thread"))
+    sequences_per_shard: int = ranged(1024, POSITIVE_INT)
+    # offline | online_store | cotrain (the paper's Table 6: logits of a teacher in training)
+    mode: str = choice("offline", DISTILL_MODES)
+    # online_store: the share of teacher training after which its logits are kept...
+    online_start_frac: float = ranged(0.5, FRACTION)
+    online_end_frac: float = ranged(1.0, FRACTION)  # ... up to this share (early part: 0.0-0.5, late part: 0.5-1.0)
+
+
+LOSS_KINDS = ("nll", "kld", "mse", "rkl", "jsd", "tvd")  # pd_lightning.losses implements them
+ALPHA_SCHEDULES = ("constant", "linear_inc", "linear_dec", "period", "wsd_alpha", "wsd_beta")  # pd_lightning.schedules
+WSD_ALPHA_SCHEDULES = ("wsd_alpha", "wsd_beta")  # the α schedules that take a peak (loss.wsd_peak)
 
 
 @dataclass
 class LossConfig:
     """L = (1 - alpha) * L_lm + alpha * L_kd (the paper's Eq. 1) and how alpha moves."""
 
-    kind: str = "nll"  # nll | kld | mse | rkl | jsd | tvd
-    alpha: float = 1.0  # the schedule's alpha (formulas: pd_lightning.schedules); 0 is the LM-only baseline
-    alpha_schedule: str = "constant"
+    kind: str = choice("nll", LOSS_KINDS)  # nll | kld | mse | rkl | jsd | tvd
+    # the schedule's alpha (formulas: pd_lightning.schedules); 0 is the LM-only baseline
+    alpha: float = ranged(1.0, FRACTION)
+    alpha_schedule: str = choice("constant", ALPHA_SCHEDULES)
     # Peak of the quantity the WSD shape scales (0 -> peak -> 0): alpha for wsd_alpha, beta = 1 - alpha for
     # wsd_beta; other schedules reject it. null: loss.alpha for wsd_alpha; 0.9 for wsd_beta (alpha 1 -> 0.1 -> 1,
     # the reading that fits Table 5's printed +1.1%; 0.1 = the other reading, alpha 1 -> 0.9 -> 1).
     # wsd_beta requires loss.alpha = 1 (alpha starts and ends at 1).
-    wsd_peak: Optional[float] = None
-    alpha_warmup_frac: float = 0.1  # WSD on alpha / beta: warmup share of training
-    alpha_decay_frac: float = 0.1  # WSD on alpha / beta: final decay share
-    alpha_periods: int = 4  # periodic alpha: number of full periods over training
-    jsd_beta: float = 0.5
+    wsd_peak: Optional[float] = ranged(None, FRACTION)
+    alpha_warmup_frac: float = ranged(0.1, FRACTION)  # WSD on alpha / beta: warmup share of training
+    alpha_decay_frac: float = ranged(0.1, FRACTION)  # WSD on alpha / beta: final decay share
+    alpha_periods: int = ranged(4, POSITIVE_INT)  # periodic alpha: number of full periods over training
+    jsd_beta: float = ranged(0.5, Range(0, 1, low_open=True, high_open=True))
     tau_sq_scale: bool = False  # multiply the KD term by tau^2 (Hinton); off in the paper's setting
-    chunk_size: int = 1024  # tokens per chunk of the memory-flat loss
+    chunk_size: int = ranged(1024, POSITIVE_INT)  # tokens per chunk of the memory-flat loss
     fused: bool = False  # compute the LM head inside the chunk loop (never store [tokens, vocab])
+
+
+LR_SCHEDULES = ("constant", "cosine", "wsd")  # pd_lightning.schedules implements them
+DECAY_SHAPES = ("linear", "1-sqrt")
 
 
 @dataclass
 class OptimConfig:
     """AdamW and the LR schedule (multiplier of `lr` as a function of training progress)."""
 
-    lr: float = 3.0e-3
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1.0e-8
-    grad_clip: float = 1.0
-    lr_schedule: str = "cosine"  # constant | cosine | wsd
-    warmup_frac: float = 0.02
-    decay_frac: float = 0.2  # WSD: final decay share
-    decay_shape: str = "1-sqrt"  # WSD decay: linear | 1-sqrt
+    lr: float = ranged(3.0e-3, POSITIVE)
+    min_lr_ratio: float = ranged(0.1, FRACTION)
+    weight_decay: float = ranged(0.1, NON_NEGATIVE)
+    beta1: float = ranged(0.9, BELOW_ONE)
+    beta2: float = ranged(0.95, BELOW_ONE)
+    eps: float = ranged(1.0e-8, POSITIVE)
+    grad_clip: float = ranged(1.0, Range(0, why="0 disables clipping"))
+    lr_schedule: str = choice("cosine", LR_SCHEDULES)  # constant | cosine | wsd
+    warmup_frac: float = ranged(0.02, FRACTION)
+    decay_frac: float = ranged(0.2, FRACTION)  # WSD: final decay share
+    decay_shape: str = choice("1-sqrt", DECAY_SHAPES)  # WSD decay: linear | 1-sqrt
+
+
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed", "single_device")
+BUDGET_UNITS = {"tokens": "tokens", "flops": "FLOPs", "wall": "seconds"}  # what trainer.budget counts, per kind
+BUDGET_KINDS = ("none", *BUDGET_UNITS)  # pd_lightning.cost plans the steps of each
 
 
 @dataclass
 class TrainerConfig:
     """Engineering knobs passed to Lightning's Trainer."""
 
-    max_steps: int = 300
-    batch_size: int = 16  # sequences per device per step
-    accumulate_grad_batches: int = 1
-    precision: str = "32-true"
-    accelerator: str = "auto"
-    strategy: str = "auto"
-    devices: int = 1
-    num_nodes: int = 1
-    num_workers: int = 1  # decode the logit store in a worker process, overlapping the step (bench_train)
+    max_steps: int = ranged(300, POSITIVE_INT)
+    batch_size: int = ranged(16, POSITIVE_INT)  # sequences per device per step
+    accumulate_grad_batches: int = ranged(1, POSITIVE_INT)
+    precision: str = choice("32-true", PRECISIONS)
+    accelerator: str = choice("auto", ACCELERATORS)
+    strategy: str = choice("auto", STRATEGIES)
+    devices: int = ranged(1, POSITIVE_INT)
+    num_nodes: int = ranged(1, POSITIVE_INT)
+    # decode the logit store in a worker process, overlapping the step (bench_train)
+    num_workers: int = ranged(1, NON_NEGATIVE_INT)
     seed: int = 0
-    log_every_n_steps: int = 10
-    val_every_n_steps: int = 100
-    val_batches: int = 8
-    checkpoint_every_n_steps: int = 100
+    log_every_n_steps: int = ranged(10, POSITIVE_INT)
+    val_every_n_steps: int = ranged(100, POSITIVE_INT)
+    val_batches: int = ranged(8, POSITIVE_INT)
+    checkpoint_every_n_steps: int = ranged(100, POSITIVE_INT)
     # Stop every run at the same budget: tokens | flops (student + teacher, see pd_lightning.cost) set
     # max_steps (and so the schedules); wall stops on the clock (schedules keep max_steps).
-    budget_kind: str = "none"  # none | tokens | flops | wall
-    budget: float = 0.0  # tokens, FLOPs or seconds; 0 = unused
-    export_every_n_steps: int = 0  # also export the student to out/exports/step-XXXXXXXX every n steps; 0 = off
+    budget_kind: str = choice("none", BUDGET_KINDS)  # none | tokens | flops | wall
+    budget: float = 0.0  # tokens, FLOPs or seconds; 0 = unused (its range depends on budget_kind: validate)
+    # also export the student to out/exports/step-XXXXXXXX every n steps; 0 = off
+    export_every_n_steps: int = ranged(0, Range(0, integer=True, why="0 = no intermediate exports"))
     out: str = "runs/train"
 
 
@@ -202,16 +378,17 @@ class EvalConfig:
 
     suite: str = "local"
     tasks: Optional[str] = None  # comma-separated task names; overrides the suite
-    batch_size: int = 16
+    batch_size: int = ranged(16, POSITIVE_INT)
     device: str = "cpu"
-    limit: Optional[int] = None
+    limit: Optional[int] = ranged(None, POSITIVE_INT)
     # Held-out token metrics (pd_lightning.metrics), computed by `pdl train` in the held-out loss's pass:
     # the teacher run beside the student for top-1 agreement and KL(teacher ‖ student): "auto" (the
     # store's teacher, the co-trained one, or for an LM-only run the teacher of an existing logits.store),
     # "none", or an HF model dir.
-    heldout_teacher: str = "auto"
-    heldout_sequences: int = 256  # first held-out sequences scored (the held-out loss's, as before)
-    ece_bins: int = 15  # equal-mass bins of eval.heldout.ece
+    heldout_teacher: str = ranged("auto", NonEmpty("auto, none or the path of an HF teacher dir"))
+    # first held-out sequences scored (the held-out loss's, as before)
+    heldout_sequences: int = ranged(256, POSITIVE_INT)
+    ece_bins: int = ranged(15, POSITIVE_INT)  # equal-mass bins of eval.heldout.ece
 
 
 @dataclass
@@ -230,6 +407,32 @@ class PDLConfig:
 
 
 SECTIONS = tuple(PDLConfig.__dataclass_fields__)
+
+
+def _field_checks() -> dict[str, tuple[Callable[[str, Any], None], bool]]:
+    """`section.key -> (check, null allowed)` for every field declared with `choice` or `ranged`, in field order."""
+    checks = {}
+    for section, sf in PDLConfig.__dataclass_fields__.items():
+        for f in dataclasses.fields(sf.default_factory):
+            if "check" in f.metadata:
+                # the annotations are strings (postponed evaluation): Optional[...] fields may be null
+                checks[f"{section}.{f.name}"] = (f.metadata["check"], str(f.type).startswith("Optional["))
+    return checks
+
+
+FIELD_CHECKS = _field_checks()
+
+
+def check_field(name: str, value: Any) -> Any:
+    """Check `value` against what config field `name` ("loss.alpha") allows and return it; ConfigError if not.
+
+    Library functions that take a config value as an argument call this, so a direct caller gets the
+    same one-line error as a config file, from the one declaration next to the field.
+    """
+    check, nullable = FIELD_CHECKS[name]
+    if value is not None or not nullable:
+        check(name, value)
+    return value
 
 
 # ----------------------------------------------------------------------------- loading
@@ -413,56 +616,23 @@ def _require(ok: bool, field_name: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{field_name}={value!r} is out of range; allowed: {allowed}")
 
 
-def _choice(field_name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise choice_error(field_name, value, allowed)
-
-
-def _positive_int(field_name: str, value: int) -> None:
-    _require(isinstance(value, int) and value >= 1, field_name, value, "an integer >= 1")
-
-
-def _fraction(field_name: str, value: float, low_open: bool = False) -> None:
-    ok = math.isfinite(value) and (0 < value <= 1 if low_open else 0 <= value <= 1)
-    _require(ok, field_name, value, "(0, 1]" if low_open else "[0, 1]")
-
-
 def validate(cfg: PDLConfig) -> None:
-    """Range- and name-check every field; raise ConfigError (one line) on the first problem."""
-    from pd_lightning.models import PRESETS, TEACHER_DTYPES  # late import: models imports transformers
+    """Check every field against its declaration, then the rules across fields; one-line ConfigError on the first."""
+    for name, (check, nullable) in FIELD_CHECKS.items():
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value is not None or not nullable:
+            check(name, value)
+    _check_across_fields(cfg)
 
+
+def _check_across_fields(cfg: PDLConfig) -> None:
+    """The rules that tie fields together (each field alone is already within its declaration)."""
     d = cfg.data
-    _choice("data.source", d.source, DATA_SOURCES)
     if d.source != "builtin" and not d.path:
         raise ConfigError(f"data.path is required when data.source={d.source!r} (a file, directory, glob or dataset name)")
-    _fraction("data.heldout_fraction", d.heldout_fraction)
-    for name in ("train_tokens", "heldout_tokens", "seq_len", "sequences_per_shard", "tokenizer_train_chars"):
-        _positive_int(f"data.{name}", getattr(d, name))
-    _require(d.seq_len >= 2, "data.seq_len", d.seq_len, "an integer >= 2 (next-token prediction needs two tokens)")
-    _require(256 + 1 <= d.vocab_size <= 2**32 - 1, "data.vocab_size", d.vocab_size, "257 .. 4294967295 (a byte-level BPE needs 256 byte tokens + specials)")
-
-    _choice("model.preset", cfg.model.preset, tuple(PRESETS))
-    t = cfg.teacher
-    _choice("teacher.preset", t.preset, tuple(PRESETS))
-    _choice("teacher.dtype", t.dtype, TEACHER_DTYPES)
-    for name in ("max_steps", "batch_size"):
-        _positive_int(f"teacher.{name}", getattr(t, name))
-    _require(t.lr > 0 and math.isfinite(t.lr), "teacher.lr", t.lr, "a number > 0")
-    _fraction("teacher.warmup_frac", t.warmup_frac)
 
     lg = cfg.logits
-    _fraction("logits.p", lg.p, low_open=True)
-    _fraction("logits.store_p", lg.store_p, low_open=True)
-    _positive_int("logits.k", lg.k)
-    _positive_int("logits.store_k", lg.store_k)
-    _require(lg.tau > 0 and math.isfinite(lg.tau), "logits.tau", lg.tau, "a number > 0")
-    _choice("logits.method", lg.method, TEMPERATURE_METHODS)
-    _require(lg.normkd_t > 0, "logits.normkd_t", lg.normkd_t, "a number > 0")
-    _choice("logits.normkd_student_tau", lg.normkd_student_tau, NORMKD_STUDENT_TAU)
-    _require(lg.wttm_gamma > 0, "logits.wttm_gamma", lg.wttm_gamma, "a number > 0")
-    _choice("logits.wttm_weight", lg.wttm_weight, WTTM_WEIGHTS)
-    check_power_exponents(lg.store_power_exponents)
-    _require(lg.adakd_beta > 0, "logits.adakd_beta", lg.adakd_beta, "a number > 0")
     lo = lg.tau / 2 if lg.adakd_min_tau is None else lg.adakd_min_tau
     hi = 2 * lg.tau if lg.adakd_max_tau is None else lg.adakd_max_tau
     _require(0 < lo <= hi, "logits.adakd_min_tau", lg.adakd_min_tau, f"0 < adakd_min_tau <= adakd_max_tau ({hi})")
@@ -471,78 +641,44 @@ def validate(cfg: PDLConfig) -> None:
                           "normkd_t * logit std); leave tau at 1.0")
     _require(lg.p <= lg.store_p, "logits.p", lg.p, f"<= logits.store_p ({lg.store_p}): a store serves only narrower truncations")
     _require(lg.k <= lg.store_k, "logits.k", lg.k, f"<= logits.store_k ({lg.store_k}): a store serves only narrower truncations")
-    _positive_int("logits.batch_size", lg.batch_size)
-    _choice("logits.encoding", lg.encoding, STORE_ENCODINGS)
-    if lg.encode_workers is not None:
-        _require(isinstance(lg.encode_workers, int) and 0 <= lg.encode_workers <= 64, "logits.encode_workers",
-                 lg.encode_workers, "null (auto) or an integer in [0, 64] (0 = encode on a thread)")
-    _positive_int("logits.sequences_per_shard", lg.sequences_per_shard)
-    _choice("logits.mode", lg.mode, DISTILL_MODES)
-    _fraction("logits.online_start_frac", lg.online_start_frac)
-    _fraction("logits.online_end_frac", lg.online_end_frac)
     _require(lg.online_start_frac < lg.online_end_frac, "logits.online_end_frac", lg.online_end_frac,
              f"> logits.online_start_frac ({lg.online_start_frac})")
+    t = cfg.teacher
+    if lg.mode == "online_store" and int(lg.online_end_frac * t.max_steps) <= int(lg.online_start_frac * t.max_steps):
+        raise ConfigError(f"logits.online_start_frac={lg.online_start_frac} and online_end_frac={lg.online_end_frac} "
+                          f"keep no step of teacher.max_steps={t.max_steps}")
 
     ls = cfg.loss
-    _choice("loss.kind", ls.kind, LOSS_KINDS)
-    _fraction("loss.alpha", ls.alpha)
-    _choice("loss.alpha_schedule", ls.alpha_schedule, ALPHA_SCHEDULES)
-    _fraction("loss.alpha_warmup_frac", ls.alpha_warmup_frac)
-    _fraction("loss.alpha_decay_frac", ls.alpha_decay_frac)
     _require(ls.alpha_warmup_frac + ls.alpha_decay_frac <= 1, "loss.alpha_decay_frac", ls.alpha_decay_frac,
              f"alpha_warmup_frac + alpha_decay_frac <= 1 (warmup is {ls.alpha_warmup_frac})")
-    _positive_int("loss.alpha_periods", ls.alpha_periods)
     if ls.wsd_peak is not None:
         _require(ls.alpha_schedule in WSD_ALPHA_SCHEDULES, "loss.wsd_peak", ls.wsd_peak,
                  f"null unless loss.alpha_schedule is wsd_alpha or wsd_beta (it is {ls.alpha_schedule!r})")
-        _fraction("loss.wsd_peak", ls.wsd_peak)
     if ls.alpha_schedule == "wsd_beta":
         _require(ls.alpha == 1.0, "loss.alpha", ls.alpha, "1.0 with loss.alpha_schedule='wsd_beta' (alpha = 1 - beta "
                  "starts and ends at 1; beta's peak is loss.wsd_peak, default 0.9)")
     if ls.alpha_schedule == "wsd_alpha" and ls.wsd_peak is not None:
         _require(ls.alpha in (1.0, ls.wsd_peak), "loss.alpha", ls.alpha,
                  f"1.0 or loss.wsd_peak ({ls.wsd_peak}) with wsd_alpha: its peak alpha is loss.wsd_peak")
-    _require(0 < ls.jsd_beta < 1, "loss.jsd_beta", ls.jsd_beta, "(0, 1)")
-    _positive_int("loss.chunk_size", ls.chunk_size)
+    # The fused loss never holds the student's [tokens, vocab] logits, which co-training and NormKD need.
+    if ls.fused and lg.mode == "cotrain" and ls.alpha > 0:
+        raise ConfigError("loss.fused=true is not available with logits.mode='cotrain'; set loss.fused=false")
+    if ls.fused and lg.method == "normkd" and ls.alpha > 0:
+        raise ConfigError("loss.fused=true cannot be combined with logits.method='normkd' (NormKD needs the student's "
+                          "full logits for its temperature); set loss.fused=false")
 
     o = cfg.optim
-    _require(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "a number > 0")
-    _fraction("optim.min_lr_ratio", o.min_lr_ratio)
-    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
-    _require(0 <= o.beta1 < 1, "optim.beta1", o.beta1, "[0, 1)")
-    _require(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "[0, 1)")
-    _require(o.eps > 0, "optim.eps", o.eps, "a number > 0")
-    _require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "a number >= 0 (0 disables clipping)")
-    _choice("optim.lr_schedule", o.lr_schedule, LR_SCHEDULES)
-    _fraction("optim.warmup_frac", o.warmup_frac)
-    _fraction("optim.decay_frac", o.decay_frac)
     _require(o.warmup_frac + o.decay_frac <= 1, "optim.decay_frac", o.decay_frac,
              f"warmup_frac + decay_frac <= 1 (warmup is {o.warmup_frac})")
-    _choice("optim.decay_shape", o.decay_shape, DECAY_SHAPES)
 
     tr = cfg.trainer
-    for name in ("max_steps", "batch_size", "accumulate_grad_batches", "devices", "num_nodes",
-                 "log_every_n_steps", "val_every_n_steps", "val_batches", "checkpoint_every_n_steps"):
-        _positive_int(f"trainer.{name}", getattr(tr, name))
-    _require(tr.num_workers >= 0, "trainer.num_workers", tr.num_workers, "an integer >= 0")
-    _choice("trainer.precision", tr.precision, PRECISIONS)
-    _choice("trainer.accelerator", tr.accelerator, ACCELERATORS)
-    _choice("trainer.strategy", tr.strategy, STRATEGIES)
-    _choice("trainer.budget_kind", tr.budget_kind, BUDGET_KINDS)
     if tr.budget_kind == "none":
         _require(tr.budget == 0, "trainer.budget", tr.budget, "0 while trainer.budget_kind='none' (set budget_kind to "
                  "tokens, flops or wall)")
     else:
-        unit = {"tokens": "tokens", "flops": "FLOPs", "wall": "seconds"}[tr.budget_kind]
-        _require(math.isfinite(tr.budget) and tr.budget > 0, "trainer.budget", tr.budget, f"a number > 0 ({unit})")
-    _require(isinstance(tr.export_every_n_steps, int) and tr.export_every_n_steps >= 0, "trainer.export_every_n_steps",
-             tr.export_every_n_steps, "an integer >= 0 (0 = no intermediate exports)")
+        budget_range(tr.budget_kind)("trainer.budget", tr.budget)
 
-    e = cfg.eval
-    _positive_int("eval.batch_size", e.batch_size)
-    _positive_int("eval.heldout_sequences", e.heldout_sequences)
-    _positive_int("eval.ece_bins", e.ece_bins)
-    _require(isinstance(e.heldout_teacher, str) and e.heldout_teacher.strip() != "", "eval.heldout_teacher",
-             e.heldout_teacher, "auto, none or the path of an HF teacher dir")
-    if e.limit is not None:
-        _positive_int("eval.limit", e.limit)
+
+def budget_range(kind: str) -> Range:
+    """What trainer.budget allows for a budget kind other than none: a number > 0 in the kind's unit."""
+    return Range(0, low_open=True, why=BUDGET_UNITS[kind])

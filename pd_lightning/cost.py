@@ -44,13 +44,13 @@ from typing import Any
 
 import torch
 
+from pd_lightning.config import BUDGET_KINDS, BUDGET_UNITS, budget_range  # declared with trainer.budget_kind
 from pd_lightning.errors import ConfigError, choice_error
 
 FLOP_CONVENTION = ("kaplan2020+head: forward 2N+2·d_model·V+2·L·T·d_attn per token, train 3x forward; "
                    "N non-embedding")
 # The convention of stores written before the LM head was counted (its forward lacked 2·d_model·V).
 _KAPLAN_NO_HEAD = "kaplan2020: train 6N+6·L·T·d, forward 2N+2·L·T·d per token; N non-embedding"
-BUDGET_KINDS = ("none", "tokens", "flops", "wall")
 
 
 @dataclass(frozen=True)
@@ -159,18 +159,18 @@ def steps_for_budget(kind: str, value: float, *, student_flops_per_step: float, 
     given a measured `seconds_per_step`). ConfigError when not even one step fits.
     """
     if kind == "tokens":
-        per_step, unit = float(tokens_per_step), "tokens"
+        per_step = float(tokens_per_step)
     elif kind == "flops":
-        per_step, unit = float(student_flops_per_step) + float(teacher_flops_per_step), "FLOPs"
+        per_step = float(student_flops_per_step) + float(teacher_flops_per_step)
     elif kind == "wall":
         if not seconds_per_step or seconds_per_step <= 0:
             raise ConfigError("trainer.budget_kind='wall' needs a measured seconds_per_step to plan steps "
                               "(train() stops wall budgets on the clock instead)")
-        per_step, unit = float(seconds_per_step), "seconds"
+        per_step = float(seconds_per_step)
     else:
         raise choice_error("trainer.budget_kind", kind, BUDGET_KINDS[1:])
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"trainer.budget={value!r} is out of range; allowed: a number > 0 ({unit})")
+    budget_range(kind)("trainer.budget", value)
+    unit = BUDGET_UNITS[kind]
     # The relative epsilon keeps an exact multiple of the step cost from losing its last step to rounding.
     steps = math.floor(value / per_step * (1 + 1e-12))
     if steps < 1:

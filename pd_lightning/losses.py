@@ -59,13 +59,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pd_lightning.config import LOSS_KINDS, check_field  # the names and ranges, declared with the config fields
 from pd_lightning.errors import ConfigError, choice_error
 
 IGNORE_INDEX = -100
-LOSS_KINDS = ("nll", "kld", "mse", "rkl", "jsd", "tvd")
-KD_NORMS = ("tokens", "weights")
-# NormKD's student temperature: in the autograd graph (the method) or treated as a constant.
-NORMKD_STUDENT_TAU = ("graph", "detached")
+KD_NORMS = ("tokens", "weights")  # an argument of distillation_loss only, no config field
 NORMKD_MIN_TAU = 1e-3  # the floor logits.processing.std_temperature puts on the teacher's τ_t too
 # Auto chunk size keeps each fp32 [chunk, V] temporary near this size (≈221 tokens at V = 151,552).
 DEFAULT_CHUNK_BYTES = 128 * 2**20
@@ -365,22 +363,18 @@ def distillation_loss(
     (≈128 MiB of fp32 per [chunk, V] buffer). If every label is ignored, the α > 0 path gives 0.
     Returns LossOutput(loss, lm_loss.detach(), kd_loss.detach()).
     """
-    if kind not in LOSS_KINDS:
-        raise choice_error("loss.kind", kind, LOSS_KINDS)
+    # A public function: the arguments are checked against the config fields they mirror.
+    check_field("loss.kind", kind)
     if kd_norm not in KD_NORMS:
         raise choice_error("loss.kd_norm", kd_norm, KD_NORMS)
-    alpha = float(alpha)
-    if not 0.0 <= alpha <= 1.0:
-        raise ConfigError(f"loss.alpha={alpha!r} is out of range; expected a number in [0, 1]")
-    if kind == "jsd" and not 0.0 < jsd_beta < 1.0:
-        raise ConfigError(f"loss.jsd_beta={jsd_beta!r} is out of range; expected 0 < beta < 1")
-    if chunk_size is not None and int(chunk_size) < 1:
-        raise ConfigError(f"loss.chunk_size={chunk_size!r} is out of range; expected a positive integer or None")
-    if normkd_student_tau not in NORMKD_STUDENT_TAU:
-        raise choice_error("logits.normkd_student_tau", normkd_student_tau, NORMKD_STUDENT_TAU)
+    alpha = check_field("loss.alpha", float(alpha))
+    if kind == "jsd":
+        check_field("loss.jsd_beta", jsd_beta)
+    if chunk_size is not None:
+        check_field("loss.chunk_size", chunk_size)
+    check_field("logits.normkd_student_tau", normkd_student_tau)
     if normkd_t is not None:
-        if not float(normkd_t) > 0.0:
-            raise ConfigError(f"logits.normkd_t={normkd_t!r} is out of range; expected a number > 0")
+        check_field("logits.normkd_t", float(normkd_t))
         if student_tau is not None:
             raise ValueError("pass student_tau (a constant τ_s) or normkd_t (τ_s = normkd_t·std(z_s)), not both")
 

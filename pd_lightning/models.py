@@ -11,51 +11,15 @@ layer class (`LlamaDecoderLayer`). The QKV bias is a <0.1% parameter difference 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from pd_lightning.config import GLM4_VOCAB_SIZE, PAPER_PRESETS, PRESETS, TEACHER_DTYPES, Preset  # noqa: F401  (declared once, torch-free)
 from pd_lightning.errors import DataError, choice_error
-
-GLM4_VOCAB_SIZE = 151_552  # the paper's teacher vocabulary (GLM-4), used for Table 7 param counts
-
-
-@dataclass(frozen=True)
-class Preset:
-    """One decoder size: the columns of the paper's Table 7."""
-
-    name: str
-    hidden: int
-    ffn: int
-    layers: int
-    heads: int
-    query_groups: int  # = key/value heads (GQA)
-    tied_embeddings: bool
-    max_seq_len: int = 4096
-    nominal_params: float | None = None  # the size the name promises, at its reference vocabulary
-    reference_vocab: int = GLM4_VOCAB_SIZE
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-
-PRESETS: dict[str, Preset] = {
-    # Tiny CPU sizes for tests and the quickstart; nominal sizes at the default 2,048-token BPE.
-    "tiny-1m": Preset("tiny-1m", 128, 384, 4, 4, 2, True, 1024, 1.0e6, 2048),
-    "tiny-5m": Preset("tiny-5m", 256, 768, 6, 8, 4, True, 1024, 5.0e6, 2048),
-    "tiny-20m": Preset("tiny-20m", 384, 1152, 11, 6, 2, False, 1024, 20.0e6, 2048),
-    # The paper's Table 7 (all GQA, BF16 on GPU), nominal sizes at the GLM-4 vocabulary.
-    "330M": Preset("330M", 1024, 4096, 12, 16, 2, True, 4096, 330e6),
-    "670M": Preset("670M", 1024, 4096, 24, 16, 2, False, 4096, 670e6),
-    "1.9B": Preset("1.9B", 2048, 6912, 24, 16, 2, False, 4096, 1.9e9),
-    "3.8B": Preset("3.8B", 3072, 8192, 28, 24, 8, False, 4096, 3.8e9),
-    "6.8B": Preset("6.8B", 4096, 12800, 28, 32, 8, False, 4096, 6.8e9),
-}
-PAPER_PRESETS = ("330M", "670M", "1.9B", "3.8B", "6.8B")
 
 
 def get_preset(name: str) -> Preset:
@@ -127,9 +91,6 @@ def preset_table() -> list[dict]:
         row["params"] = count_parameters(p)
         rows.append(row)
     return rows
-
-
-TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def teacher_dtype(path: str | Path, setting: str = "auto", device: torch.device | str = "cpu") -> torch.dtype:

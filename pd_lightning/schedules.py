@@ -39,12 +39,11 @@ from dataclasses import dataclass
 
 import torch
 
+# The schedule names and the ranges of their settings are declared with the config fields (and stay
+# importable from here).
+from pd_lightning.config import ALPHA_SCHEDULES, LR_SCHEDULES  # noqa: F401
+from pd_lightning.config import DECAY_SHAPES, WSD_ALPHA_SCHEDULES, check_field
 from pd_lightning.errors import ConfigError, choice_error
-
-ALPHA_SCHEDULES = ("constant", "linear_inc", "linear_dec", "period", "wsd_alpha", "wsd_beta")
-WSD_ALPHA_SCHEDULES = ("wsd_alpha", "wsd_beta")  # the α schedules that take a peak (loss.wsd_peak)
-LR_SCHEDULES = ("constant", "cosine", "wsd")
-DECAY_SHAPES = ("linear", "1-sqrt")
 
 DEFAULT_ALPHA = 0.9
 DEFAULT_WSD_BETA_PEAK = 0.9  # β's peak for wsd_beta (α 1 → 0.1 → 1): the reading that fits Table 5's +1.1%
@@ -98,9 +97,7 @@ def wsd_peak_of(schedule: str, alpha: float = DEFAULT_ALPHA, peak: float | None 
                           f"expected one of {', '.join(WSD_ALPHA_SCHEDULES)}")
     if peak is None:
         return float(alpha) if schedule == "wsd_alpha" else DEFAULT_WSD_BETA_PEAK
-    if not 0.0 <= float(peak) <= 1.0:
-        raise ConfigError(f"loss.wsd_peak={peak!r} is out of range; expected a number in [0, 1]")
-    return float(peak)
+    return check_field("loss.wsd_peak", float(peak))
 
 
 def alpha_at(
@@ -115,10 +112,8 @@ def alpha_at(
     peak: float | None = None,
 ) -> float:
     """α(t) for an α schedule (formulas in the module docstring); `peak` (loss.wsd_peak) only for the WSD ones."""
-    if schedule not in ALPHA_SCHEDULES:
-        raise choice_error("loss.alpha_schedule", schedule, ALPHA_SCHEDULES)
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ConfigError(f"loss.alpha={alpha!r} is out of range; expected a number in [0, 1]")
+    check_field("loss.alpha_schedule", schedule)
+    check_field("loss.alpha", float(alpha))
     if peak is not None and schedule not in WSD_ALPHA_SCHEDULES:
         wsd_peak_of(schedule, alpha, peak)  # raises: a peak would be silently ignored
     t = _clamp01(t)
@@ -129,9 +124,8 @@ def alpha_at(
     if schedule == "linear_dec":
         return alpha * (1.0 - t)
     if schedule == "period":
-        if int(periods) < 1:
-            raise ConfigError(f"loss.alpha_periods={periods!r} is out of range; expected an integer >= 1")
-        return alpha * 0.5 * (1.0 - math.cos(2.0 * math.pi * int(periods) * t))
+        check_field("loss.alpha_periods", periods)
+        return alpha * 0.5 * (1.0 - math.cos(2.0 * math.pi * periods * t))
     p = wsd_peak_of(schedule, alpha, peak)
     shape = wsd_shape(t, warmup, decay, decay_shape)
     if schedule == "wsd_alpha":
@@ -154,18 +148,15 @@ def lr_multiplier(
     (`decay` unused).  wsd: wsd_shape(t, warmup, decay, decay_shape, floor=min).
     min_ratio None = 0.1 for cosine, 0 for wsd.
     """
-    if schedule not in LR_SCHEDULES:
-        raise choice_error("optim.lr_schedule", schedule, LR_SCHEDULES)
+    check_field("optim.lr_schedule", schedule)
     t = _clamp01(t)
     if schedule == "constant":
         return 1.0
     if min_ratio is None:
         min_ratio = DEFAULT_COSINE_MIN_RATIO if schedule == "cosine" else DEFAULT_WSD_MIN_RATIO
-    if not 0.0 <= min_ratio <= 1.0:
-        raise ConfigError(f"optim.min_lr_ratio={min_ratio!r} is out of range; expected a fraction in [0, 1]")
+    check_field("optim.min_lr_ratio", float(min_ratio))
     if schedule == "wsd":
-        if decay_shape not in DECAY_SHAPES:
-            raise choice_error("optim.decay_shape", decay_shape, DECAY_SHAPES)
+        check_field("optim.decay_shape", decay_shape)
         _check_phases("optim", warmup, decay)
         return wsd_shape(t, warmup, decay, decay_shape, floor=min_ratio)
     _check_phases("optim", warmup, 0.0)
@@ -183,10 +174,8 @@ def make_alpha_schedule(schedule: str = "constant", alpha: float = DEFAULT_ALPHA
 
 def make_lr_lambda(schedule: str, total_steps: int, **kw) -> Callable[[int], float]:
     """Validate once, return step ↦ multiplier at t = step / total_steps."""
-    if int(total_steps) < 1:
-        raise ConfigError(f"trainer.max_steps={total_steps!r} is out of range; expected an integer >= 1")
+    total = check_field("trainer.max_steps", int(total_steps))
     lr_multiplier(0.0, schedule, **kw)
-    total = int(total_steps)
     return lambda step: lr_multiplier(step / total, schedule, **kw)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +162,83 @@ def test_cli_config_show_prints_resolved_yaml(capsys):
     assert main(["config", "show", "tiny", "loss.alpha=0.25"]) == 0
     out = capsys.readouterr().out
     assert "alpha: 0.25" in out and "preset: tiny-1m" in out
+
+
+# ----------------------------------------------------------------------------- declared once, torch-free
+
+
+def test_loading_validating_and_dumping_a_config_imports_no_torch():
+    # `pdl config show` and whatever only reads configs must not pay torch's (or transformers') import.
+    code = ("import sys; from pd_lightning.config import load_config, to_yaml; to_yaml(load_config('tiny')); "
+            "print(sorted(m for m in ('torch', 'transformers', 'lightning') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert proc.stdout.strip() == "[]"
+
+
+# The sweep cache and `pdl train`'s resume key on config_hash: a change of these digests (a renamed field,
+# a default, how a field is declared) silently invalidates every finished run and store. Change them only
+# on purpose.
+PINNED_HASHES = {None: "e8acb7ad5b4dc23e", "tiny": "33fbe001c5ea8b2b", "paper": "a8f931446314c548"}
+
+
+@pytest.mark.parametrize("name", PINNED_HASHES)
+def test_config_hash_of_the_default_and_packaged_configs_is_pinned(name):
+    assert config_hash(load_config(name)) == PINNED_HASHES[name]
+    if name is None:
+        assert config_hash(PDLConfig()) == PINNED_HASHES[None]
+
+
+def test_library_name_tuples_are_the_config_declarations():
+    from pd_lightning import config, cost, losses, schedules
+    from pd_lightning.logits import codec, processing
+
+    assert losses.LOSS_KINDS is config.LOSS_KINDS and codec.ENCODINGS is config.STORE_ENCODINGS
+    assert processing.METHODS is config.TEMPERATURE_METHODS and cost.BUDGET_KINDS is config.BUDGET_KINDS
+    assert schedules.ALPHA_SCHEDULES is config.ALPHA_SCHEDULES and schedules.LR_SCHEDULES is config.LR_SCHEDULES
+    assert processing.check_power_exponents is config.check_power_exponents
+    assert config.FIELD_CHECKS["loss.kind"][0].allowed == config.LOSS_KINDS
+
+
+@pytest.mark.parametrize("name,value,needle", [
+    ("loss.alpha", 1.5, "loss.alpha=1.5 is out of range; allowed: [0, 1]"),
+    ("logits.p", 0.0, "logits.p=0.0 is out of range; allowed: (0, 1]"),
+    ("data.seq_len", 1, "allowed: an integer >= 2 (next-token prediction needs two tokens)"),
+    ("loss.kind", "kl", "loss.kind='kl' is not allowed; expected one of nll, kld"),
+    ("eval.limit", 0, "eval.limit=0 is out of range; allowed: an integer >= 1"),
+])
+def test_check_field_gives_the_error_validate_gives(name, value, needle):
+    from pd_lightning.config import check_field
+
+    with pytest.raises(ConfigError) as direct:
+        check_field(name, value)
+    assert needle in str(direct.value)
+    with pytest.raises(ConfigError) as loaded:
+        load_config(None, [f"{name}={value}"])
+    assert str(loaded.value) == str(direct.value)
+
+
+def test_check_field_lets_null_through_only_for_optional_fields():
+    from pd_lightning.config import check_field
+
+    assert check_field("eval.limit", None) is None and check_field("loss.wsd_peak", None) is None
+    with pytest.raises(ConfigError, match="loss.alpha=None"):
+        check_field("loss.alpha", None)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    # rules across fields that `pdl train` used to find only after reading the data and the store
+    ("loss.fused=true logits.mode=cotrain", "loss.fused=true is not available with logits.mode='cotrain'"),
+    ("loss.fused=true logits.method=normkd", "loss.fused=true cannot be combined with logits.method='normkd'"),
+    ("logits.mode=online_store teacher.max_steps=1 logits.online_end_frac=0.9", "keep no step of teacher.max_steps=1"),
+])
+def test_rules_across_fields_are_refused_when_the_config_loads(overrides, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)) as info:
+        load_config(None, overrides.split(" "))
+    assert "\n" not in str(info.value)
+
+
+def test_rules_across_fields_allow_what_runs():
+    # An LM-only run (alpha 0) has no teacher logits, so the fused loss is fine in any mode or method.
+    load_config(None, ["loss.fused=true", "logits.mode=cotrain", "loss.alpha=0"])
+    load_config(None, ["loss.fused=true", "logits.method=normkd", "loss.alpha=0"])
+    load_config(None, ["logits.mode=online_store", "teacher.max_steps=2", "logits.online_start_frac=0.5"])

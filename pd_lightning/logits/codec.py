@@ -52,9 +52,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pd_lightning.config import STORE_ENCODINGS as ENCODINGS  # noqa: F401  (logits.encoding's choices, declared there)
 from pd_lightning.logits.processing import SparseLogits
 
-ENCODINGS = ("ctxans", "egsqrt", "fixed")
 ENCODING_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 DEFAULT_VALUE_STEP = 1.0 / 384  # expected KL ≈ K δ² / 6 ≈ 5e-5 nats at K = 45 kept entries

@@ -30,9 +30,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+# The method names, the ranges and check_power_exponents are declared with the logits config fields.
+from pd_lightning.config import TEMPERATURE_METHODS as METHODS
+from pd_lightning.config import check_field, check_power_exponents
 from pd_lightning.errors import ConfigError, choice_error
-
-METHODS = ("none", "normkd", "wttm", "adakd_sd", "adakd_h")
 
 
 @dataclass
@@ -113,10 +114,8 @@ class TeacherTargets(NamedTuple):
 
 
 def _check_p_k(p: float, k: int) -> None:
-    if not (0.0 < float(p) <= 1.0):
-        raise ConfigError(f"logits.p={p!r} is out of range; expected 0 < p <= 1")
-    if int(k) != k or int(k) < 1:
-        raise ConfigError(f"logits.k={k!r} is out of range; expected an integer >= 1")
+    check_field("logits.p", float(p))
+    check_field("logits.k", k)
 
 
 def _prefix_counts(logprobs: Tensor, p: float) -> Tensor:
@@ -186,16 +185,6 @@ def _full_stats(
             cols.append(torch.log1p(e.sum(-1)) - float(a) * log_s)
         sums = torch.stack(cols, -1)
     return log_s, entropy, std, sums
-
-
-def check_power_exponents(exponents) -> tuple[float, ...]:
-    """Exponents a > 0 of the per-token log Σ_v q_v^a a store keeps, as an ascending, duplicate-free tuple."""
-    out = []
-    for a in exponents or ():
-        if not isinstance(a, (int, float)) or isinstance(a, bool) or not (0 < float(a) <= 64):
-            raise ConfigError(f"logits.store_power_exponents={list(exponents)!r} holds {a!r}; expected numbers in (0, 64]")
-        out.append(float(a))
-    return tuple(sorted(set(out)))
 
 
 def truncate_top_p_k(
@@ -283,8 +272,7 @@ def apply_temperature(logprobs: Tensor, tau: float | Tensor) -> Tensor:
 
 def std_temperature(logit_std: Tensor, t_norm: float = 1.5, min_tau: float = 1e-3) -> Tensor:
     """NormKD temperature τ = T_norm · std(z), per token (teacher: stored std; student: z_s.std(-1, correction=0))."""
-    if t_norm <= 0:
-        raise ConfigError(f"logits.t_norm={t_norm!r} is out of range; expected t_norm > 0")
+    check_field("logits.normkd_t", float(t_norm))
     return (t_norm * logit_std.float()).clamp_min(min_tau)
 
 
@@ -309,15 +297,11 @@ def wttm_transform(logprobs: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
     U_S is the *support* weight (`logits.wttm_weight=support`); the original method's weight sums
     over the whole vocabulary (`wttm_full_weight`).
     """
-    if gamma <= 0:
-        raise ConfigError(f"logits.gamma={gamma!r} is out of range; expected gamma > 0")
+    check_field("logits.wttm_gamma", float(gamma))
     log_q = torch.log_softmax(logprobs.float(), -1)
     scaled = gamma * log_q
     log_u = torch.logsumexp(scaled, -1)
     return torch.exp(scaled - log_u[:, None]), torch.exp(log_u)
-
-
-WTTM_WEIGHTS = ("full", "support")
 
 
 def wttm_exponents(gamma: float, tau: float = 1.0) -> tuple[float, ...]:
@@ -365,8 +349,7 @@ def wttm_full_weight(sparse: SparseLogits, gamma: float, tau: float = 1.0) -> Te
 
     log U = S(γ/τ) - γ·S(1/τ) with S(a) = log Σ_v q_v^a of the τ=1 teacher (`wttm_exponents`).
     """
-    if gamma <= 0:
-        raise ConfigError(f"logits.wttm_gamma={gamma!r} is out of range; expected gamma > 0")
+    check_field("logits.wttm_gamma", float(gamma))
     return torch.exp(_power_sum(sparse, gamma / tau) - gamma * _power_sum(sparse, 1.0 / tau))
 
 
@@ -438,8 +421,8 @@ def teacher_targets(
     for name in params:
         if name not in allowed:
             raise choice_error(f"parameter for logits.method={m}", name, sorted(allowed) or ["(none)"])
-    if isinstance(tau, (int, float)) and tau <= 0:
-        raise ConfigError(f"logits.tau={tau!r} is out of range; expected tau > 0")
+    if isinstance(tau, (int, float)):
+        check_field("logits.tau", tau)
     s = narrow(sparse, p, k, store_p=store_p, store_k=store_k)
     lp = s.logprobs
     if m == "none":
@@ -451,8 +434,7 @@ def teacher_targets(
         return TeacherTargets(s.indices, apply_temperature(lp, tau_t), tau_t**2, None)
     if m == "wttm":
         gamma, weight = params.get("gamma", 0.5), params.get("weight", "full")
-        if weight not in WTTM_WEIGHTS:
-            raise choice_error("logits.wttm_weight", weight, WTTM_WEIGHTS)
+        check_field("logits.wttm_weight", weight)
         if not isinstance(tau, (int, float)):
             raise ConfigError("logits.tau must be a number for WTTM; got a tensor")
         base = torch.log(apply_temperature(lp, tau))

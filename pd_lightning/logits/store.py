@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pd_lightning.config import check_field
 from pd_lightning.errors import ConfigError, DataError, choice_error
 from pd_lightning.logits import codec, ctxans
 from pd_lightning.logits.processing import SparseLogits, check_power_exponents, truncate_top_p_k
@@ -172,8 +173,7 @@ class LogitStoreWriter:
                               ("world_size", world_size, 1)):
             if int(val) != val or val < lo:
                 raise ConfigError(f"logits.{name}={val!r} is out of range; expected an integer >= {lo}")
-        if not 0.0 < p <= 1.0:
-            raise ConfigError(f"logits.p={p!r} is out of range; expected 0 < p <= 1")
+        check_field("logits.p", p)
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank={rank!r} is out of range; expected 0 <= rank < {world_size}")
         if encoding in ("egsqrt", "ctxans") and not 2.0**-16 <= value_step <= 0.25:
