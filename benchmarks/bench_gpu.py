@@ -122,7 +122,7 @@ def bench_generation(s: dict, root: Path, data: Path) -> dict:
                                "logits.p=0.95", "logits.k=100", "logits.sequences_per_shard=16", "teacher.dtype=auto"])
     _reset_peak(s["device"])
     t0 = time.perf_counter()
-    generate_store(cfg, quiet=False)
+    generate_store(cfg)
     wall = time.perf_counter() - t0
     peak = _peak(s["device"])
     stats = json.loads((store / "generation_stats-rank0.json").read_text())
@@ -253,7 +253,7 @@ def bench_eval(s: dict, model_dir: Path) -> dict:
     _reset_peak(s["device"])
     t0 = time.perf_counter()
     res = evaluate(model_dir, tasks="synth_continuation", batch_size=s["eval_batch"], device=s["device"],
-                   limit=s["eval_items"], backend="hf", quiet=True)
+                   limit=s["eval_items"])
     return {"task": "synth_continuation", "items": s["eval_items"], "batch": s["eval_batch"], "backend": res["backend"],
             "max_length": res["max_length"], "seconds": round(time.perf_counter() - t0, 1),
             "peak_gpu_gib": _gib(_peak(s["device"])), "dtype": "float32 (pdl eval's)"}

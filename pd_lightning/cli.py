@@ -67,6 +67,117 @@ def cmd_train(args: argparse.Namespace) -> None:
     train(_load(args))
 
 
+def cmd_eval(args: argparse.Namespace) -> dict:
+    """`pdl eval`: evaluate, print, write; missing datasets -> UserError (exit 2) after the rest ran."""
+    from pathlib import Path
+
+    from pd_lightning.errors import ConfigError
+    from pd_lightning.evaluation import evaluate, resolve_heldout_args
+
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        if limit != int(limit):
+            raise ConfigError(f"--limit={limit!r} must be a whole number of items or a fraction below 1")
+        limit = int(limit)
+    data, teacher = resolve_heldout_args(args.model_dir, args.heldout, args.teacher)
+    result = evaluate(args.model_dir, suite=args.suite, tasks=args.tasks, batch_size=args.batch_size,
+                      device=args.device, limit=limit, run_id=args.run_id, tracking_uri=args.tracking_uri,
+                      corpus_seed=args.corpus_seed, max_length=args.max_length, num_fewshot=args.num_fewshot,
+                      heldout_data=data, heldout_teacher=teacher, heldout_sequences=args.heldout_sequences,
+                      ece_bins=args.ece_bins)
+    if args.output:
+        from lm_eval.utils import handle_non_serializable
+
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=handle_non_serializable, ensure_ascii=False),
+                       encoding="utf-8")
+    if args.json:
+        keys = ("model_dir", "suite", "backend", "max_length", "tasks", "average", "failed", "heldout",
+                "heldout_sources")
+        print(json.dumps({k: result[k] for k in keys}, indent=2))
+    else:
+        print(_eval_table(result))
+    if result["failed"]:
+        raise UserError(f"{len(result['failed'])} task(s) could not run: " + "; ".join(result["failed"].values()))
+    return result
+
+
+def _eval_table(result: dict) -> str:
+    """A plain-text table of the scores, the average, the failures and the held-out and in-context metrics."""
+    from pd_lightning.tracking import FEWSHOT_PAIRS, fewshot_gains
+
+    rows = [("task", "metric", "shots", "n", "value", "stderr")]
+    for name, s in result["tasks"].items():
+        rows.append((name, s["metric"] + (" (%)" if s["percent"] else ""), str(s["num_fewshot"]), str(s["samples"]),
+                     f"{s['value']:.2f}", "" if s["stderr"] is None else f"{s['stderr']:.2f}"))
+    for name in result["failed"]:
+        rows.append((name, "-", "-", "-", "failed", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    avg = result["average"]
+    lines.append(f"average (accuracy tasks, %): {'-' if avg is None else f'{avg:.2f}'}")
+    for key, gain in fewshot_gains(result).items():
+        pairs = ", ".join(f"{few} - {zero}" for few, zero in FEWSHOT_PAIRS.items())
+        lines.append(f"{key} ({pairs}): {gain:+.2f} points")
+    if result.get("heldout"):
+        lines += ["", _heldout_block(result["heldout"], result["heldout_sources"])]
+    return "\n".join(lines)
+
+
+def _heldout_block(heldout: dict, sources: dict) -> str:
+    """The held-out token metrics as `name  value` lines under a header naming the data and the teacher."""
+    from pd_lightning.metrics import HeldoutMetrics
+
+    m = HeldoutMetrics(**heldout)
+    rows = [("eval.heldout.loss", f"{m.loss:.4f}", "nats/token"), ("eval.heldout.top1_acc", f"{100 * m.top1_acc:.2f}", "%"),
+            ("eval.heldout.ece", f"{m.ece:.4f}", f"top-1, {len(m.bins)} equal-mass bins"),
+            ("eval.heldout.brier", f"{m.brier:.4f}", "full vocabulary")]
+    if m.teacher_kl is not None:
+        rows += [("eval.heldout.teacher_top1_agree", f"{100 * m.teacher_top1_agree:.2f}", "%"),
+                 ("eval.heldout.teacher_kl", f"{m.teacher_kl:.4f}", "nats/token, KL(teacher || model)")]
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    head = f"held-out token metrics ({m.tokens:,} tokens of {sources.get('data')}; teacher {sources.get('teacher') or 'none'}):"
+    return "\n".join([head] + [f"  {a.ljust(widths[0])}  {b.rjust(widths[1])}  {c}" for a, b, c in rows])
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `pdl eval` (defaults from the config's `eval` section)."""
+    from pd_lightning.config import EvalConfig
+    from pd_lightning.evaluation.suites import available_suites
+
+    d = EvalConfig()
+    parser.add_argument("model_dir", help="an exported HF model dir (model + tokenizer)")
+    parser.add_argument("--suite", default=d.suite,
+                        help=f"task suite: {', '.join(available_suites())} (default {d.suite}) or a suite YAML file")
+    parser.add_argument("--tasks", default=d.tasks,
+                        help="comma-separated lm-eval task names; overrides --suite (e.g. synth_facts,hellaswag)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--device", default=d.device, help="cpu, cuda, cuda:0, ... (default cpu)")
+    parser.add_argument("--limit", type=float, default=d.limit,
+                        help="items per task (a fraction if < 1); for smoke tests, scores are then noisier")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="override every task's shot count")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="context window in tokens (default: the seq_len the export was trained at if "
+                             "recorded, else the model's max_position_embeddings)")
+    parser.add_argument("--corpus-seed", type=int, default=0, help="world of the built-in corpus for the local tasks")
+    parser.add_argument("--run-id", default=None, help="MLflow run to log eval.* metrics and the results JSON to")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: tracking_uri of ./mlflow.yaml, else sqlite:///mlflow.db)")
+    parser.add_argument("--output", default=None, help="also write the result (scores + raw lm-eval JSON) here")
+    parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
+    parser.add_argument("--heldout", default="auto",
+                        help="held-out token metrics (loss, top-1 acc, ECE, Brier; pd_lightning.metrics) on this "
+                             "prepared data dir's held-out shards; auto (default): the data dir the export's info "
+                             "file names, skipped if it has none; none: skip")
+    parser.add_argument("--teacher", default="auto",
+                        help="teacher HF dir run beside the model on the held-out stream for top-1 agreement and "
+                             "KL(teacher || student); auto (default): the teacher the run measured against or its "
+                             "store's teacher, if present; none: skip")
+    parser.add_argument("--heldout-sequences", type=int, default=256, help="held-out sequences to score (default 256)")
+    parser.add_argument("--ece-bins", type=int, default=15, help="equal-mass bins of the ECE (default 15)")
+
+
 def cmd_logits_generate(args: argparse.Namespace) -> None:
     from pd_lightning.logits.generate import generate_store
 
@@ -315,8 +426,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(tr)
     tr.set_defaults(func=cmd_train)
 
-    from pd_lightning import evaluation
-
     ev = sub.add_parser(
         "eval", formatter_class=fmt,
         help="score an exported model with lm-evaluation-harness (suite local|paper, or --tasks)",
@@ -330,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
               pdl eval runs/tiny/pd/model --tasks synth_facts,synth_arithmetic --limit 200
             """),
     )
-    evaluation.add_arguments(ev)
-    ev.set_defaults(func=evaluation.run_from_args)
+    _add_eval_arguments(ev)
+    ev.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sweep", help="run a sweep file (one per paper table) as an Optuna study with MLflow runs")
     sweep_sub = p.add_subparsers(dest="sweep_command", required=True, metavar="{run,status,validate}")
@@ -363,8 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_args(sr)
     sr.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1); on a GPU "
                     "machine each gets its own trainer.devices GPUs")
-    sr.add_argument("--threads", type=int, help="torch threads per worker, fixed (default: cores / workers, and a "
-                    "worker left without work lends its cores to the workers still training)")
+    sr.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
     sr.add_argument("--retry-failed", action="store_true", help="also re-run trials that failed with an error")
     sr.set_defaults(func=cmd_sweep_run)
     ss = sweep_sub.add_parser(

@@ -1,17 +1,33 @@
-"""MLflow: explicit tracking URIs (sqlite in the working dir by default), experiments, run tags."""
+"""MLflow: explicit tracking URIs (sqlite in the working dir by default), experiments, run tags, and what an
+evaluation logs to a run (`eval.*` metrics, tags and result files).
+
+Metric names of an evaluation: `eval.<task>` (a percentage) and `eval.<task>.stderr`, `eval.<task>.<metric>`
+for a task whose metric is no percentage (perplexities), `eval.average`, `eval.icl.<name>` for the in-context
+learning task `icl_<name>` (outside the Average) and `eval.heldout.<name>` (`pd_lightning.metrics`).
+"""
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pd_lightning.config import PDLConfig
+from pd_lightning.config import PDLConfig, TrackingConfig
 from pd_lightning.errors import ConfigError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACTS = "./mlartifacts"
+RESULTS_ARTIFACT_DIR = "eval"  # a run's evaluation files: the raw harness results and the held-out metrics
+RESULTS_ARTIFACT_NAME = "lm_eval_results.json"
+HELDOUT_ARTIFACT_NAME = "heldout.json"  # beside lm_eval_results.json: metrics, token count, reliability bins
+# In-context learning tasks (`icl_<name>`) log as `eval.icl.<name>`, so `eval.<task>` stays the Average's tasks.
+ICL_TASK_PREFIX, ICL_METRIC_PREFIX = "icl_", "eval.icl."
+# few-shot task -> its 0-shot twin: `eval.icl.fewshot_gain` = few-shot score − 0-shot score (points)
+FEWSHOT_PAIRS = {"icl_facts_5shot": "synth_facts"}
+FEWSHOT_GAIN = ICL_METRIC_PREFIX + "fewshot_gain"
 
 
 def tracking_settings(cfg: PDLConfig) -> dict[str, str | None]:
@@ -62,3 +78,108 @@ def design_tags(cfg: PDLConfig, *, teacher: str | None) -> dict[str, str]:
         "pd.logits_mode": "" if lm_only else cfg.logits.mode,
         "pd.seed": str(cfg.trainer.seed),
     }
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None, config_file: str | Path = "mlflow.yaml") -> str:
+    """The explicit URI, else the config file's `tracking_uri`, else a sqlite file in the working dir."""
+    cfg = PDLConfig(tracking=TrackingConfig(config_file=str(config_file), tracking_uri=tracking_uri))
+    return tracking_settings(cfg)["tracking_uri"]
+
+
+def mlflow_client(tracking_uri: str | None, config_file: str | Path = "mlflow.yaml"):
+    """An MlflowClient on an explicit URI (`resolve_tracking_uri`)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri, config_file))
+
+
+def check_run(run_id: str, tracking_uri: str | None, config_file: str | Path = "mlflow.yaml") -> None:
+    """Refuse a run id the tracking store does not know, in one line."""
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_tracking_uri(tracking_uri, config_file)
+    try:
+        mlflow_client(uri).get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"run_id={run_id!r} is not a run in the MLflow store {uri}; give the training run's id "
+                          "(printed by `pdl train`, or in the MLflow UI)") from None
+
+
+def task_key(task: str) -> str:
+    """The MLflow name of a task's primary score: `eval.<task>`, or `eval.icl.<name>` for a task `icl_<name>`."""
+    if task.startswith(ICL_TASK_PREFIX):
+        return ICL_METRIC_PREFIX + task[len(ICL_TASK_PREFIX):]
+    return f"eval.{task}"
+
+
+def fewshot_gains(result: dict[str, Any]) -> dict[str, float]:
+    """`eval.icl.fewshot_gain`: few-shot minus 0-shot score (points), when both tasks of a FEWSHOT_PAIRS entry ran."""
+    tasks = result["tasks"]
+    return {FEWSHOT_GAIN: tasks[few]["value"] - tasks[zero]["value"]
+            for few, zero in FEWSHOT_PAIRS.items() if few in tasks and zero in tasks}
+
+
+def metric_items(result: dict[str, Any]) -> dict[str, float]:
+    """The MLflow metrics of an evaluation result (`pd_lightning.evaluation.evaluate`), named as above."""
+    items: dict[str, float] = {}
+    for name, s in result["tasks"].items():
+        key = task_key(name) if s["percent"] else f"{task_key(name)}.{s['metric']}"
+        items[key] = s["value"]
+        if s["stderr"] is not None:
+            items[f"{key}.stderr"] = s["stderr"]
+        if not s["percent"]:
+            items.update({f"{task_key(name)}.{m}": v for m, v in s["extra"].items()})
+    items.update(fewshot_gains(result))
+    if result["average"] is not None:
+        items["eval.average"] = result["average"]
+    if result.get("heldout"):
+        from pd_lightning.metrics import HeldoutMetrics
+
+        items.update(HeldoutMetrics(**result["heldout"]).mlflow_metrics())
+    return items
+
+
+def _log_json(client, run_id: str, name: str, obj: Any, **dumps: Any) -> None:
+    """`obj` as the JSON artifact `eval/<name>` of a run (written to a temp dir, then uploaded)."""
+    with tempfile.TemporaryDirectory(prefix="pdl-eval-") as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(obj, indent=2, **dumps), encoding="utf-8")
+        client.log_artifact(run_id, str(path), artifact_path=RESULTS_ARTIFACT_DIR)
+
+
+def log_to_mlflow(result: dict[str, Any], run_id: str, *, tracking_uri: str | None = None,
+                  tracking_config_file: str | Path = "mlflow.yaml", step: int = 0) -> None:
+    """Log an evaluation's metrics to an existing MLflow run, and the raw harness JSON as an artifact.
+
+    `step` is the training step the scores belong to (a run scored at several checkpoints keeps a
+    history; MLflow's latest value is the one of the highest step).
+    """
+    from lm_eval.utils import handle_non_serializable
+
+    client = mlflow_client(tracking_uri, tracking_config_file)
+    for key, value in metric_items(result).items():
+        client.log_metric(run_id, key, value, step=step)
+    # Tags say what the eval.* numbers mean: which suite and harness model, and which tasks are missing
+    # from eval.average because their data could not be loaded.
+    client.set_tag(run_id, "eval.suite", result["suite"] or "custom")
+    client.set_tag(run_id, "eval.backend", result["backend"])
+    client.set_tag(run_id, "eval.failed", ",".join(result["failed"]))
+    _log_json(client, run_id, RESULTS_ARTIFACT_NAME, result["lm_eval"], default=handle_non_serializable,
+              ensure_ascii=False)
+    if result.get("heldout"):
+        log_heldout(client, run_id, result["heldout"], teacher=result["heldout_sources"]["teacher"], step=step,
+                    metrics=False)
+
+
+def log_heldout(client, run_id: str, heldout: dict[str, Any], *, teacher: str | None, step: int = 0,
+                metrics: bool = True) -> None:
+    """Held-out metrics to a run: `eval.heldout.*` metrics, the tag `eval.heldout.teacher` (the teacher they
+    were measured against, "none" without one) and `eval/heldout.json` (metrics, tokens, reliability bins)."""
+    from pd_lightning.metrics import HeldoutMetrics
+
+    if metrics:
+        for key, value in HeldoutMetrics(**heldout).mlflow_metrics().items():
+            client.log_metric(run_id, key, value, step=step)
+    client.set_tag(run_id, "eval.heldout.teacher", str(teacher) if teacher else "none")
+    _log_json(client, run_id, HELDOUT_ARTIFACT_NAME,
+              {**heldout, "teacher": str(teacher) if teacher else None, "step": step})

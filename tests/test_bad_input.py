@@ -263,7 +263,6 @@ CASES = [
     C("eval-truncated-weights", "eval {tmp}/model", "model", model_copy(weights=b"\x00" * 100)),
     C("eval-zero-limit", "eval {teacher} --limit 0", "limit"),
     C("eval-bad-int-flag", "eval {teacher} --batch-size many", "--batch-size", sub=True),
-    C("eval-bad-backend", "eval {teacher} --backend vllm", "--backend"),
     C("generate-missing-teacher", GEN + " teacher.path={tmp}/no-teacher", "no-teacher"),
     C("generate-teacher-is-a-file", GEN + " teacher.path={tmp}/model", "model", text("model", "weights?")),
     C("generate-teacher-no-tokenizer", GEN + " teacher.path={tmp}/model", ("model", "tokenizer"), model_dir(UNKNOWN, tokenizer=False)),

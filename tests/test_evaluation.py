@@ -1,4 +1,4 @@
-"""Evaluation through the real lm-evaluation-harness: local suite, MLflow logging, offline failures, backend."""
+"""Evaluation through the real lm-evaluation-harness: local suite, MLflow logging, offline failures, `pdl eval`."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ import pytest
 import torch
 import yaml
 
+from pd_lightning import cli
 from pd_lightning import evaluation as ev
+from pd_lightning.evaluation import harness
 from pd_lightning.data.corpus import EVAL_TASKS, heldout_texts, make_eval_items
 from pd_lightning.errors import ConfigError, DataError, UserError
+
 
 LOCAL_MC = ("synth_continuation", "synth_facts", "synth_arithmetic")
 ICL_TASKS = ("icl_copy_random", "icl_copy_natural", "icl_facts_5shot")  # local, out of the Average
@@ -155,8 +158,7 @@ def test_local_suite_through_the_harness_logs_to_mlflow(tiny_teacher: Path, mlfl
     from mlflow.tracking import MlflowClient
 
     uri, run_id = mlflow_run
-    result = ev.evaluate(tiny_teacher, suite="local", limit=40, batch_size=16, run_id=run_id, tracking_uri=uri,
-                         quiet=True)
+    result = ev.evaluate(tiny_teacher, suite="local", limit=40, batch_size=16, run_id=run_id, tracking_uri=uri)
     assert result["failed"] == {} and result["backend"] in ("hf", "pdl")
     assert result["max_length"] == 64  # the fixture teacher's training seq_len, from its info file
     tasks = result["tasks"]
@@ -209,8 +211,8 @@ def tiny_config_teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     cfg = load_config("tiny", ["data.train_tokens=1300000", "data.heldout_tokens=20000", f"data.out={root / 'data'}",
                                f"teacher.out={root / 'teacher'}", "teacher.preset=tiny-1m", "teacher.max_steps=900",
                                "teacher.batch_size=16", "teacher.lr=3e-3", "trainer.num_workers=0"])
-    prepare(cfg.data, quiet=True)
-    teacher = train_teacher(cfg, quiet=True)
+    prepare(cfg.data)
+    teacher = train_teacher(cfg)
     from transformers import AutoConfig, AutoTokenizer
 
     c = AutoConfig.from_pretrained(teacher)
@@ -223,7 +225,7 @@ def tiny_config_teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
 
 def test_a_trained_teacher_scores_clearly_above_random_init_on_every_local_task(tiny_config_teacher):
     teacher, random_dir = tiny_config_teacher
-    kw = dict(tasks=[*LOCAL_MC, "synth_heldout"], quiet=True, max_length=128)  # every item, the same window for both
+    kw = dict(tasks=[*LOCAL_MC, "synth_heldout"], max_length=128)  # every item, the same window for both
     got, chance = ev.evaluate(teacher, **kw)["tasks"], ev.evaluate(random_dir, **kw)["tasks"]
     scores = {t: (round(got[t]["value"], 1), round(chance[t]["value"], 1)) for t in LOCAL_MC}
     # 1,200 items: stderr about 1.4 points, so 8 points is more than 4 standard errors of the difference.
@@ -237,7 +239,7 @@ def test_icl_probe_separates_a_model_that_copies_from_random_init(tiny_config_te
     """The copying probe is at chance (25%) for any model that ignores the context (its 4 choices are
     exchangeable without it); the trained teacher copies natural spans from its context, random init cannot."""
     teacher, random_dir = tiny_config_teacher
-    kw = dict(tasks="icl_copy_random,icl_copy_natural", quiet=True, max_length=128)
+    kw = dict(tasks="icl_copy_random,icl_copy_natural", max_length=128)
     got, chance = ev.evaluate(teacher, **kw)["tasks"], ev.evaluate(random_dir, **kw)["tasks"]
     scores = {t: (round(got[t]["value"], 1), round(chance[t]["value"], 1)) for t in got}
     # 600 items a task: stderr about 1.8 points. Measured with this recipe: natural 35.2 vs 22.3 at random
@@ -252,7 +254,7 @@ def test_trained_teacher_beats_random_init(tiny_teacher: Path, random_model: Pat
     # Held-out perplexity separates the small session fixture teacher from random init by a wide
     # margin; the multiple-choice tasks need the longer-trained teacher of the test above (the
     # fixture's 64-token windows are shorter than a continuation item).
-    kw = dict(tasks="synth_heldout", limit=100, quiet=True, max_length=64)  # same window for both
+    kw = dict(tasks="synth_heldout", limit=100, max_length=64)  # same window for both
     teacher = ev.evaluate(tiny_teacher, **kw)["tasks"]["synth_heldout"]["value"]
     random = ev.evaluate(random_model, **kw)["tasks"]["synth_heldout"]["value"]
     assert teacher < random - 0.5, (teacher, random)  # bits per byte; measured about 2.9 vs 4.0
@@ -276,6 +278,11 @@ def test_copy_items_repeat_the_gold_span_and_draw_its_place_uniformly(kind: str)
     assert counts.min() > 70, counts  # 100 expected each; 3.5 standard deviations below
 
 
+def eval_args(*argv: str) -> argparse.Namespace:
+    """`pdl eval ARGV` as the real `pdl` parser reads it."""
+    return cli.build_parser().parse_args(["eval", *argv])
+
+
 def test_pdl_eval_prints_and_logs_heldout_metrics(tiny_teacher: Path, tiny_data: Path, mlflow_run: tuple[str, str],
                                                   capsys: pytest.CaptureFixture, tmp_path: Path):
     from mlflow.tracking import MlflowClient
@@ -283,13 +290,11 @@ def test_pdl_eval_prints_and_logs_heldout_metrics(tiny_teacher: Path, tiny_data:
     from pd_lightning.metrics import HELDOUT_METRICS
 
     uri, run_id = mlflow_run
-    parser = argparse.ArgumentParser()
-    ev.add_arguments(parser)
     assert ev.heldout_defaults(tiny_teacher) == (tiny_data.resolve(), None)  # the teacher's info file names its data
-    args = parser.parse_args([str(tiny_teacher), "--tasks", "synth_facts,icl_facts_5shot", "--limit", "12",
-                              "--teacher", str(tiny_teacher), "--heldout-sequences", "24", "--run-id", run_id,
-                              "--tracking-uri", uri])
-    result = ev.run_from_args(args)
+    args = eval_args(str(tiny_teacher), "--tasks", "synth_facts,icl_facts_5shot", "--limit", "12",
+                     "--teacher", str(tiny_teacher), "--heldout-sequences", "24", "--run-id", run_id,
+                     "--tracking-uri", uri)
+    result = cli.cmd_eval(args)
     out = capsys.readouterr().out
     held = result["heldout"]
     assert held["tokens"] == 24 * 63 and held["teacher_top1_agree"] == 1.0 and abs(held["teacher_kl"]) < 1e-5
@@ -305,22 +310,20 @@ def test_pdl_eval_prints_and_logs_heldout_metrics(tiny_teacher: Path, tiny_data:
     saved = json.loads(Path(client.download_artifacts(run_id, "eval/heldout.json", str(tmp_path))).read_text())
     assert saved["bins"] == held["bins"] and sum(b["n"] for b in saved["bins"]) == held["tokens"]
     # --heldout none skips them; a dir without held-out shards is a one-line error before any model loads
-    none = parser.parse_args([str(tiny_teacher), "--tasks", "synth_facts", "--limit", "4", "--heldout", "none"])
-    assert ev.run_from_args(none)["heldout"] is None
+    none = eval_args(str(tiny_teacher), "--tasks", "synth_facts", "--limit", "4", "--heldout", "none")
+    assert cli.cmd_eval(none)["heldout"] is None
     with pytest.raises(DataError, match="not a prepared data dir"):
-        ev.run_from_args(parser.parse_args([str(tiny_teacher), "--heldout", str(tmp_path)]))
+        cli.cmd_eval(eval_args(str(tiny_teacher), "--heldout", str(tmp_path)))
 
 
 def test_unavailable_dataset_fails_alone_with_one_line(tiny_teacher: Path, mlflow_run: tuple[str, str],
                                                         capsys: pytest.CaptureFixture, tmp_path: Path):
     uri, run_id = mlflow_run
-    parser = argparse.ArgumentParser()
-    ev.add_arguments(parser)
-    args = parser.parse_args([str(tiny_teacher), "--tasks", "hellaswag,synth_arithmetic", "--limit", "10",
-                              "--run-id", run_id, "--tracking-uri", uri, "--output", str(tmp_path / "r.json")])
+    args = eval_args(str(tiny_teacher), "--tasks", "hellaswag,synth_arithmetic", "--limit", "10",
+                     "--run-id", run_id, "--tracking-uri", uri, "--output", str(tmp_path / "r.json"))
     # Tests run with HF_DATASETS_OFFLINE=1 and an empty datasets cache: hellaswag cannot load.
     with pytest.raises(UserError) as err:
-        ev.run_from_args(args)
+        cli.cmd_eval(args)
     message = str(err.value)
     assert "\n" not in message
     assert "'hellaswag'" in message and "'Rowan/hellaswag'" in message and "HF_DATASETS_CACHE" in message
@@ -338,13 +341,15 @@ def test_unavailable_dataset_fails_alone_with_one_line(tiny_teacher: Path, mlflo
     assert MlflowClient(tracking_uri=uri).get_run(run_id).data.tags["eval.failed"] == "hellaswag"
 
 
-def test_evaluate_with_config_uses_the_eval_section_and_corpus_world(tiny_teacher: Path):
+def test_evaluate_with_config_uses_the_eval_section_and_corpus_world(tiny_teacher: Path, pdl_log):
     from pd_lightning.config import load_config
 
     cfg = load_config("tiny", ["eval.tasks=synth_arithmetic", "eval.limit=8", "data.corpus_seed=1"])
-    result = ev.evaluate_with_config(tiny_teacher, cfg, quiet=True)
+    result = ev.evaluate_with_config(tiny_teacher, cfg)
     assert list(result["tasks"]) == ["synth_arithmetic"] and result["tasks"]["synth_arithmetic"]["samples"] == 8
     assert result["lm_eval"]["configs"]["synth_arithmetic"]["metadata"]["corpus_seed"] == 1
+    # Status goes to the logger, one line per task (a caller silences it by the logger's level).
+    assert "eval: synth_arithmetic: acc " in pdl_log.text and "n=8)" in pdl_log.text
 
 
 def test_window_defaults_to_the_trained_seq_len(tiny_teacher: Path, random_model: Path, tmp_path: Path):
@@ -354,12 +359,12 @@ def test_window_defaults_to_the_trained_seq_len(tiny_teacher: Path, random_model
     assert ev.trained_seq_len(tmp_path) == 128
     (tmp_path / "pdl_run.json").write_text(json.dumps({"data": str(tmp_path / "moved-away")}))
     assert ev.trained_seq_len(tmp_path) is None
-    lm, _, _ = ev.load_lm(random_model, backend="pdl")
+    lm, _ = ev.load_lm(random_model)
     assert lm.max_length == 1024
 
 
 def test_paper_suite_offline_names_every_missing_dataset(tiny_teacher: Path):
-    result = ev.evaluate(tiny_teacher, suite="paper", limit=2, quiet=True)
+    result = ev.evaluate(tiny_teacher, suite="paper", limit=2)
     assert result["tasks"] == {} and result["average"] is None
     datasets = {"hellaswag": "Rowan/hellaswag", "winogrande": "allenai/winogrande", "piqa": "baber/piqa",
                 "mmlu": "cais/mmlu", "c3": "clue/clue", "ceval-valid": "ceval/ceval-exam", "gsm8k": "openai/gsm8k"}
@@ -382,12 +387,10 @@ def test_bad_inputs_fail_before_any_model_is_loaded(tmp_path: Path, tiny_teacher
         ev.evaluate(tiny_teacher, tasks="synth_facts", run_id="nope", tracking_uri=mlflow_store[0])
     with pytest.raises(ConfigError, match="eval.max_length=1 "):
         ev.evaluate(tiny_teacher, tasks="synth_facts", max_length=1)
-    with pytest.raises(ConfigError, match="eval.backend='vllm'"):
-        ev.evaluate(tiny_teacher, tasks="synth_facts", backend="vllm")
 
 
 # ----------------------------------------------------------------------------------------------
-# The torch-only backend against the model itself
+# The harness's own model against the model itself
 
 
 def _direct_logprob(model, ids: list[int], n_cont: int) -> float:
@@ -399,10 +402,10 @@ def _direct_logprob(model, ids: list[int], n_cont: int) -> float:
     return float(logp[torch.arange(len(targets)), targets][-n_cont:].sum())
 
 
-def test_pdl_backend_scores_match_the_model(tiny_teacher: Path):
+def test_harness_scores_match_the_model(tiny_teacher: Path):
     from lm_eval.api.instance import Instance
 
-    lm = ev.make_pdl_lm(tiny_teacher, batch_size=3)
+    lm, _ = ev.load_lm(tiny_teacher, batch_size=3)
     items = make_eval_items("synth_facts", 3) + make_eval_items("synth_continuation", 2)
     pairs = [(it["context"], choice) for it in items for choice in it["choices"]]
     reqs = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
@@ -419,33 +422,9 @@ def test_pdl_backend_scores_match_the_model(tiny_teacher: Path):
     rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)[0]
     assert rolling == pytest.approx(_direct_logprob(lm.model, [lm.prefix_token_id, *ids], len(ids)), abs=1e-3)
     # A window shorter than the text: the rolling windows still score every token exactly once.
-    short = ev.make_pdl_lm(tiny_teacher, max_length=16)
+    short, _ = ev.load_lm(tiny_teacher, max_length=16)
     windowed = short.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)[0]
     assert math.isfinite(windowed) and windowed != pytest.approx(rolling, abs=1e-3)
-
-
-def test_pdl_backend_generation_stops_at_until(tiny_teacher: Path):
-    from lm_eval.api.instance import Instance
-
-    lm = ev.make_pdl_lm(tiny_teacher)
-    context = "17 plus 25 is"
-    free = lm.generate_until([Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 12}), 0)])[0]
-    assert free  # greedy text of 12 tokens
-    stop = free.strip()[:1] or "."
-    cut = lm.generate_until([Instance("generate_until", {}, (context, {"until": [stop], "max_gen_toks": 12}), 0)])[0]
-    assert stop not in cut and free.startswith(cut)
-
-
-@pytest.mark.skipif(not ev.hf_backend_available(), reason="accelerate (lm-eval's hf extra) is not installed")
-def test_pdl_backend_matches_the_harness_hf_model(tiny_teacher: Path):
-    from lm_eval.api.instance import Instance
-
-    pdl = ev.make_pdl_lm(tiny_teacher)
-    hf, _, _ = ev.load_lm(tiny_teacher, backend="hf")
-    items = make_eval_items("synth_arithmetic", 4)
-    reqs = [Instance("loglikelihood", {}, (it["context"], c), i) for i, it in enumerate(items) for c in it["choices"]]
-    for (a, _), (b, _) in zip(pdl.loglikelihood(reqs), hf.loglikelihood(reqs)):
-        assert a == pytest.approx(b, abs=1e-3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,12 +492,12 @@ def paper_stand_ins(monkeypatch: pytest.MonkeyPatch, tiny_teacher: Path):
 
     monkeypatch.setattr(datasets, "load_dataset", _paper_stand_in_dataset)
     lm = _recording_lm()
-    monkeypatch.setattr(ev, "load_lm", lambda *a, **k: (lm, "recording", "stand-in"))
+    monkeypatch.setattr(harness, "load_lm", lambda *a, **k: (lm, "stand-in"))
     return lm
 
 
 def test_paper_suite_runs_each_task_at_its_shots(tiny_teacher: Path, paper_stand_ins):
-    result = ev.evaluate(tiny_teacher, suite="paper", limit=1, quiet=True)
+    result = ev.evaluate(tiny_teacher, suite="paper", limit=1)
     assert result["failed"] == {} and set(result["tasks"]) == set(PAPER_SHOTS)
     assert {t: s["num_fewshot"] for t, s in result["tasks"].items()} == PAPER_SHOTS
     configs = result["lm_eval"]["configs"]  # every leaf task as the harness built it (mmlu: 57, ceval: 52)
@@ -540,11 +519,11 @@ def test_mmlu_cannot_run_6_shot_from_its_5_question_dev_split(tiny_teacher: Path
     # Why the paper suite keeps MMLU at 5, not the secondary source's 6: lm-eval's mmlu takes its
     # examples in order from the dev split, which holds 5 per subject, and refuses a 6th.
     with pytest.raises(AssertionError, match="exceeds the 5 that are available"):
-        ev.evaluate(tiny_teacher, tasks="mmlu", num_fewshot=6, limit=1, quiet=True)
+        ev.evaluate(tiny_teacher, tasks="mmlu", num_fewshot=6, limit=1)
 
 
 def test_a_task_that_pins_zero_shots_is_reported_not_silently_run_0_shot(tiny_teacher: Path, paper_stand_ins,
-                                                                         tmp_path: Path, monkeypatch, caplog):
+                                                                         tmp_path: Path, monkeypatch, pdl_log):
     # The harness ignores a shot count for a task whose YAML says num_fewshot: 0 (it only logs an
     # info line); evaluate() warns and records the count the task actually ran at.
     from lm_eval.tasks import TaskManager
@@ -553,8 +532,7 @@ def test_a_task_that_pins_zero_shots_is_reported_not_silently_run_0_shot(tiny_te
     cfg |= {"task": "c3_pinned", "num_fewshot": 0}
     (tmp_path / "c3_pinned.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
     tm = TaskManager(include_path=[str(ev.TASKS_DIR), str(tmp_path)], include_defaults=False)
-    monkeypatch.setattr(ev, "_task_manager_for", lambda names, seed: tm)
-    with caplog.at_level("WARNING", logger=ev.log.name):
-        result = ev.evaluate(tiny_teacher, tasks="c3_pinned", num_fewshot=3, limit=1, quiet=True)
+    monkeypatch.setattr(harness, "task_manager_for", lambda names, seed: tm)
+    result = ev.evaluate(tiny_teacher, tasks="c3_pinned", num_fewshot=3, limit=1)
     assert result["tasks"]["c3_pinned"]["num_fewshot"] == 0
-    assert "task 'c3_pinned': asked for 3-shot, but the harness ran c3_pinned 0-shot" in caplog.text
+    assert "task 'c3_pinned': asked for 3-shot, but the harness ran c3_pinned 0-shot" in pdl_log.text

@@ -33,3 +33,22 @@ def test_config_file_is_read_and_a_plain_directory_refused(tmp_path):
     assert (s["tracking_uri"], s["artifact_location"], s["experiment"]) == ("http://127.0.0.1:5001", "s3://bucket/a", "team")
     with pytest.raises(ConfigError, match="tracking_uri='runs/mlflow'"):
         settings(tmp_path, "tracking.tracking_uri=runs/mlflow")
+
+
+def test_eval_metric_names():
+    from pd_lightning.tracking import check_run, metric_items, resolve_tracking_uri
+
+    def score(value, percent=True, metric="acc", stderr=1.0, extra=None):
+        return {"value": value, "percent": percent, "metric": metric, "stderr": stderr, "extra": extra or {}}
+
+    result = {"tasks": {"synth_facts": score(40.0), "icl_facts_5shot": score(55.0),
+                        "synth_heldout": score(2.5, False, "bits_per_byte", None, {"byte_perplexity": 5.7})},
+              "average": 40.0, "heldout": None}
+    assert metric_items(result) == {
+        "eval.synth_facts": 40.0, "eval.synth_facts.stderr": 1.0,
+        "eval.icl.facts_5shot": 55.0, "eval.icl.facts_5shot.stderr": 1.0,  # ICL probes: outside eval.<task>
+        "eval.synth_heldout.bits_per_byte": 2.5, "eval.synth_heldout.byte_perplexity": 5.7,
+        "eval.icl.fewshot_gain": 15.0, "eval.average": 40.0}
+    assert resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+    with pytest.raises(ConfigError, match="tracking.tracking_uri='runs/mlflow'"):
+        check_run("abc", "runs/mlflow")
