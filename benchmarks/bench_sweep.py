@@ -6,7 +6,7 @@ the study's bookkeeping included. Each run gets a fresh working dir (its own MLf
 sqlite stores):
   1 worker            `pdl sweep run` default: one worker using every core (torch intra-op threads)
   1 worker, 1 thread  one worker on one core (`--threads 1`)
-  N workers           `--workers N`: cores / N threads each, idle workers' cores lent to busy ones
+  N workers           `--workers N`: cores / N threads each
 Target on a 2-core machine: speed-up >= 1.6 with 2 workers.
 
 `speedup_bound` = N x (1 worker) / (1 worker, 1 thread): the most N workers could gain over the

@@ -125,15 +125,26 @@ class PostgresServer:
         pwfile.unlink()
         for attempt in range(3):  # a free port can be taken between the probe and the bind
             self.port = free_port()
-            opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sockets} "
-                    "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")  # a test cluster: no crash safety
             try:
-                self._run(self.bin_dir / "pg_ctl", "-D", self.data, "-l", self.log, "-o", opts, "-w", "-t", "60", "start")
+                self._pg_ctl_start()
                 return self
             except RuntimeError:
                 if attempt == 2:
                     raise
         return self
+
+    def _pg_ctl_start(self) -> None:
+        opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sockets} "
+                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")  # a test cluster: no crash safety
+        self._run(self.bin_dir / "pg_ctl", "-D", self.data, "-l", self.log, "-o", opts, "-w", "-t", "60", "start")
+
+    def pause(self) -> None:
+        """Stop the server as an outage would (fast shutdown: clients are cut off), keeping its files for `resume`."""
+        self._run(self.bin_dir / "pg_ctl", "-D", self.data, "-m", "fast", "-w", "-t", "60", "stop")
+
+    def resume(self) -> None:
+        """Start a paused server again, on the same port with the same databases."""
+        self._pg_ctl_start()
 
     def stop(self) -> None:
         """Fast shutdown and remove the cluster's files."""
@@ -186,10 +197,11 @@ class MlflowServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 180) -> "MlflowServer":
-        """Start and wait until GET /health answers 200 (schema migrations run on first start)."""
+    def start(self, timeout: float = 180, port: int | None = None) -> "MlflowServer":
+        """Start (on `port`, e.g. the one of a stopped run of it, or a free one) and wait until GET /health
+        answers 200 (schema migrations run on first start)."""
         self.artifacts.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = port or free_port()
         cmd = [*mlflow_executable(), "server", "--backend-store-uri", self.backend_store_uri,
                "--default-artifact-root", self.artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(self.port),
                "--workers", "1"]
