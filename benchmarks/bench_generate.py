@@ -169,7 +169,7 @@ def phase_generate(a) -> dict:
 
     cfg = _gen_config(a.data, a.teacher, a.store, a.batch, [f"logits.encode_workers={a.workers}"])
     t0 = time.perf_counter()
-    generate_store(cfg, quiet=True)
+    generate_store(cfg)
     seconds = time.perf_counter() - t0
     stats = json.loads((Path(a.store) / "generation_stats-rank0.json").read_text())
     return {"seconds": seconds, "generation_seconds": stats["seconds"], "tokens": _tokens(a.data)}
@@ -182,7 +182,7 @@ def phase_dense(a) -> dict:
     from pd_lightning.cost import model_cost_shape, store_cost_meta
     from pd_lightning.data.shards import TokenShards, read_manifest
     from pd_lightning.logits.generate import teacher_identity
-    from pd_lightning.logits.store import AsyncShardWriter, LogitStoreWriter
+    from pd_lightning.logits.writer import AsyncShardWriter, LogitStoreWriter
     from pd_lightning.models import load_causal_lm
 
     cfg = _gen_config(a.data, a.teacher, a.store, a.batch, [])
@@ -237,7 +237,7 @@ def phase_encode(a) -> dict:
     of 8 sequences; timed from the first submit until every shard is on disk (the processes are
     started and warm before, as a long generation amortises their start).
     """
-    from pd_lightning.logits.store import AsyncShardWriter, LogitStoreWriter
+    from pd_lightning.logits.writer import AsyncShardWriter, LogitStoreWriter
 
     from pd_lightning.config import LogitsConfig
 

@@ -70,7 +70,7 @@ def setup(workdir: Path) -> tuple[Path, Path, Path]:
 
     data = workdir / "data"
     cfg = load_config("tiny", ["data.train_tokens=100000", "data.heldout_tokens=100000", f"data.out={data}"])
-    prepare(cfg.data, quiet=True)
+    prepare(cfg.data)
     manifest = read_manifest(data)
     dirs = []
     for preset, name in (("tiny-1m", "student"), ("tiny-5m", "teacher")):

@@ -82,13 +82,13 @@ def setup(a, work: Path):
     cfg = load_config("tiny", data_overrides(a, work))
     times = {}
     t = time.perf_counter()
-    prepare(cfg.data, quiet=True)
+    prepare(cfg.data)
     times["prepare_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    train_teacher(cfg, quiet=True)
+    train_teacher(cfg)
     times["teacher_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    generate_store(cfg, quiet=True)
+    generate_store(cfg)
     times["store_s"] = time.perf_counter() - t
     torch.set_num_threads(1)  # in case anything above changed it
     return cfg, {k: round(v, 2) for k, v in times.items()}
@@ -266,6 +266,9 @@ def loader_breakdown(a, cfg, spec, rounds: int = 10) -> dict:
 
 
 def main(argv=None) -> dict:
+    from pd_lightning.logits.store import keep_freed_memory_for_reuse
+
+    keep_freed_memory_for_reuse()  # the loader is measured as training runs it (module.py sets this too)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", help="keep dataset/teacher/store here and reuse them (default: a temp dir)")
     ap.add_argument("--preset", default="tiny-1m", help="student preset")

@@ -20,12 +20,28 @@ LOGGER = "pd_lightning"
 _HANDLER_MARK = "_pdl_handler"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at each record, not the stream of the first `setup()` call
+    (a test runner or a notebook swaps stderr; a handler bound to a closed one would lose every line)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property always answers sys.stderr
+        pass
+
+
 def setup(level: int = logging.INFO, stream=None) -> logging.Logger:
     """Give the `pd_lightning` logger its one stderr handler (idempotent: a second call only sets the level)."""
     root = logging.getLogger(LOGGER)
     root.setLevel(level)
     if not any(getattr(h, _HANDLER_MARK, False) for h in root.handlers):
-        handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+        handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         setattr(handler, _HANDLER_MARK, True)
         root.addHandler(handler)

@@ -9,7 +9,6 @@ decodes, truncates and tempers the teacher entries in DataLoader workers, so the
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -148,8 +147,11 @@ class DistillationBatches(Dataset):
         batch = {"input_ids": torch.from_numpy(self._shards.batch(rows))}
         if self.store_root is not None and self.targets is not None:
             if self._store is None:
-                from pd_lightning.logits.store import LogitStore
+                from pd_lightning.logits.store import LogitStore, keep_freed_memory_for_reuse
 
+                # this process (the trainer's, or a DataLoader worker's) decodes a batch per step: a glibc
+                # setting for the whole process, so it is made here, by the loader, not by opening a store
+                keep_freed_memory_for_reuse()
                 self._store = LogitStore(self.store_root)
             t = self.targets
             sparse = self._store.sequences(indices)
@@ -252,7 +254,7 @@ class DistillationModule(pl.LightningModule):
         self.tau_sq = tau_sq  # Hinton's τ² factor on the KD term (NormKD carries its τ_t² in the weights)
         # Co-training (Table 6, online): a teacher pre-trained in the same steps supplies the targets.
         self.teacher, self.teacher_optim, self.cotrain_targets = teacher, teacher_optim, cotrain_targets
-        self.capture_logits = False  # online_store: keep this step's logits for the OnlineLogitWriter
+        self.capture_logits = False  # online_store: keep this step's logits for callbacks.OnlineLogitWriter
         self.captured_logits: torch.Tensor | None = None
         self._last_time: float | None = None
 
@@ -371,67 +373,3 @@ def _lr_lambda(o: OptimConfig, max_steps: int):
         return lr_multiplier(step / max_steps, o.lr_schedule, warmup=o.warmup_frac, decay=o.decay_frac,
                              decay_shape=o.decay_shape, min_ratio=o.min_lr_ratio)
     return multiplier
-
-
-class ProgressLines(pl.Callback):
-    """Plain progress lines (step, loss, tokens/s, ETA) every `every_s` seconds when stderr is not a terminal."""
-
-    def __init__(self, description: str, every_s: float = 10.0):
-        self.description, self.every_s = description, every_s
-        self._start = self._last = 0.0
-
-    def on_train_start(self, trainer, module) -> None:
-        self._start = self._last = time.perf_counter()
-        self._first_step = trainer.global_step
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        now = time.perf_counter()
-        if not trainer.is_global_zero or (now - self._last < self.every_s and trainer.global_step < trainer.max_steps):
-            return  # one line for the whole DDP job, from rank 0
-        self._last = now
-        done = trainer.global_step - self._first_step
-        rate = done / max(now - self._start, 1e-9)
-        tokens = rate * batch["input_ids"].numel() * trainer.world_size
-        loss = trainer.callback_metrics.get("loss")
-        eta = (trainer.max_steps - trainer.global_step) / max(rate, 1e-9)
-        loss_text = f", loss {float(loss):.4f}" if loss is not None else ""
-        print(f"[{self.description}] step {trainer.global_step}/{trainer.max_steps}{loss_text}, "
-              f"{tokens:,.0f} tokens/s, ETA {eta:.0f}s", file=sys.stderr, flush=True)
-
-
-class OnlineLogitWriter(pl.Callback):
-    """Online logits (Table 6): while a teacher pre-trains, write its top-p-k logits for the batches it trains on.
-
-    Steps [start_step, end_step) are kept; the batch of step s becomes store sequences
-    [(s - start_step)·B, (s - start_step + 1)·B), and `sequence_map` (saved next to the store) says
-    which token-shard sequence each one is, so a student replays exactly those batches in order.
-    """
-
-    def __init__(self, writer, start_step: int, end_step: int, batch_size: int):
-        from pd_lightning.logits.store import AsyncShardWriter
-
-        self.async_writer = AsyncShardWriter(writer)
-        self.start_step, self.end_step, self.batch_size = start_step, end_step, batch_size
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        module.capture_logits = self.start_step <= trainer.global_step < self.end_step
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step - 1  # the optimizer step of this batch has been taken
-        if module.capture_logits and module.captured_logits is not None:
-            logits = module.captured_logits
-            logits = logits.reshape(-1, logits.size(-1))
-            if logits.device.type != "cpu":  # cut on the GPU chunk by chunk: no fp32 copy of [B·T, V] queued
-                w = self.async_writer.writer
-                data = truncate_top_p_k(logits, w.p, w.k, power_exponents=w.power_exponents)
-            else:  # on CPU the writer thread truncates, overlapping the next step
-                data = logits.float()
-            self.async_writer.submit((step - self.start_step) * self.batch_size, data)
-            module.captured_logits = None
-
-    def on_train_end(self, trainer, module) -> None:
-        self.async_writer.close()
-
-    def on_exception(self, trainer, module, exception) -> None:
-        # training failed (a full disk on this writer's thread included): stop the thread quietly, keep whole shards
-        self.async_writer.__exit__(type(exception), exception, None)

@@ -1,20 +1,33 @@
-"""Progress that fits the terminal: a rich bar on a TTY, plain timestamped log lines otherwise."""
+"""Progress of the lab's long loops, one way everywhere: a rich bar on a terminal, plain log lines otherwise.
+
+Data preparation, logit generation and training (`callbacks.TrainingProgress`) all count their work
+with `ProgressBar`; off a terminal its lines go through `logging` (`pd_lightning.logs`), so they land
+where the rest of the status output does and a caller silences them by logger level.
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from types import TracebackType
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+log = logging.getLogger(__name__)
+
 
 class ProgressBar:
-    """Count work units with rate (units/s) and ETA; `with ProgressBar(total, "tokens", "prepare") as bar: bar.advance(n)`."""
+    """Count work units with rate (units/s) and ETA; `with ProgressBar(total, "tokens", "prepare") as bar: bar.advance(n)`.
 
-    def __init__(self, total: int | None, unit: str, description: str, *, log_every_s: float = 10.0):
+    `start`: units already done before this session (a resumed run), counted in the total but not in
+    the rate. `advance(n, note=...)` shows a short status beside the count (a training loss).
+    """
+
+    def __init__(self, total: int | None, unit: str, description: str, *, start: int = 0, log_every_s: float = 10.0):
         self.total, self.unit, self.description = total, unit, description
-        self.done = 0
+        self.done = self.first = start
+        self.note = ""
         self.start = time.perf_counter()
         self._log_every = log_every_s
         self._last_log = self.start
@@ -30,35 +43,45 @@ class ProgressBar:
                 TextColumn("{task.fields[rate]}"),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
+                TextColumn("{task.fields[note]}"),
                 transient=False,
             )
             self._rich.start()
-            self._task = self._rich.add_task(self.description, total=self.total, rate="")
+            self._task = self._rich.add_task(self.description, total=self.total, completed=self.done, rate="", note="")
         return self
 
     @property
     def rate(self) -> float:
-        return self.done / max(time.perf_counter() - self.start, 1e-9)
+        """Units per second in this session."""
+        return (self.done - self.first) / max(time.perf_counter() - self.start, 1e-9)
 
-    def advance(self, n: int) -> None:
-        """Record n more units of work."""
+    def advance(self, n: int, *, note: str | None = None) -> None:
+        """Record n more units of work (and, with `note`, replace the status shown beside them)."""
         self.done += n
+        if note is not None:
+            self.note = note
         now = time.perf_counter()
         if self._rich is not None:
-            self._rich.update(self._task, completed=self.done, rate=f"{self.rate:,.0f} {self.unit}/s")
+            self._rich.update(self._task, completed=self.done, rate=f"{_amount(self.rate)} {self.unit}/s", note=self.note)
         elif now - self._last_log >= self._log_every:
             self._last_log = now
-            print(self._line(), file=sys.stderr, flush=True)
+            log.info(self._line())
 
     def _line(self) -> str:
         total = f"/{self.total:,}" if self.total else ""
         eta = ""
-        if self.total and self.done:
+        if self.total and self.done > self.first:
             eta = f", ETA {max(self.total - self.done, 0) / max(self.rate, 1e-9):.0f}s"
-        return f"[{self.description}] {self.done:,}{total} {self.unit} ({self.rate:,.0f} {self.unit}/s{eta})"
+        note = f" {self.note}" if self.note else ""
+        return f"[{self.description}] {self.done:,}{total} {self.unit} ({_amount(self.rate)} {self.unit}/s{eta}){note}"
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._rich is not None:
             self._rich.stop()
         elif exc_type is None:
-            print(self._line() + " done", file=sys.stderr, flush=True)
+            log.info(self._line() + " done")
+
+
+def _amount(rate: float) -> str:
+    """A rate for humans: thousands separated when large, three digits when small (0.412 steps/s)."""
+    return f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"

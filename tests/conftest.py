@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import pytest
 import torch
+
+from pd_lightning import logs
 
 # Tests never reach a hub, whatever the machine's network allows.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,7 +38,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("data") / "tiny"
     cfg = load_config("tiny", [*TINY_DATA, f"data.out={out}"])
-    return prepare(cfg.data, quiet=True)
+    return prepare(cfg.data)
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +50,7 @@ def tiny_teacher(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     out = tmp_path_factory.mktemp("teacher") / "tiny"
     cfg = load_config("tiny", [*TINY_DATA, f"data.out={tiny_data}", f"teacher.out={out}", "teacher.preset=tiny-1m",
                                "teacher.max_steps=200", "teacher.batch_size=16", "teacher.lr=5e-3"])
-    return train_teacher(cfg, quiet=True)
+    return train_teacher(cfg)
 
 
 @pytest.fixture(scope="session")
@@ -59,8 +62,25 @@ def tiny_store(tiny_teacher: Path, tiny_data: Path, tmp_path_factory: pytest.Tem
     out = tmp_path_factory.mktemp("store") / "tiny"
     cfg = load_config("tiny", [*TINY_DATA, f"data.out={tiny_data}", f"teacher.out={tiny_teacher}",
                                f"logits.store={out}", "logits.batch_size=32"])
-    return generate_store(cfg, quiet=True)
+    return generate_store(cfg)
 
 
 # Real PostgreSQL and MLflow tracking servers (session fixtures; started only by tests that ask for them).
 from servers import mlflow_server, postgres_server, postgres_url  # noqa: E402,F401
+
+
+@pytest.fixture
+def pdl_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """caplog receiving every record of the `pd_lightning` logger at INFO and above during the test.
+
+    `pdl` (logs.setup) stops that logger propagating to the root logger, where caplog listens, so
+    this listens on the logger itself: status lines are captured whether or not a `pdl` command ran
+    earlier in the test process.
+    """
+    logger = logging.getLogger(logs.LOGGER)
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger=logs.LOGGER):
+            yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)

@@ -207,7 +207,7 @@ def test_online_store_records_the_teachers_forward_over_its_window(tiny_data, tm
                                "teacher.preset=tiny-1m", "teacher.max_steps=6", "teacher.batch_size=4",
                                "logits.mode=online_store", "logits.online_start_frac=0.5", f"logits.store={store}",
                                "logits.sequences_per_shard=8"])
-    train_teacher(cfg, quiet=True)
+    train_teacher(cfg)
     meta = load_manifest(store)["meta"]
     window_tokens = 3 * 4 * SEQ  # steps 3, 4, 5 of batch 4
     shape = cost.preset_cost_shape("tiny-1m", VOCAB)
@@ -237,9 +237,8 @@ def flop_budget_runs(tiny_data, tiny_store, tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     budget = ["trainer.budget_kind=flops", f"trainer.budget={FLOP_BUDGET!r}", "trainer.max_steps=100000"]
     lm = train(load_config("tiny", run_args(tiny_data, tiny_store, root / "lm", uri, "loss.alpha=0", *budget,
-                                            "trainer.export_every_n_steps=10")), quiet=True)
-    pd = train(load_config("tiny", run_args(tiny_data, tiny_store, root / "pd", uri, "loss.alpha=0.9", *budget)),
-               quiet=True)
+                                            "trainer.export_every_n_steps=10")))
+    pd = train(load_config("tiny", run_args(tiny_data, tiny_store, root / "pd", uri, "loss.alpha=0.9", *budget)))
     return uri, root, lm, pd
 
 
@@ -311,15 +310,14 @@ def test_periodic_exports_are_loadable_hf_dirs_with_step_and_tokens(flop_budget_
     assert any(not torch.equal(step10[n], final[n]) for n in final)
     budget = ["trainer.budget_kind=flops", f"trainer.budget={FLOP_BUDGET!r}", "trainer.max_steps=100000"]
     again = train(load_config("tiny", run_args(tiny_data, tiny_store, root / "lm", uri, "loss.alpha=0", *budget,
-                                               "trainer.export_every_n_steps=10")), quiet=True)
+                                               "trainer.export_every_n_steps=10")))
     assert again["run_id"] == lm["run_id"] and again["exports"] == expected  # a finished run lists its exports
 
 
 def test_token_budget_sets_the_steps(tiny_data, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     summary = train(load_config("tiny", run_args(tiny_data, tmp_path / "none", tmp_path / "run", uri, "loss.alpha=0",
-                                                 "trainer.budget_kind=tokens", f"trainer.budget={5.5 * BATCH * SEQ}")),
-                    quiet=True)
+                                                 "trainer.budget_kind=tokens", f"trainer.budget={5.5 * BATCH * SEQ}")))
     assert summary["steps"] == 5 and summary["tokens"] == 5 * BATCH * SEQ and summary["exports"] == []
     assert metrics(uri, summary["run_id"])["budget.steps"] == 5
 
@@ -328,7 +326,7 @@ def test_wall_budget_stops_on_the_clock(tiny_data, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     summary = train(load_config("tiny", run_args(tiny_data, tmp_path / "none", tmp_path / "run", uri, "loss.alpha=0",
                                                  "trainer.budget_kind=wall", "trainer.budget=2.0",
-                                                 "trainer.max_steps=100000")), quiet=True)
+                                                 "trainer.max_steps=100000")))
     m = metrics(uri, summary["run_id"])
     assert 1 <= summary["steps"] < 100000 and m["budget.steps"] == summary["steps"]
     assert 2.0 <= m["cost.wall_seconds"] < 60  # stops at the first step end past the budget
@@ -351,7 +349,7 @@ def test_cotraining_charges_the_teachers_training(tiny_data, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     summary = train(load_config("tiny", run_args(tiny_data, tmp_path / "none", tmp_path / "run", uri,
                                                  "logits.mode=cotrain", "loss.alpha=0.5", "teacher.preset=tiny-5m",
-                                                 "trainer.max_steps=3")), quiet=True)
+                                                 "trainer.max_steps=3")))
     m = metrics(uri, summary["run_id"])
     teacher_step = cost.preset_cost_shape("tiny-5m", VOCAB).training_flops(SEQ, BATCH * SEQ)
     assert m["cost.teacher_flops"] == pytest.approx(3 * teacher_step) == m["cost.teacher_flops_undivided"]

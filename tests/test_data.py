@@ -41,8 +41,8 @@ def test_prepared_dataset_is_consistent(tiny_data):
 
 
 def test_same_config_gives_byte_identical_shards(tmp_path):
-    a = prepare(small_cfg(tmp_path / "a"), quiet=True)
-    b = prepare(small_cfg(tmp_path / "b"), quiet=True)
+    a = prepare(small_cfg(tmp_path / "a"))
+    b = prepare(small_cfg(tmp_path / "b"))
     files = sorted(p.name for p in a.glob("*.bin"))
     assert len(files) >= 3  # several train shards + held-out
     for name in files:
@@ -51,23 +51,23 @@ def test_same_config_gives_byte_identical_shards(tmp_path):
     assert (a / "manifest.json").read_bytes() == (b / "manifest.json").read_bytes()
 
 
-def test_rerun_is_noop_and_other_config_refused(tmp_path, capsys):
-    out = prepare(small_cfg(tmp_path / "d"), quiet=True)
+def test_rerun_is_noop_and_other_config_refused(tmp_path, pdl_log):
+    out = prepare(small_cfg(tmp_path / "d"))
     stamp = (out / "train-00000.bin").stat().st_mtime_ns
     prepare(small_cfg(tmp_path / "d"))
-    assert "nothing to do" in capsys.readouterr().out
+    assert "nothing to do" in pdl_log.text
     assert (out / "train-00000.bin").stat().st_mtime_ns == stamp
     with pytest.raises(ConfigError, match="different dataset"):
-        prepare(small_cfg(tmp_path / "d", "data.seq_len=48"), quiet=True)
+        prepare(small_cfg(tmp_path / "d", "data.seq_len=48"))
 
 
 def test_killed_run_leftovers_are_not_trusted(tmp_path):
-    reference = prepare(small_cfg(tmp_path / "ref"), quiet=True)
+    reference = prepare(small_cfg(tmp_path / "ref"))
     out = tmp_path / "killed"
     out.mkdir()
     (out / "train-00000.bin").write_bytes(b"\x00" * 10)  # a torn shard from a killed run (no manifest)
     (out / ".train-00001.bin.tmp").write_bytes(b"junk")
-    prepare(small_cfg(out), quiet=True)
+    prepare(small_cfg(out))
     assert (out / "train-00000.bin").read_bytes() == (reference / "train-00000.bin").read_bytes()
     assert not list(out.glob(".*.tmp"))
 
@@ -77,12 +77,12 @@ def test_refuses_foreign_nonempty_output(tmp_path):
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
     with pytest.raises(ConfigError, match="non-empty directory"):
-        prepare(small_cfg(out), quiet=True)
+        prepare(small_cfg(out))
     assert (out / "thesis.tex").read_text() == "precious"
 
 
 def test_truncated_or_corrupt_shard_is_detected(tmp_path):
-    out = prepare(small_cfg(tmp_path / "c"), quiet=True)
+    out = prepare(small_cfg(tmp_path / "c"))
     shard = out / "train-00001.bin"
     data = bytearray(shard.read_bytes())
     data[100] ^= 0x01
@@ -118,7 +118,7 @@ def test_local_jsonl_text_and_parquet_sources(tmp_path):
         "parquet": ["data.source=parquet", f"data.path={tmp_path / 'corpus.parquet'}", "data.text_field=content"],
     }.items():
         cfg = load_config(None, [*common, *extra, f"data.out={tmp_path / ('out-' + name)}"]).data
-        outs[name] = prepare(cfg, quiet=True)
+        outs[name] = prepare(cfg)
         assert len(TokenShards(outs[name], "train")) == 4000 // 16
         assert len(TokenShards(outs[name], "heldout")) >= 1
     # the same documents in the same order give the same shards whatever the container format
@@ -140,13 +140,13 @@ def test_bad_corpora_are_refused_with_one_line(tmp_path, setup, needle):
     cfg = load_config(None, ["data.source=jsonl", f"data.path={path}", "data.vocab_size=300",
                              f"data.out={tmp_path / 'out'}"]).data
     with pytest.raises(DataError) as info:
-        prepare(cfg, quiet=True)
+        prepare(cfg)
     assert needle in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_external_tokenizer_dir_is_used_as_is(tiny_data, tmp_path):
     cfg = load_config("tiny", [*SMALL, f"data.tokenizer={tiny_data / 'tokenizer'}", f"data.out={tmp_path / 'x'}"]).data
-    out = prepare(cfg, quiet=True)
+    out = prepare(cfg)
     assert read_manifest(out)["tokenizer_hash"] == read_manifest(tiny_data)["tokenizer_hash"]
     assert read_manifest(out)["vocab_size"] == 512  # the given tokenizer's, not data.vocab_size

@@ -59,7 +59,7 @@ def small_data(tiny_data: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("small") / "data"
     cfg = load_config("tiny", ["data.train_tokens=40000", "data.heldout_tokens=2000", "data.seq_len=32",
                                f"data.tokenizer={tiny_data / 'tokenizer'}", f"data.out={out}"])
-    return prepare(cfg.data, quiet=True)
+    return prepare(cfg.data)
 
 
 def test_two_rank_generation_decodes_to_exactly_the_one_rank_store(tiny_teacher, small_data, tmp_path):
@@ -68,7 +68,7 @@ def test_two_rank_generation_decodes_to_exactly_the_one_rank_store(tiny_teacher,
                 f"logits.store={store}", "logits.batch_size=16", "logits.sequences_per_shard=100"]
 
     one, two = tmp_path / "one", tmp_path / "two"
-    generate_store(load_config(args(one)[0], args(one)[1:]), quiet=True)
+    generate_store(load_config(args(one)[0], args(one)[1:]))
     # torchrun, as `pdl logits generate --help` documents it: RANK/WORLD_SIZE in each rank's environment.
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "pd_lightning.cli", "logits", "generate", *args(two)],

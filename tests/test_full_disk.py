@@ -81,7 +81,7 @@ def disk_data(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     out = tmp_path_factory.mktemp("disk") / "data"
     cfg = load_config("tiny", ["data.train_tokens=20000", "data.heldout_tokens=2000", "data.seq_len=32",
                                f"data.tokenizer={tiny_data / 'tokenizer'}", f"data.out={out}"])
-    return prepare(cfg.data, quiet=True)
+    return prepare(cfg.data)
 
 
 def gen_args(data: Path, teacher: Path, store: Path) -> list[str]:
@@ -127,7 +127,7 @@ def test_full_disk_gives_one_line_and_the_same_command_resumes_to_an_identical_s
         tiny_teacher, disk_data, tmp_path, tmpfs):
     ref = tmp_path / "ref"
     args = gen_args(disk_data, tiny_teacher, ref)
-    generate_store(load_config(args[0], args[1:]), quiet=True)
+    generate_store(load_config(args[0], args[1:]))
     shards = [e["file"] for e in load_manifest(ref)["shards"]]
     assert len(shards) >= 6, len(shards)
 
@@ -163,7 +163,7 @@ def test_full_disk_gives_one_line_and_the_same_command_resumes_to_an_identical_s
     disk.remount(f"rw,size={4 * (fits * 2 + len(shards) * 2 * PAGE) // 1024}k")
     done = pdl(*cmd)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"{len(finished)} shards already done" in done.stdout, done.stdout
+    assert f"{len(finished)} shards already done" in done.stderr, done.stderr  # a status line: logged to stderr
     print(f"grown to {disk_kib(disk)} KiB: resumed, {len(shards) - len(finished)} shards written")
     after = whole_shards(store)
     assert {name: after[name] for name in finished} == finished  # same inode, same mtime: not redone
@@ -191,7 +191,7 @@ def test_read_only_output_is_one_line_for_a_new_offline_or_online_store(tiny_dat
                                "teacher.preset=tiny-1m", "teacher.max_steps=4", "teacher.batch_size=8",
                                "logits.mode=online_store", f"logits.store={store}", "logits.sequences_per_shard=8"])
     with pytest.raises(DataError, match=r"read-only file system while .*the teacher trains again") as info:
-        train_teacher(cfg, quiet=True)
+        train_teacher(cfg)
     assert "\n" not in str(info.value) and f"logits.store={str(store)!r}" in str(info.value)
 
 
@@ -204,7 +204,7 @@ def test_online_store_on_a_full_disk_stops_the_teacher_with_one_line(tiny_data, 
                                "logits.mode=online_store", "logits.online_start_frac=0.5", f"logits.store={store}",
                                "logits.sequences_per_shard=16"])
     with pytest.raises(DataError, match=r"no space left on device while writing shard-000000\.bin") as info:
-        train_teacher(cfg, quiet=True)
+        train_teacher(cfg)
     assert "\n" not in str(info.value) and f"logits.store={str(store)!r}" in str(info.value)
     assert not list(store.glob("shard-*.bin")) and not list(store.glob("*.tmp"))
     assert not (tmp_path / "teacher").exists()  # the teacher is saved only once it finished

@@ -33,7 +33,7 @@ def small_data(tiny_data: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("small") / "data"
     cfg = load_config("tiny", ["data.train_tokens=40000", "data.heldout_tokens=2000", "data.seq_len=32",
                                f"data.tokenizer={tiny_data / 'tokenizer'}", f"data.out={out}"])
-    return prepare(cfg.data, quiet=True)
+    return prepare(cfg.data)
 
 
 def gen_args(data: Path, teacher: Path, store: Path, *extra: str) -> list[str]:
@@ -74,7 +74,7 @@ def test_store_holds_the_teachers_top_p_k(tiny_teacher, small_data, tmp_path, ca
 
 def test_killed_generation_resumes_to_a_byte_identical_store(tiny_teacher, small_data, tmp_path):
     args = gen_args(small_data, tiny_teacher, tmp_path / "ref", "logits.sequences_per_shard=100", "data.seq_len=32")
-    generate_store(load_config(args[0], args[1:]), quiet=True)
+    generate_store(load_config(args[0], args[1:]))
 
     killed = tmp_path / "killed"
     kargs = gen_args(small_data, tiny_teacher, killed, "logits.sequences_per_shard=100", "data.seq_len=32")
@@ -88,7 +88,7 @@ def test_killed_generation_resumes_to_a_byte_identical_store(tiny_teacher, small
     proc.wait()
     finished = len(list(killed.glob("shard-*.json")))
     assert 3 <= finished < 13 and not (killed / "manifest.json").exists(), finished  # killed mid-way
-    generate_store(load_config(kargs[0], kargs[1:]), quiet=True)
+    generate_store(load_config(kargs[0], kargs[1:]))
 
     ref_files = sorted(p.name for p in (tmp_path / "ref").iterdir() if p.name.startswith(("shard-", "manifest")))
     new_files = sorted(p.name for p in killed.iterdir() if p.name.startswith(("shard-", "manifest")))
@@ -101,18 +101,18 @@ def test_teacher_with_another_tokenizer_is_refused_before_any_forward(tiny_teach
     other = tmp_path / "other"
     cfg = load_config("tiny", ["data.train_tokens=20000", "data.heldout_tokens=2000", "data.vocab_size=400",
                                "data.tokenizer_train_chars=100000", "data.seq_len=32", f"data.out={other}"])
-    prepare(cfg.data, quiet=True)
+    prepare(cfg.data)
     bad = load_config("tiny", [f"data.out={other}", f"teacher.out={tiny_teacher}", f"logits.store={tmp_path / 's'}",
                                "data.seq_len=32", "data.vocab_size=400"])
     with pytest.raises(DataError, match="differs from the token shards' tokenizer"):
-        generate_store(bad, quiet=True)
+        generate_store(bad)
     assert not (tmp_path / "s").exists()
 
 
 def test_corrupt_store_is_named_by_verify_and_refused_on_open(tiny_teacher, small_data, tmp_path, capsys):
     store_dir = tmp_path / "store"
     args = gen_args(small_data, tiny_teacher, store_dir, "logits.sequences_per_shard=400", "data.seq_len=32")
-    generate_store(load_config(args[0], args[1:]), quiet=True)
+    generate_store(load_config(args[0], args[1:]))
     shard = store_dir / load_manifest(store_dir)["shards"][1]["file"]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x10
@@ -221,7 +221,7 @@ def _dense_path_store(cfg, store_dir: Path) -> None:
     from pd_lightning.cost import model_cost_shape, store_cost_meta
     from pd_lightning.data.shards import read_manifest
     from pd_lightning.logits.generate import teacher_identity
-    from pd_lightning.logits.store import AsyncShardWriter, LogitStoreWriter
+    from pd_lightning.logits.writer import AsyncShardWriter, LogitStoreWriter
 
     lg, teacher, data = cfg.logits, Path(cfg.teacher.out), Path(cfg.data.out)
     manifest = read_manifest(data)
@@ -255,7 +255,7 @@ def test_chunked_store_is_byte_identical_to_the_dense_path_also_with_encoder_pro
     for name, workers in (("thread", 0), ("processes", 2)):
         a = gen_args(small_data, tiny_teacher, tmp_path / name, "data.seq_len=32", "logits.sequences_per_shard=200",
                      f"logits.encode_workers={workers}")
-        generate_store(load_config(a[0], a[1:]), quiet=True)
+        generate_store(load_config(a[0], a[1:]))
         assert files(tmp_path / name) == files(tmp_path / "dense"), name
     assert not list((tmp_path / "processes").glob("*.tmp"))
 
@@ -269,7 +269,7 @@ def test_any_hf_teacher_generates_trains_and_evaluates(kind, rows, small_data, t
     # the data tokenized with the teacher's own tokenizer, as users do (transformers loads a Qwen2 dir's tokenizer
     # as Qwen2Tokenizer, whose pipeline differs from the BPE it was saved from)
     data = prepare(load_config("tiny", ["data.train_tokens=12000", "data.heldout_tokens=2000", "data.seq_len=32",
-                                        f"data.tokenizer={teacher}", f"data.out={tmp_path / 'data'}"]).data, quiet=True)
+                                        f"data.tokenizer={teacher}", f"data.out={tmp_path / 'data'}"]).data)
     store_dir = tmp_path / "store"
     args = ["tiny", *TINY_DATA, f"data.out={data}", "data.seq_len=32", f"teacher.path={teacher}",
             f"logits.store={store_dir}", "logits.batch_size=16", "logits.sequences_per_shard=200"]
@@ -337,7 +337,7 @@ def test_encoder_process_errors_reach_the_caller_as_one_line(tmp_path):
 
     from pd_lightning.errors import DataError
     from pd_lightning.logits.processing import SparseLogits
-    from pd_lightning.logits.store import AsyncShardWriter, LogitStoreWriter
+    from pd_lightning.logits.writer import AsyncShardWriter, LogitStoreWriter
 
     P, V = 8, 64
     settings = dict(vocab_size=V, p=0.95, k=4, positions_per_sequence=P, num_sequences=8, sequences_per_shard=2,

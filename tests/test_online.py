@@ -11,7 +11,8 @@ from pd_lightning.config import load_config
 from pd_lightning.data.shards import TokenShards
 from pd_lightning.logits.store import LogitStore, load_manifest, verify_store
 from pd_lightning.module import BatchStepSampler, DistillationDataModule
-from pd_lightning.train import SEQUENCE_MAP, train, train_teacher
+from pd_lightning.plan import SEQUENCE_MAP
+from pd_lightning.train import train, train_teacher
 
 from conftest import TINY_DATA
 
@@ -22,7 +23,7 @@ def test_online_store_holds_the_teachers_late_batches_and_a_student_trains_on_th
                                        "teacher.preset=tiny-1m", "teacher.max_steps=40", "teacher.batch_size=8",
                                        "teacher.lr=5e-3", "logits.mode=online_store", "logits.online_start_frac=0.75",
                                        f"logits.store={store}", "logits.sequences_per_shard=32"])
-    train_teacher(teacher_cfg, quiet=True)
+    train_teacher(teacher_cfg)
     m = load_manifest(store)
     assert m["num_sequences"] == 10 * 8 and m["meta"]["online"] is True and m["meta"]["teacher_steps"] == [30, 40]
     verify_store(store, deep=True)
@@ -47,7 +48,7 @@ def test_online_store_holds_the_teachers_late_batches_and_a_student_trains_on_th
     summary = train(load_config("tiny", [*TINY_DATA, f"data.out={tiny_data}", f"logits.store={store}",
                                          "logits.mode=online_store", "loss.alpha=0.1", "trainer.max_steps=15",
                                          "trainer.batch_size=8", f"trainer.out={tmp_path / 'student'}",
-                                         f"tracking.tracking_uri={uri}", "trainer.val_every_n_steps=15"]), quiet=True)
+                                         f"tracking.tracking_uri={uri}", "trainer.val_every_n_steps=15"]))
     run = MlflowClient(uri).get_run(summary["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["pd.logits_mode"] == "online_store"
 
@@ -58,7 +59,7 @@ def test_cotraining_trains_teacher_and_student_together(tiny_data, tmp_path):
                                "teacher.preset=tiny-1m", "teacher.lr=5e-3", "trainer.max_steps=25",
                                "trainer.batch_size=8", "trainer.val_every_n_steps=25", "trainer.log_every_n_steps=2",
                                f"trainer.out={tmp_path / 'run'}", f"tracking.tracking_uri={uri}"])
-    summary = train(cfg, quiet=True)
+    summary = train(cfg)
     client = MlflowClient(uri)
     teacher_losses = [m.value for m in client.get_metric_history(summary["run_id"], "teacher/loss")]
     assert len(teacher_losses) >= 3 and teacher_losses[-1] < teacher_losses[0] - 0.5  # the teacher learns

@@ -191,7 +191,7 @@ def test_a_checkpoint_with_a_pickled_object_is_refused_on_resume(tiny_data, tiny
             f"tracking.tracking_uri={uri}", "loss.alpha=0", "trainer.batch_size=8", "trainer.max_steps=4",
             "trainer.checkpoint_every_n_steps=2", "trainer.val_every_n_steps=2", "trainer.val_batches=1",
             "trainer.num_workers=0"]
-    train(load_config("tiny", args), quiet=True)
+    train(load_config("tiny", args))
     (ckpt,) = (out / "checkpoints").glob("*.ckpt")
     check_checkpoint(ckpt)  # what our own training writes passes the pre-resume check
     state = torch.load(ckpt, weights_only=True)
@@ -201,7 +201,7 @@ def test_a_checkpoint_with_a_pickled_object_is_refused_on_resume(tiny_data, tiny
         f.unlink()
     (out / "model").rmdir()
     with pytest.raises(DataError, match=r"checkpoint .* cannot be loaded safely: it holds a pickled object \((builtins|io)\.open\)"):
-        train(load_config("tiny", args), quiet=True)
+        train(load_config("tiny", args))
     assert not (tmp_path / "ran-on-resume").exists(), "resuming ran code from the checkpoint"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [ckpt.name]  # no exception checkpoint to resume from
     torn = out / "checkpoints" / "torn.ckpt"

@@ -20,14 +20,8 @@ from hypothesis import strategies as st
 from pd_lightning.errors import DataError
 from pd_lightning.logits import codec, ctxans
 from pd_lightning.logits.processing import SparseLogits, narrow, teacher_targets, truncate_top_p_k
-from pd_lightning.logits.store import (
-    AsyncShardWriter,
-    LogitStore,
-    LogitStoreWriter,
-    check_compatible,
-    inspect_store,
-    verify_store,
-)
+from pd_lightning.logits.store import LogitStore, check_compatible, inspect_store, verify_store
+from pd_lightning.logits.writer import AsyncShardWriter, LogitStoreWriter
 
 V, P, N = 3000, 16, 11
 

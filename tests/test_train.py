@@ -15,10 +15,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
+from pd_lightning.artifacts import RUN_INFO
 from pd_lightning.config import load_config
 from pd_lightning.data.prepare import prepare
 from pd_lightning.errors import ConfigError, DataError
-from pd_lightning.train import TrainingDiverged, latest_checkpoint, train
+from pd_lightning.plan import COTRAIN_TEACHER, RunKind, plan_run, run_kind
+from pd_lightning.train import RunSummary, TrainingDiverged, latest_checkpoint, train
 
 from conftest import TINY_DATA
 
@@ -36,10 +38,9 @@ def lm_and_pd(tiny_data, tiny_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     lm = train(load_config(run_args(tiny_data, tiny_store, root / "lm", uri)[0],
-                           run_args(tiny_data, tiny_store, root / "lm", uri, "loss.alpha=0", "trainer.max_steps=60")[1:]),
-               quiet=True)
+                           run_args(tiny_data, tiny_store, root / "lm", uri, "loss.alpha=0", "trainer.max_steps=60")[1:]))
     pd = train(load_config("tiny", run_args(tiny_data, tiny_store, root / "pd", uri, "loss.alpha=0.9",
-                                            "trainer.max_steps=60")[1:]), quiet=True)
+                                            "trainer.max_steps=60")[1:]))
     return uri, root, lm, pd
 
 
@@ -101,18 +102,42 @@ def test_heldout_metrics_beside_the_loss_in_one_pass(lm_and_pd, tiny_store, tmp_
     assert runs["pd"]["eval.heldout.teacher_top1_agree"] > runs["lm"]["eval.heldout.teacher_top1_agree"], runs
 
 
-def test_rerun_of_a_finished_run_is_a_noop(lm_and_pd, tiny_data, tiny_store, capsys):
+def test_rerun_of_a_finished_run_is_a_noop(lm_and_pd, tiny_data, tiny_store, pdl_log):
     uri, root, lm, _ = lm_and_pd
     again = train(load_config("tiny", run_args(tiny_data, tiny_store, root / "lm", uri, "loss.alpha=0",
                                                "trainer.max_steps=60")[1:]))
-    assert again["run_id"] == lm["run_id"] and "nothing to do" in capsys.readouterr().out
+    assert again["run_id"] == lm["run_id"] and "nothing to do" in pdl_log.text
+    assert again == lm  # the summary read back from the run's RUN_INFO is the one the run returned
+
+
+def test_a_run_summary_is_typed_and_reads_as_the_dict_it_replaced(lm_and_pd):
+    _, root, lm, _ = lm_and_pd
+    assert isinstance(lm, RunSummary) and lm.run_id == lm["run_id"] and lm.steps == lm["steps"] == 60
+    assert lm.get("exports", None) == [] and "heldout_loss" in lm and "_file" not in lm
+    assert dict(lm) == lm.as_dict() and set(lm) == set(lm.info()) | {"exports"}
+    assert json.loads((root / "lm" / "model" / RUN_INFO).read_text()) == lm.info()  # RUN_INFO: no private keys
+
+
+def test_a_run_is_planned_once_from_its_config_and_inputs(tiny_data, tiny_store):
+    base = ["tiny", *TINY_DATA, f"data.out={tiny_data}", f"logits.store={tiny_store}"]
+    lm = plan_run(load_config(base[0], [*base[1:], "loss.alpha=0"]))
+    pd = plan_run(load_config(base[0], [*base[1:], "loss.alpha=0.9"]))
+    co = plan_run(load_config(base[0], [*base[1:], "loss.alpha=0.5", "logits.mode=cotrain", "teacher.preset=tiny-1m"]))
+    assert (lm.kind, pd.kind, co.kind) == (RunKind.LM_ONLY, RunKind.OFFLINE_STORE, RunKind.COTRAIN)
+    assert pd.reads_store and not lm.reads_store and not co.reads_store
+    assert pd.distills and co.distills and not lm.distills
+    assert lm.store_manifest is None and co.store_manifest is None and pd.teacher == pd.store_manifest["teacher"]
+    assert lm.teacher is None and co.teacher == "cotrain:tiny-1m" and pd.sequence_map is None
+    assert lm.heldout_teacher == Path(pd.teacher) and co.heldout_teacher == COTRAIN_TEACHER  # eval.heldout_teacher=auto
+    assert len({lm.digest, pd.digest, co.digest}) == 3
+    # alpha = 0 is the LM-only baseline whatever logits.mode says
+    assert run_kind(load_config("tiny", ["loss.alpha=0", "logits.mode=cotrain"])) is RunKind.LM_ONLY
 
 
 def test_kill_9_and_resume_gives_identical_weights(tiny_data, tiny_store, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = ["loss.alpha=0.9", "loss.alpha_schedule=wsd_alpha", "optim.lr_schedule=wsd", "trainer.max_steps=40"]
-    reference = train(load_config("tiny", run_args(tiny_data, tiny_store, tmp_path / "ref", uri, *common)[1:]),
-                      quiet=True)
+    reference = train(load_config("tiny", run_args(tiny_data, tiny_store, tmp_path / "ref", uri, *common)[1:]))
 
     out = tmp_path / "killed"
     args = run_args(tiny_data, tiny_store, out, uri, *common)
@@ -127,7 +152,7 @@ def test_kill_9_and_resume_gives_identical_weights(tiny_data, tiny_store, tmp_pa
     assert not (out / "model").exists(), "the run finished before it could be killed"
     run_id = json.loads((out / "run.json").read_text())["run_id"]
 
-    resumed = train(load_config("tiny", args[1:]), quiet=True)
+    resumed = train(load_config("tiny", args[1:]))
     assert resumed["run_id"] == run_id  # the same MLflow run continues
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "ref" / "model", local_files_only=True).state_dict()
     b = AutoModelForCausalLM.from_pretrained(out / "model", local_files_only=True).state_dict()
@@ -147,13 +172,12 @@ def test_kill_9_and_resume_gives_identical_weights(tiny_data, tiny_store, tmp_pa
 def test_store_from_another_tokenizer_is_refused_before_training(tiny_store, tmp_path):
     other = tmp_path / "other"
     prepare(load_config("tiny", ["data.train_tokens=30000", "data.heldout_tokens=3000", "data.vocab_size=400",
-                                 "data.tokenizer_train_chars=100000", "data.seq_len=64", f"data.out={other}"]).data,
-            quiet=True)
+                                 "data.tokenizer_train_chars=100000", "data.seq_len=64", f"data.out={other}"]).data)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config("tiny", [f"data.out={other}", f"logits.store={tiny_store}", f"trainer.out={tmp_path / 'run'}",
                                f"tracking.tracking_uri={uri}", "loss.alpha=0.9", "data.vocab_size=400"])
     with pytest.raises(DataError, match="tokenizer"):
-        train(cfg, quiet=True)
+        train(cfg)
     assert not (tmp_path / "run").exists()
 
 
@@ -163,7 +187,7 @@ def test_non_finite_loss_stops_with_the_step_and_marks_the_run_failed(tiny_data,
                                        "optim.lr=1e30", "optim.grad_clip=0", "optim.warmup_frac=0",
                                        "trainer.max_steps=30")[1:])
     with pytest.raises(TrainingDiverged, match=r"at step \d+") as info:
-        train(cfg, quiet=True)
+        train(cfg)
     assert "\n" not in str(info.value)
     run_id = json.loads((tmp_path / "run" / "run.json").read_text())["run_id"]
     assert MlflowClient(uri).get_run(run_id).info.status == "FAILED"
@@ -176,5 +200,5 @@ def test_gpu_only_settings_are_refused_on_a_cpu_machine_before_anything_is_writt
         cfg = load_config("tiny", [*TINY_DATA, f"data.out={tiny_data}", "loss.alpha=0", f"trainer.out={tmp_path / 'r'}",
                                    f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}", *bad])
         with pytest.raises(ConfigError, match="GPU"):
-            train(cfg, quiet=True)
+            train(cfg)
         assert not (tmp_path / "r").exists() and not (tmp_path / "m.db").exists()

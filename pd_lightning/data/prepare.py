@@ -9,6 +9,7 @@ is a no-op; a killed run leaves only temporary files and no manifest, and the ne
 from __future__ import annotations
 
 import itertools
+import logging
 import shutil
 import time
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from pd_lightning.data.sources import iter_documents
 from pd_lightning.data.tokenizer import load_tokenizer, tokenizer_hash, train_bpe, vocab_size_of
 from pd_lightning.errors import ConfigError, DataError
 from pd_lightning.progress import ProgressBar
+
+log = logging.getLogger(__name__)
 
 ENCODE_BATCH_DOCS = 512
 
@@ -55,15 +58,14 @@ def _looks_like_ours(out: Path) -> bool:
     return True
 
 
-def prepare(cfg: DataConfig, *, quiet: bool = False) -> Path:
+def prepare(cfg: DataConfig) -> Path:
     """Prepare (or reuse) the dataset described by `cfg`; return its directory."""
     out = Path(cfg.out)
     digest = data_hash(cfg)
     if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
         if manifest.get("config_hash") == digest:
-            if not quiet:
-                print(f"data: {out} is already prepared (config {digest}); nothing to do")
+            log.info(f"data: {out} is already prepared (config {digest}); nothing to do")
             return out
         raise ConfigError(
             f"data.out={str(out)!r} already holds a different dataset (config {manifest.get('config_hash')}, "
@@ -76,14 +78,14 @@ def prepare(cfg: DataConfig, *, quiet: bool = False) -> Path:
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _prepare_into(cfg, out, digest, quiet)
+        return _prepare_into(cfg, out, digest)
     except BaseException:
         if created:  # leave nothing half-written behind for a run that failed or was interrupted
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _prepare_into(cfg: DataConfig, out: Path, digest: str, quiet: bool) -> Path:
+def _prepare_into(cfg: DataConfig, out: Path, digest: str) -> Path:
     for stale in itertools.chain(out.glob("*.bin"), out.glob(".*.tmp")):  # leftovers of a killed run
         stale.unlink()
     started = time.perf_counter()
@@ -149,8 +151,7 @@ def _prepare_into(cfg: DataConfig, out: Path, digest: str, quiet: bool) -> Path:
         "dtype": dtype.str,
         "splits": splits,
     })
-    if not quiet:
-        print(f"data: wrote {total_tokens:,} tokens ({splits['train']['num_sequences']:,} train + "
-              f"{splits['heldout']['num_sequences']:,} held-out sequences of {cfg.seq_len}) to {out} "
-              f"in {seconds:.1f}s ({total_tokens / seconds:,.0f} tokens/s); vocab {vocab}")
+    log.info(f"data: wrote {total_tokens:,} tokens ({splits['train']['num_sequences']:,} train + "
+             f"{splits['heldout']['num_sequences']:,} held-out sequences of {cfg.seq_len}) to {out} "
+             f"in {seconds:.1f}s ({total_tokens / seconds:,.0f} tokens/s); vocab {vocab}")
     return out

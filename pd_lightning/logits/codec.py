@@ -37,7 +37,7 @@ Chunks are padded to whole bytes with 1 bits (so padding never reads as a unary 
 about half its speed): the same quantised symbols as egsqrt (so the same
 decoded entries, bit for bit), entropy-coded with constriction's ANS coder under a context model and
 support clusters fitted per shard; see the `ctxans` module. Its writer holds `ctxans.Symbols` per
-shard (`encode` returns them) and codes the whole shard at once (`ctxans.encode_shard`).
+shard (`ctxans.symbolize` makes them) and codes the whole shard at once (`ctxans.encode_shard`).
 
 `fixed` v1 (plain). Entries in descending order; ids as ⌈log2 V⌉-bit fields, values as 16-bit
 `level = round(-logprob · 1024)` (|error| <= 2^-11 nats for logprob >= -64). Chunks: ids, values.
@@ -224,15 +224,14 @@ def quantise_sqrt(lps: np.ndarray, lq: np.ndarray, counts: np.ndarray, value_ste
 
 
 def encode(sparse: SparseLogits, positions: int, vocab_size: int, k: int, encoding: str, value_step: float) -> EncodedBatch:
-    """Encode S = len(sparse) / positions whole sequences (rows in sequence-major order).
+    """Encode S = len(sparse) / positions whole sequences (rows in sequence-major order), egsqrt or fixed.
 
-    For `ctxans` this returns its quantised `ctxans.Symbols`: the entropy coder needs the whole shard
-    (`ctxans.encode_shard`) to fit its model.
+    `ctxans` is not coded per batch: its entropy coder fits a model to the whole shard, so the store's
+    writer quantises a batch with `ctxans.symbolize` and codes the shard with `ctxans.encode_shard`
+    (ctxans builds on this module's helpers, this module knows nothing of it).
     """
-    if encoding == "ctxans":
-        from pd_lightning.logits import ctxans
-
-        return ctxans.symbolize(sparse, positions, vocab_size, k, value_step)
+    if encoding not in ("egsqrt", "fixed"):
+        raise ValueError(f"encoding={encoding!r}: codec.encode codes egsqrt and fixed; ctxans goes through ctxans.symbolize")
     n_tok = len(sparse)
     if n_tok % positions:
         raise ValueError(f"{n_tok} token rows is not a whole number of sequences of {positions} positions")

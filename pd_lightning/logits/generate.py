@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -52,10 +53,12 @@ from pd_lightning.data.shards import TokenShards, read_manifest, write_json_atom
 from pd_lightning.data.tokenizer import load_tokenizer, tokenizer_hash
 from pd_lightning.errors import DataError
 from pd_lightning.logits.processing import SparseLogits, check_power_exponents, power_exponents_for, truncate_chunk
-from pd_lightning.logits.store import (MANIFEST, AsyncShardWriter, LogitStoreWriter, load_manifest, shard_name,
-                                       store_write_error)
+from pd_lightning.logits.store import MANIFEST, load_manifest, shard_name
+from pd_lightning.logits.writer import AsyncShardWriter, LogitStoreWriter, store_write_error
 from pd_lightning.models import load_causal_lm, teacher_dtype
 from pd_lightning.progress import ProgressBar
+
+log = logging.getLogger(__name__)
 
 STATS_FILE = "generation_stats.json"
 # Rows per head chunk on CPU: the groups `truncate_top_p_k` truncates in (and a GEMM height whose
@@ -313,7 +316,7 @@ def auto_encode_workers(device: torch.device) -> int:
     return max(1, min(4, cpus // local - 2))
 
 
-def generate_store(cfg: PDLConfig, *, quiet: bool = False) -> Path:
+def generate_store(cfg: PDLConfig) -> Path:
     """Generate (or resume, or reuse) the logit store `logits.store` from the teacher over `data.out`."""
     lg = cfg.logits
     data_dir, store_dir, teacher = Path(cfg.data.out), Path(lg.store), teacher_dir(cfg)
@@ -335,8 +338,7 @@ def generate_store(cfg: PDLConfig, *, quiet: bool = False) -> Path:
     )
     writer = LogitStoreWriter(store_dir, **settings)
     if (store_dir / MANIFEST).is_file():
-        if not quiet:
-            print(f"logits: {store_dir} is complete ({len(shards):,} sequences); nothing to do")
+        log.info(f"logits: {store_dir} is complete ({len(shards):,} sequences); nothing to do")
         return store_dir
     pending = writer.pending_shards()
     device = _device()
@@ -356,17 +358,16 @@ def generate_store(cfg: PDLConfig, *, quiet: bool = False) -> Path:
         with torch.no_grad():  # one short probe: does lm_head(base_model(ids)) reproduce the model's logits?
             first = writer.shard_range(pending[0]).start
             source.check(torch.from_numpy(shards.batch([first])[:, :32]).to(device))
-    if not quiet:
-        done_before = len(writer.own_shards()) - len(pending)
-        rows = getattr(model.get_output_embeddings(), "weight", None)
-        padded = f", {rows.shape[0] - vocab:,} padded vocabulary rows left out" if rows is not None and rows.shape[0] > vocab else ""
-        print(f"logits: top-{lg.store_p}-{lg.store_k} of {teacher} ({params / 1e6:.1f}M params, "
-              f"{str(source.dtype).removeprefix('torch.')}{padded}) over {todo:,} sequences into {store_dir} "
-              f"(rank {rank}/{world}, {done_before} shards already done, device {device}, "
-              f"{workers or 'no'} encoder processes)")
-        if source.mode == "logits":
-            print(f"logits: {teacher}: {source.why_logits}; truncating its full logits chunk by chunk, which holds "
-                  f"[{lg.batch_size}, {shards.seq_len}, V] logits in {str(source.dtype).removeprefix('torch.')} per batch")
+    done_before = len(writer.own_shards()) - len(pending)
+    rows = getattr(model.get_output_embeddings(), "weight", None)
+    padded = f", {rows.shape[0] - vocab:,} padded vocabulary rows left out" if rows is not None and rows.shape[0] > vocab else ""
+    log.info(f"logits: top-{lg.store_p}-{lg.store_k} of {teacher} ({params / 1e6:.1f}M params, "
+             f"{str(source.dtype).removeprefix('torch.')}{padded}) over {todo:,} sequences into {store_dir} "
+             f"(rank {rank}/{world}, {done_before} shards already done, device {device}, "
+             f"{workers or 'no'} encoder processes)")
+    if source.mode == "logits":
+        log.info(f"logits: {teacher}: {source.why_logits}; truncating its full logits chunk by chunk, which holds "
+                 f"[{lg.batch_size}, {shards.seq_len}, V] logits in {str(source.dtype).removeprefix('torch.')} per batch")
     stats_file = stats_path(store_dir, rank)
     earlier = _previous_seconds(stats_file)  # a resumed store: its earlier sessions' time counts too
     done_sequences = 0
@@ -404,10 +405,9 @@ def generate_store(cfg: PDLConfig, *, quiet: bool = False) -> Path:
         writer.finalize(meta={"teacher_params": params, **store_cost_meta(model_cost_shape(model), len(shards),
                                                                           shards.seq_len),
                               "data": str(data_dir.resolve()), "data_hash": data_manifest["config_hash"]})
-        if not quiet:
-            m = load_manifest(store_dir)
-            print(f"logits: wrote {m['num_tokens']:,} tokens, {m['num_entries'] / m['num_tokens']:.1f} entries/token, "
-                  f"{m['total_bytes'] / m['num_tokens']:.1f} bytes/token to {store_dir}")
+        m = load_manifest(store_dir)
+        log.info(f"logits: wrote {m['num_tokens']:,} tokens, {m['num_entries'] / m['num_tokens']:.1f} entries/token, "
+                 f"{m['total_bytes'] / m['num_tokens']:.1f} bytes/token to {store_dir}")
     return store_dir
 
 
