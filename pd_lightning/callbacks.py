@@ -87,10 +87,12 @@ class TrainingProgress(pl.Callback):
         step = trainer.global_step
         if self._bar is None or step == self._seen:
             return  # another rank, or a micro-batch of gradient accumulation (the step is not taken yet)
-        tokens_per_step = batch["input_ids"].numel() * trainer.accumulate_grad_batches * trainer.world_size
-        tokens_per_s = (step - self._first) * tokens_per_step / max(time.perf_counter() - self._started, 1e-9)
-        loss = trainer.callback_metrics.get("loss")
-        note = (f"loss {float(loss):.4f}, " if loss is not None else "") + f"{tokens_per_s:,.0f} tokens/s"
+        note = None
+        if self._bar.due() or step >= trainer.max_steps:  # the last step's note is the "done" line's
+            tokens_per_step = batch["input_ids"].numel() * trainer.accumulate_grad_batches * trainer.world_size
+            tokens_per_s = (step - self._first) * tokens_per_step / max(time.perf_counter() - self._started, 1e-9)
+            loss = trainer.callback_metrics.get("loss")
+            note = (f"loss {float(loss):.4f}, " if loss is not None else "") + f"{tokens_per_s:,.0f} tokens/s"
         self._bar.advance(step - self._seen, note=note)
         self._seen = step
 

@@ -55,16 +55,24 @@ class ProgressBar:
         """Units per second in this session."""
         return (self.done - self.first) / max(time.perf_counter() - self.start, 1e-9)
 
+    def due(self) -> bool:
+        """Whether the next `advance` shows anything: a bar redraws at most 10 times a second, plain lines
+        every `log_every_s`. A caller whose note costs something to make (the loss read back from the
+        trainer's metrics) makes it only when due, not at every step."""
+        interval = 0.1 if self._rich is not None else self._log_every
+        return time.perf_counter() - self._last_log >= interval
+
     def advance(self, n: int, *, note: str | None = None) -> None:
         """Record n more units of work (and, with `note`, replace the status shown beside them)."""
         self.done += n
         if note is not None:
             self.note = note
-        now = time.perf_counter()
+        if not self.due():
+            return
+        self._last_log = time.perf_counter()
         if self._rich is not None:
             self._rich.update(self._task, completed=self.done, rate=f"{_amount(self.rate)} {self.unit}/s", note=self.note)
-        elif now - self._last_log >= self._log_every:
-            self._last_log = now
+        else:
             log.info(self._line())
 
     def _line(self) -> str:
@@ -77,6 +85,7 @@ class ProgressBar:
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._rich is not None:
+            self._rich.update(self._task, completed=self.done, rate=f"{_amount(self.rate)} {self.unit}/s", note=self.note)
             self._rich.stop()
         elif exc_type is None:
             log.info(self._line() + " done")
