@@ -501,7 +501,7 @@ def train(cfg: PDLConfig, *, tags: dict[str, str] | None = None, callbacks: list
     """One training run (α = 0: the LM-only baseline); returns its summary (run id, held-out loss, paths).
 
     `tags` are added to the MLflow run (a sweep passes its study, trial and `mlflow.parentRunId`);
-    `callbacks` are extra Lightning callbacks (a sweep worker's core sharing). `heldout_teacher`:
+    `callbacks` are extra Lightning callbacks (a sweep worker's heartbeat stop). `heldout_teacher`:
     the teacher an LM-only run's held-out metrics are measured against when `eval.heldout_teacher`
     is auto (a sweep passes its PD rows' teacher, so the baseline row has agreement and KL too).
     A finished run of the same config is returned as it is. None on ranks other than 0 of a
