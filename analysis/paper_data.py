@@ -4,7 +4,8 @@ Use: to check the analysis against the paper (tests), and to try the notebooks w
 sweep: `python -m analysis.paper_data sqlite:///paper.db` logs every table below as a finished
 "sweep" (single seed, tag `pd.source=paper`, scale `paper`), following the tag contract of real
 sweep runs. These are the paper's results as printed — one decimal, one run per row — never
-results of this project.
+results of this project. Like the lab's own runs they are logged as fractions (lm-eval's unit, tag
+`eval.unit=fraction`); `analysis.load_runs` reads them back in the paper's percent.
 
 Per-task scores are in the paper's column order (TASKS). `delta` is the Δ% the paper prints for
 a row (Tables 1-6), None where it prints none.
@@ -187,7 +188,10 @@ CHECKPOINTS: dict[tuple[str, str], list[tuple[float, ...]]] = {
 
 def tags_for(sweep: str, row: Row, trial: int, parent_id: str | None) -> dict[str, str]:
     """The tags a sweep child run of this row carries (the contract analysis relies on)."""
+    from pd_lightning.tracking import EVAL_UNIT, EVAL_UNIT_TAG
+
     tags = {f"pd.{k}": v for k, v in row.coords.items()}
+    tags[EVAL_UNIT_TAG] = EVAL_UNIT
     tags["pd.config_hash"] = hashlib.sha256(json.dumps(row.coords, sort_keys=True).encode()).hexdigest()[:16]
     tags |= {"pd.sweep": sweep, "pd.scale": "paper", "pd.study": sweep, "pd.trial": str(trial), "pd.label": row.label,
              "pd.point": f"{row.group}/{row.label}" if row.group else row.label,
@@ -210,8 +214,9 @@ def _log(client, experiment_id: str, run_name: str, tags: dict[str, str], metric
 
 
 def _score_metrics(scores: tuple[float, ...], step: int = 0) -> list[tuple[str, float, int]]:
-    metrics = [(f"eval.{t}", s, step) for t, s in zip(TASKS, scores)]
-    return metrics + [("eval.average", sum(scores) / len(scores), step)]
+    """A printed row's scores (percent) as the lab logs them: fractions, plus their mean as eval.average."""
+    metrics = [(f"eval.{t}", s / 100.0, step) for t, s in zip(TASKS, scores)]
+    return metrics + [("eval.average", sum(scores) / len(scores) / 100.0, step)]
 
 
 def log_paper_runs(tracking_uri: str, experiment: str = "paper", sweeps: list[str] | None = None) -> dict[str, int]:

@@ -1,4 +1,10 @@
-"""MLflow runs -> one pandas row per finished training run (tags, metrics, params)."""
+"""MLflow runs -> one pandas row per finished training run (tags, metrics, params).
+
+Units: analysis works in the paper's unit, so accuracy-like eval scores (`eval.<task>`, `eval.average`,
+`eval.icl.*`, their stderrs) come out of `load_runs` and `metric_history` in percent. MLflow holds them as
+fractions, as lm-eval reports them, on runs tagged `eval.unit=fraction`; runs logged before that tag
+hold percentages and are read as they are (`pd_lightning.tracking.is_accuracy_metric`).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from pd_lightning.errors import ConfigError, DataError
+from pd_lightning.tracking import EVAL_UNIT, EVAL_UNIT_TAG, is_accuracy_metric
 
 BASE_COLUMNS = ["run_id", "run_name", "status", "start_time", "parent_run_id"]
 # Design-space tags that also get a numeric column (tags are strings in MLflow).
@@ -67,6 +74,17 @@ def _search(client: Any, experiment_ids: list[str], filter_string: str) -> list[
             return runs
 
 
+def percent_scale(tags: dict[str, str]) -> float:
+    """What a run's accuracy-like eval metrics are multiplied by to be percent: 100 for fractions, else 1."""
+    return 100.0 if tags.get(EVAL_UNIT_TAG) == EVAL_UNIT else 1.0
+
+
+def in_table_units(metrics: dict[str, float], tags: dict[str, str]) -> dict[str, float]:
+    """A run's metrics with its accuracy-like eval scores in percent (see the module docstring)."""
+    scale = percent_scale(tags)
+    return {key: value * scale if is_accuracy_metric(key) else value for key, value in metrics.items()}
+
+
 def _row(run: Any) -> dict[str, Any]:
     """One run's flat row: info, pd.* tags (strings), parent id, latest metrics, params as param.*."""
     info, data = run.info, run.data
@@ -78,7 +96,7 @@ def _row(run: Any) -> dict[str, Any]:
         "parent_run_id": data.tags.get("mlflow.parentRunId"),
     }
     row.update({k: v for k, v in data.tags.items() if k.startswith("pd.")})
-    row.update(data.metrics)
+    row.update(in_table_units(data.metrics, data.tags))
     row.update({f"param.{k}": v for k, v in data.params.items()})
     return row
 
@@ -149,17 +167,20 @@ def load_runs(tracking_uri: str, experiment: str | None = None, sweep: str | Ite
 def metric_history(tracking_uri: str, run_id: str, key: str) -> pd.DataFrame:
     """Every logged value of one metric of one run: columns step, value (sorted by step).
 
-    A step logged twice keeps its latest value (a resumed run may re-log a checkpoint's score).
+    A step logged twice keeps its latest value (a resumed run may re-log a checkpoint's score). An
+    accuracy-like eval score is in percent, as in `load_runs`.
     """
     from mlflow.exceptions import MlflowException
 
     client = _client(tracking_uri)
     try:
-        client.get_run(run_id)
+        run = client.get_run(run_id)
     except MlflowException:
         raise ConfigError(f"run_id={run_id!r} is not a run in the MLflow store {tracking_uri}") from None
+    scale = percent_scale(run.data.tags) if is_accuracy_metric(key) else 1.0
     history = client.get_metric_history(run_id, key)
-    df = pd.DataFrame([(m.step, m.timestamp, m.value) for m in history], columns=["step", "timestamp", "value"])
+    df = pd.DataFrame([(m.step, m.timestamp, m.value * scale) for m in history],
+                      columns=["step", "timestamp", "value"])
     df = df.sort_values(["step", "timestamp"], kind="stable").drop_duplicates("step", keep="last")
     return df[["step", "value"]].astype({"step": int, "value": float}).reset_index(drop=True)
 

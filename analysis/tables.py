@@ -59,8 +59,9 @@ def task_name(column: str) -> str:
 def percent_task_columns(runs: pd.DataFrame) -> list[str]:
     """Every `eval.<task>` column that is a percentage, paper tasks first in the paper's order.
 
-    Evaluation logs a percent task as `eval.<task>` and everything else with a further dot
-    (`eval.<task>.stderr`, `eval.<task>.bits_per_byte`), so a dot-free task name means percent.
+    Evaluation logs an accuracy-like task as `eval.<task>` and everything else with a further dot
+    (`eval.<task>.stderr`, `eval.<task>.bits_per_byte`), so a dot-free task name is an accuracy, which
+    `load_runs` gives in percent (MLflow holds the fraction).
     """
     cols = [c for c in runs.columns if c.startswith("eval.") and "." not in c[5:] and c != "eval.average"]
     order = list(PAPER_TASKS)

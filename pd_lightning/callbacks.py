@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,16 +33,85 @@ def save_hf_dir(model: torch.nn.Module, tokenizer, out: Path, info_file: str, in
                 state_dict: dict | None = None) -> None:
     """Export an HF model dir (weights + tokenizer + `info` as JSON in `info_file`) atomically.
 
-    `state_dict` overrides the model's own weights (a sharded model's gathered state).
+    `state_dict` overrides the model's own weights (a sharded model's gathered state). An `info` with
+    `seq_len` states that training context in the dir's configs (`state_trained_context`), so any tool
+    (plain lm-eval, vLLM) scores in the window the lab scores in; files get the umask's usual modes.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp = _fresh_dir(out.parent, prefix=f".{out.name}-")
     model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     (tmp / info_file).write_text(json.dumps(info, indent=2, sort_keys=True))
+    if info.get("seq_len"):
+        state_trained_context(tmp, int(info["seq_len"]))
+    _umask_modes(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+
+
+def _fresh_dir(parent: Path, prefix: str) -> Path:
+    """A new, uniquely named dir in `parent`, made with the umask's mode.
+
+    Not tempfile.mkdtemp: its dir is owner-only (0700) by design, and renamed into place that would
+    leave every export unreadable to the group (and to a tracking server running as another user).
+    """
+    while True:
+        path = parent / f"{prefix}{os.urandom(6).hex()}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+def _umask_modes(root: Path) -> None:
+    """Give every file under `root` the mode a plain open() gets (0o666 less the umask), dirs root's own.
+
+    Some writers create owner-only files (safetensors via transformers writes model.safetensors 0600).
+    The umask is read off `root` (made by mkdir, so 0o777 less the umask), never by os.umask(), which
+    would change it process-wide for a moment under the writer threads.
+    """
+    dir_mode = root.stat().st_mode & 0o777
+    for path in root.rglob("*"):
+        os.chmod(path, dir_mode if path.is_dir() else dir_mode & 0o666)
+
+
+# Model types whose positions are rotary (no position table), so max_position_embeddings can state the
+# trained context without changing any weight's shape; our presets are all Llama.
+ROTARY_MODEL_TYPES = frozenset({"llama"})
+
+
+def trained_context_config(config: dict, seq_len: int) -> dict:
+    """config.json of an export: the trained context as `max_position_embeddings`, and `use_cache` on.
+
+    Training builds models with use_cache off (no KV cache in a training forward) and at least 1,024
+    positions; the export states what the model was trained at instead, which lm-eval's HFLM takes as
+    its window (it reads max_position_embeddings before the tokenizer's model_max_length). Rotary
+    positions (Llama) have no position table, so the weights are unchanged (and the logits: tested).
+    """
+    updated = {**config, "use_cache": True}
+    if config.get("model_type") in ROTARY_MODEL_TYPES:
+        updated["max_position_embeddings"] = int(seq_len)
+    return updated
+
+
+def trained_context_tokenizer_config(config: dict, seq_len: int) -> dict:
+    """tokenizer_config.json of an export: `model_max_length` the trained context (not transformers' 1e30 "unset")."""
+    return {**config, "model_max_length": int(seq_len)}
+
+
+def state_trained_context(model_dir: Path, seq_len: int) -> None:
+    """Rewrite an exported dir's config, generation config and tokenizer config with the trained context."""
+    rewrites = {"config.json": lambda c: trained_context_config(c, seq_len),
+                "generation_config.json": lambda c: {**c, "use_cache": True},
+                "tokenizer_config.json": lambda c: trained_context_tokenizer_config(c, seq_len)}
+    for name, rewrite in rewrites.items():
+        path = model_dir / name
+        if path.is_file():  # as transformers writes them: sorted keys, 2-space indent, a final newline
+            config = json.loads(path.read_text(encoding="utf-8"))
+            path.write_text(json.dumps(rewrite(config), indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+                            encoding="utf-8")
 
 
 def export_dir(out: Path, step: int) -> Path:

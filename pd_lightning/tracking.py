@@ -1,9 +1,16 @@
 """MLflow: explicit tracking URIs (sqlite in the working dir by default), experiments, run tags, and what an
 evaluation logs to a run (`eval.*` metrics, tags and result files).
 
-Metric names of an evaluation: `eval.<task>` (a percentage) and `eval.<task>.stderr`, `eval.<task>.<metric>`
-for a task whose metric is no percentage (perplexities), `eval.average`, `eval.icl.<name>` for the in-context
-learning task `icl_<name>` (outside the Average) and `eval.heldout.<name>` (`pd_lightning.metrics`).
+Metric names of an evaluation: `eval.<task>` (an accuracy-like score) and `eval.<task>.stderr`,
+`eval.<task>.<metric>` for a task whose primary metric is not accuracy-like (perplexities), `eval.average`,
+`eval.icl.<name>` for the in-context learning task `icl_<name>` (outside the Average) and
+`eval.heldout.<name>` (`pd_lightning.metrics`).
+
+Units: accuracy-like metrics are fractions in [0, 1] in MLflow, as lm-eval reports them (`eval.average`
+too, and `eval.icl.fewshot_gain` is a difference of fractions); percent is a display unit only (`pdl
+eval`'s table, `evaluate()`'s result, the paper-style tables of `analysis`). A run logged so carries the
+tag `eval.unit=fraction`; runs logged before it have no such tag and hold percentages, which `analysis`
+reads as such (`is_accuracy_metric` names which metrics the unit applies to).
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ ICL_TASK_PREFIX, ICL_METRIC_PREFIX = "icl_", "eval.icl."
 # few-shot task -> its 0-shot twin: `eval.icl.fewshot_gain` = few-shot score − 0-shot score (points)
 FEWSHOT_PAIRS = {"icl_facts_5shot": "synth_facts"}
 FEWSHOT_GAIN = ICL_METRIC_PREFIX + "fewshot_gain"
+HELDOUT_METRIC_PREFIX = "eval.heldout."  # pd_lightning.metrics: their own units (top1_acc already a fraction)
+# Harness metrics that are fractions in [0, 1]: accuracy-like, shown in percent, averaged into eval.average.
+ACCURACY_METRICS = frozenset({"acc", "acc_norm", "acc_mutual_info", "exact_match", "em", "f1", "mc1", "mc2", "mcc"})
+EVAL_UNIT_TAG, EVAL_UNIT = "eval.unit", "fraction"  # the unit of a run's accuracy-like eval.* metrics
 
 
 def tracking_settings(cfg: PDLConfig) -> dict[str, str | None]:
@@ -63,10 +74,13 @@ def tracking_settings(cfg: PDLConfig) -> dict[str, str | None]:
 def design_tags(cfg: PDLConfig, *, teacher: str | None) -> dict[str, str]:
     """Tags for the design-space coordinates of a run (what analysis groups and filters by)."""
     lm_only = cfg.loss.alpha == 0.0
+    sampled = cfg.logits.sampling == "sample" and not lm_only  # a sampled run has no top-p-k cut: no p, k
     return {
         "pd.kind": "lm" if lm_only else "kd",
-        "pd.p": str(cfg.logits.p),
-        "pd.k": str(cfg.logits.k),
+        "pd.p": "" if sampled else str(cfg.logits.p),
+        "pd.k": "" if sampled else str(cfg.logits.k),
+        "pd.sampling": "" if lm_only else cfg.logits.sampling,  # topk | sample (logits.sampling)
+        "pd.samples": str(cfg.logits.samples) if sampled else "",
         "pd.tau": str(cfg.logits.tau),
         "pd.method": cfg.logits.method,
         "pd.loss": cfg.loss.kind,
@@ -119,8 +133,32 @@ def fewshot_gains(result: dict[str, Any]) -> dict[str, float]:
             for few, zero in FEWSHOT_PAIRS.items() if few in tasks and zero in tasks}
 
 
+def is_accuracy_metric(key: str) -> bool:
+    """Whether an MLflow metric is an accuracy-like eval score (a fraction in MLflow, percent in tables).
+
+    By name, as `metric_items` makes them: `eval.<task>`, `eval.average`, `eval.icl.<name>` and
+    `eval.icl.fewshot_gain`, `eval.<task>.<metric>` for a metric in ACCURACY_METRICS, and the `.stderr`
+    of each; not `eval.heldout.*`, perplexities or bits per byte.
+    """
+    if not key.startswith("eval.") or key.startswith(HELDOUT_METRIC_PREFIX):
+        return False
+    parts = key.removeprefix(ICL_METRIC_PREFIX if key.startswith(ICL_METRIC_PREFIX) else "eval.").split(".")
+    if parts[-1] == "stderr":
+        parts = parts[:-1]
+    return len(parts) == 1 or (len(parts) == 2 and parts[1] in ACCURACY_METRICS)
+
+
+def _as_fraction(key: str, value: float) -> float:
+    """An evaluation result's value (percent where accuracy-like) in MLflow's unit (lm-eval's fraction)."""
+    return value / 100.0 if is_accuracy_metric(key) else value
+
+
 def metric_items(result: dict[str, Any]) -> dict[str, float]:
-    """The MLflow metrics of an evaluation result (`pd_lightning.evaluation.evaluate`), named as above."""
+    """The MLflow metrics of an evaluation result (`pd_lightning.evaluation.evaluate`), named as above.
+
+    The result holds accuracy-like scores in percent (for display); these are fractions, as lm-eval
+    reports them.
+    """
     items: dict[str, float] = {}
     for name, s in result["tasks"].items():
         key = task_key(name) if s["percent"] else f"{task_key(name)}.{s['metric']}"
@@ -132,6 +170,7 @@ def metric_items(result: dict[str, Any]) -> dict[str, float]:
     items.update(fewshot_gains(result))
     if result["average"] is not None:
         items["eval.average"] = result["average"]
+    items = {key: _as_fraction(key, value) for key, value in items.items()}
     if result.get("heldout"):
         from pd_lightning.metrics import HeldoutMetrics
 
@@ -161,6 +200,7 @@ def log_to_mlflow(result: dict[str, Any], run_id: str, *, tracking_uri: str | No
         client.log_metric(run_id, key, value, step=step)
     # Tags say what the eval.* numbers mean: which suite and harness model, and which tasks are missing
     # from eval.average because their data could not be loaded.
+    client.set_tag(run_id, EVAL_UNIT_TAG, EVAL_UNIT)
     client.set_tag(run_id, "eval.suite", result["suite"] or "custom")
     client.set_tag(run_id, "eval.backend", result["backend"])
     client.set_tag(run_id, "eval.failed", ",".join(result["failed"]))

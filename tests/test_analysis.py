@@ -127,13 +127,30 @@ def test_load_runs_filters_and_refusals(paper_store, tmp_path):
         analysis.load_runs(str(tmp_path))
 
 
+def test_accuracies_are_fractions_in_mlflow_and_percent_in_analysis(paper_store):
+    client = MlflowClient(tracking_uri=paper_store)
+    # The paper's rows are logged as the lab logs its runs: fractions (lm-eval's unit), tagged so.
+    runs = analysis.load_runs(paper_store, sweep="table1_lm_vs_kd")
+    lm = runs[runs["pd.label"] == "LLM-LM"].iloc[0]
+    logged = client.get_run(lm["run_id"]).data
+    assert logged.tags["eval.unit"] == "fraction"
+    assert logged.metrics["eval.hellaswag"] == pytest.approx(0.533) and logged.metrics["eval.average"] < 1
+    assert lm["eval.hellaswag"] == pytest.approx(53.3) and lm["eval.average"] == pytest.approx(np.mean(P.LLM_LM))
+    # Runs logged before the tag hold percent (the hand-made demo sweeps): read as they are.
+    demo = analysis.load_runs(paper_store, sweep="store_demo")
+    baseline = demo[demo["pd.label"] == "LM"].iloc[0]
+    assert "eval.unit" not in client.get_run(baseline["run_id"]).data.tags
+    assert baseline["eval.average"] == 37.7 and baseline["eval.synth_facts.stderr"] == 1.2
+    assert baseline["eval.synth_heldout.bits_per_byte"] == 1.7  # never scaled, whatever the tag
+
+
 def test_metric_history_and_checkpoint_curves(paper_store):
     runs = analysis.load_runs(paper_store, sweep="table12_checkpoints")
     assert len(runs) == 4
     kd = runs[runs["pd.label"] == "3.8B KD"].iloc[0]
     hist = analysis.metric_history(paper_store, kd["run_id"], "eval.gsm8k")
     assert hist["step"].tolist() == list(P.CHECKPOINT_STEPS)
-    assert hist["value"].tolist() == [row[7] for row in P.CHECKPOINTS[("3.8B", "kd")]]
+    assert hist["value"].tolist() == pytest.approx([row[7] for row in P.CHECKPOINTS[("3.8B", "kd")]])  # percent
     curves = analysis.checkpoint_curves(paper_store, runs)
     assert len(curves) == 4 * len(P.CHECKPOINT_STEPS)
     last = curves[(curves["label"] == "3.8B KD") & (curves["step"] == 59_604)].iloc[0]

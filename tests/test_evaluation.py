@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +19,7 @@ import yaml
 
 from pd_lightning import cli
 from pd_lightning import evaluation as ev
-from pd_lightning.evaluation import harness
+from pd_lightning.evaluation import harness, task_data, write_task_data
 from pd_lightning.data.corpus import EVAL_TASKS, heldout_texts, make_eval_items
 from pd_lightning.errors import ConfigError, DataError, UserError
 
@@ -37,7 +41,7 @@ def random_model(tiny_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -
     out = tmp_path_factory.mktemp("random") / "tiny"
     model = build_model("tiny-1m", cfg.vocab_size, seed=0, eos_token_id=cfg.eos_token_id,
                         bos_token_id=cfg.bos_token_id, pad_token_id=cfg.pad_token_id,
-                        max_seq_len=cfg.max_position_embeddings)
+                        max_seq_len=1024)  # as a training model is built; only our exports state their context
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_teacher).save_pretrained(out)
     return out
@@ -81,9 +85,10 @@ def test_local_suite_is_the_corpus_tasks_plus_heldout_perplexity():
 
 
 def test_synth_task_item_counts_keep_stderr_below_1_5_points():
+    manifest = json.loads((ev.TASKS_DIR / "data" / "manifest.json").read_text())
     for task in EVAL_TASKS:
         cfg = yaml.safe_load((ev.TASKS_DIR / f"{task}.yaml").read_text())
-        n = cfg["dataset_kwargs"]["n"]
+        n = manifest["datasets"][cfg["dataset_kwargs"]["dataset"]]["test"]
         # The harness's acc stderr is sqrt(p(1-p)/(n-1)); p = 0.5 is the worst case.
         assert 100 * math.sqrt(0.25 / (n - 1)) < 1.5, (task, n)
 
@@ -115,13 +120,56 @@ def test_c3_templates_render_a_clue_row():
 
 
 def test_synth_datasets_are_the_corpus_items_with_disjoint_fewshot_items():
-    ds = ev.synth_mc_dataset("synth_facts", 30, corpus_seed=0, version=1.0)  # the harness passes metadata too
-    assert ds["test"].to_list() == make_eval_items("synth_facts", 30)
-    assert ds["train"].to_list() == make_eval_items("synth_facts", 30 + ev.HELDOUT_FEWSHOT_ITEMS)[30:]
-    other_world = ev.synth_mc_dataset("synth_facts", 30, corpus_seed=1)
-    assert other_world["test"].to_list() != ds["test"].to_list()
-    held = ev.synth_heldout_dataset(5)
-    assert held["test"]["text"] == heldout_texts(5)
+    load = task_data.local_data().load  # what the task YAMLs call, with the metadata the harness passes too
+    ds = load("synth_facts", corpus_seed=0, version=1.0)
+    n = ds["test"].num_rows
+    assert n == 1200 and ds["test"].to_list() == make_eval_items("synth_facts", n)
+    assert ds["train"].to_list() == make_eval_items("synth_facts", n + ev.HELDOUT_FEWSHOT_ITEMS)[n:]
+    assert load("synth_heldout")["test"]["text"] == heldout_texts(500)
+    # Another corpus world: its own files (written once per process), and never the shipped world's by mistake.
+    other_dir = ev.task_data_dir(1)
+    other_world = load("synth_facts", corpus_seed=1, data_dir=str(other_dir))
+    assert other_world["test"].to_list() == make_eval_items("synth_facts", n, seed=1) != ds["test"].to_list()
+    with pytest.raises(ValueError, match=r"corpus_seed=1: the local task data in .* is for corpus_seed=0"):
+        load("synth_facts", corpus_seed=1)
+    with pytest.raises(ValueError, match="dataset='synth_fact' is not in"):
+        load("synth_fact")
+
+
+def test_task_data_files_are_what_the_generators_make():
+    """The shipped items are regenerated and compared byte for byte (`python -m pd_lightning.evaluation.write_task_data`
+    rewrites them); every task YAML reads them through the reader beside it, never through the lab."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    shipped = ev.TASKS_DIR / "data"
+    files = ev.dataset_files(0)
+    assert task_data.differing_files(shipped, files) == []
+    assert sorted(p.name for p in shipped.iterdir()) == sorted(files)
+    assert write_task_data.main(["--check"]) == 0
+    manifest = json.loads(files["manifest.json"])
+    reading = []
+    for path in sorted(ev.TASKS_DIR.glob("*.yaml")):
+        assert "pd_lightning." not in re.sub(r"#.*", "", path.read_text()), path.name  # no code of the lab
+        cfg = load_yaml(path, resolve_func=False)  # with its includes
+        if "task" in cfg and "custom_dataset" in cfg:  # a task (not a shared base file) of ours
+            assert cfg["custom_dataset"] == str(ev.TASKS_DIR / "_local_data.load"), path.name
+            assert cfg["dataset_kwargs"]["dataset"] in manifest["datasets"], path.name
+            reading.append(cfg["task"])
+    assert sorted(reading) == sorted(s.task for s in ev.load_suite("local"))  # every local task, not vacuous
+
+
+def test_task_data_command_writes_and_checks_a_world(tmp_path: Path, capsys: pytest.CaptureFixture):
+    out = tmp_path / "world1"
+    assert write_task_data.main(["--corpus-seed", "1", "--out", str(out)]) == 0
+    assert write_task_data.main(["--corpus-seed", "1", "--out", str(out), "--check"]) == 0
+    (out / "synth_facts.test.jsonl").write_text("{}\n")
+    assert write_task_data.main(["--corpus-seed", "1", "--out", str(out), "--check"]) == 1
+    assert "synth_facts.test.jsonl" in capsys.readouterr().out
+    # the shipped world is corpus_seed 0: another one needs its own --out
+    assert write_task_data.main(["--corpus-seed", "1"]) == 2
+    assert write_task_data.main(["--out", str(out / "manifest.json")]) == 2
+    err = capsys.readouterr().err
+    assert "--corpus-seed=1 needs --out DIR" in err and "is a file" in err
 
 
 def test_resolve_tasks_keeps_suite_settings_and_refuses_bad_names():
@@ -174,80 +222,30 @@ def test_local_suite_through_the_harness_logs_to_mlflow(tiny_teacher: Path, mlfl
     assert set(held["extra"]) == {"word_perplexity", "byte_perplexity"}
     assert result["average"] == pytest.approx(sum(tasks[t]["value"] for t in EVAL_TASKS) / 3)
 
+    # MLflow holds accuracies as lm-eval reports them, fractions (the result shows percent); the run says so.
     client = MlflowClient(tracking_uri=uri)
-    metrics = client.get_run(run_id).data.metrics
-    expected = {"eval.average": result["average"], "eval.synth_heldout.bits_per_byte": held["value"],
+    run = client.get_run(run_id)
+    metrics = run.data.metrics
+    assert run.data.tags["eval.unit"] == "fraction"
+    expected = {"eval.average": result["average"] / 100, "eval.synth_heldout.bits_per_byte": held["value"],
                 "eval.synth_heldout.word_perplexity": held["extra"]["word_perplexity"],
                 "eval.synth_heldout.byte_perplexity": held["extra"]["byte_perplexity"]}
     for name in EVAL_TASKS:
-        expected[f"eval.{name}"] = tasks[name]["value"]
-        expected[f"eval.{name}.stderr"] = tasks[name]["stderr"]
+        expected[f"eval.{name}"] = tasks[name]["value"] / 100
+        expected[f"eval.{name}.stderr"] = tasks[name]["stderr"] / 100
     for name in ICL_TASKS:  # eval.icl.<name>: beside the Average, not a percent task column of the paper table
-        expected[f"eval.icl.{name[4:]}"] = tasks[name]["value"]
-        expected[f"eval.icl.{name[4:]}.stderr"] = tasks[name]["stderr"]
-    expected["eval.icl.fewshot_gain"] = tasks["icl_facts_5shot"]["value"] - tasks["synth_facts"]["value"]
+        expected[f"eval.icl.{name[4:]}"] = tasks[name]["value"] / 100
+        expected[f"eval.icl.{name[4:]}.stderr"] = tasks[name]["stderr"] / 100
+    expected["eval.icl.fewshot_gain"] = (tasks["icl_facts_5shot"]["value"] - tasks["synth_facts"]["value"]) / 100
     assert metrics == pytest.approx(expected)
 
     local = Path(client.download_artifacts(run_id, f"{ev.RESULTS_ARTIFACT_DIR}/{ev.RESULTS_ARTIFACT_NAME}",
                                            str(tmp_path)))
     raw = json.loads(local.read_text())
     assert set(raw["results"]) == {*EVAL_TASKS, "synth_heldout", *ICL_TASKS}
+    assert raw["results"]["synth_facts"]["acc,none"] == pytest.approx(metrics["eval.synth_facts"], rel=1e-12)
     assert raw["results"]["synth_facts"]["acc,none"] * 100 == pytest.approx(tasks["synth_facts"]["value"])
     assert raw["n-samples"]["synth_facts"] == {"original": 1200, "effective": 40}
-
-
-@pytest.fixture(scope="module")
-def tiny_config_teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A tiny-1m teacher trained on the tiny config's data shape (2,048-token BPE, sequences of 128) for
-    900 steps x 16 and a random-init twin: (teacher dir, random dir). About 3 minutes of one CPU thread.
-    900 rather than 600 steps: at 600 the long-range continuation task had not reliably emerged
-    (31 and 41 % in two data orders), at 900 it scored 69 and 79 % (chance 25)."""
-    from pd_lightning.config import load_config
-    from pd_lightning.data.prepare import prepare
-    from pd_lightning.models import build_model
-    from pd_lightning.train import train_teacher
-
-    root = tmp_path_factory.mktemp("tinycfg")
-    cfg = load_config("tiny", ["data.train_tokens=1300000", "data.heldout_tokens=20000", f"data.out={root / 'data'}",
-                               f"teacher.out={root / 'teacher'}", "teacher.preset=tiny-1m", "teacher.max_steps=900",
-                               "teacher.batch_size=16", "teacher.lr=3e-3", "trainer.num_workers=0"])
-    prepare(cfg.data)
-    teacher = train_teacher(cfg)
-    from transformers import AutoConfig, AutoTokenizer
-
-    c = AutoConfig.from_pretrained(teacher)
-    random_dir = root / "random"
-    build_model("tiny-1m", c.vocab_size, seed=1, eos_token_id=c.eos_token_id, bos_token_id=c.bos_token_id,
-                pad_token_id=c.pad_token_id, max_seq_len=c.max_position_embeddings).save_pretrained(random_dir)
-    AutoTokenizer.from_pretrained(teacher).save_pretrained(random_dir)
-    return teacher, random_dir
-
-
-def test_a_trained_teacher_scores_clearly_above_random_init_on_every_local_task(tiny_config_teacher):
-    teacher, random_dir = tiny_config_teacher
-    kw = dict(tasks=[*LOCAL_MC, "synth_heldout"], max_length=128)  # every item, the same window for both
-    got, chance = ev.evaluate(teacher, **kw)["tasks"], ev.evaluate(random_dir, **kw)["tasks"]
-    scores = {t: (round(got[t]["value"], 1), round(chance[t]["value"], 1)) for t in LOCAL_MC}
-    # 1,200 items: stderr about 1.4 points, so 8 points is more than 4 standard errors of the difference.
-    # Measured with this recipe: 69.0 / 62.9 / 63.7 (continuation / facts / arithmetic) against ~25.
-    for task in LOCAL_MC:
-        assert got[task]["value"] >= chance[task]["value"] + 8, scores
-    assert got["synth_heldout"]["value"] < chance["synth_heldout"]["value"] - 1.0  # bits per byte
-
-
-def test_icl_probe_separates_a_model_that_copies_from_random_init(tiny_config_teacher):
-    """The copying probe is at chance (25%) for any model that ignores the context (its 4 choices are
-    exchangeable without it); the trained teacher copies natural spans from its context, random init cannot."""
-    teacher, random_dir = tiny_config_teacher
-    kw = dict(tasks="icl_copy_random,icl_copy_natural", max_length=128)
-    got, chance = ev.evaluate(teacher, **kw)["tasks"], ev.evaluate(random_dir, **kw)["tasks"]
-    scores = {t: (round(got[t]["value"], 1), round(chance[t]["value"], 1)) for t in got}
-    # 600 items a task: stderr about 1.8 points. Measured with this recipe: natural 35.2 vs 22.3 at random
-    # init; random spans 27.2 vs 25.2 — tiny models trained on the built-in corpus do not copy random spans
-    # (the corpus never repeats a novel string verbatim), so that column reports, it does not separate here.
-    assert got["icl_copy_natural"]["value"] >= chance["icl_copy_natural"]["value"] + 8, scores
-    for task in ("icl_copy_random", "icl_copy_natural"):
-        assert abs(chance[task]["value"] - 25.0) < 7.0, scores  # random init: chance, within ~3.5 stderr
 
 
 def test_trained_teacher_beats_random_init(tiny_teacher: Path, random_model: Path):
@@ -266,7 +264,7 @@ def test_copy_items_repeat_the_gold_span_and_draw_its_place_uniformly(kind: str)
 
     items = make_copy_items(kind, 400)
     assert items == make_copy_items(kind, 400) and items != make_copy_items(kind, 400, seed=1)
-    assert ev.icl_copy_dataset(kind, 30)["test"].to_list() == items[:30]
+    assert task_data.local_data().load(f"icl_copy_{kind}")["test"].to_list()[:400] == items  # the shipped file
     for item in items:
         choices, gold = item["choices"], item["choices"][item["label"]]
         assert len(choices) == 4 and len(set(choices)) == 4 and all(len(c.split()) == 4 for c in choices)
@@ -304,8 +302,8 @@ def test_pdl_eval_prints_and_logs_heldout_metrics(tiny_teacher: Path, tiny_data:
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(run_id)
     assert run.data.metrics["eval.heldout.ece"] == pytest.approx(held["ece"])
-    assert run.data.metrics["eval.icl.fewshot_gain"] == pytest.approx(
-        result["tasks"]["icl_facts_5shot"]["value"] - result["tasks"]["synth_facts"]["value"])
+    assert run.data.metrics["eval.icl.fewshot_gain"] == pytest.approx(  # printed in points, logged as a fraction
+        (result["tasks"]["icl_facts_5shot"]["value"] - result["tasks"]["synth_facts"]["value"]) / 100)
     assert run.data.tags["eval.heldout.teacher"] == str(tiny_teacher)
     saved = json.loads(Path(client.download_artifacts(run_id, "eval/heldout.json", str(tmp_path))).read_text())
     assert saved["bins"] == held["bins"] and sum(b["n"] for b in saved["bins"]) == held["tokens"]
@@ -363,6 +361,133 @@ def test_window_defaults_to_the_trained_seq_len(tiny_teacher: Path, random_model
     assert lm.max_length == 1024
 
 
+# ----------------------------------------------------------------------------------------------
+# Exports as other tools read them: the trained context, the KV cache, file modes; plain lm-eval
+
+
+def _umask() -> int:
+    """This process's umask, read off a fresh dir (os.umask would change it for a moment)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "probe"
+        probe.mkdir()
+        return 0o777 & ~probe.stat().st_mode
+
+
+def test_an_export_states_its_trained_context_for_lm_eval(tiny_teacher: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    # tiny_teacher is `pdl teacher train`'s export (callbacks.save_hf_dir, as every student's): trained at 64
+    config = AutoConfig.from_pretrained(tiny_teacher)
+    assert config.max_position_embeddings == 64 and config.use_cache is True
+    assert GenerationConfig.from_pretrained(tiny_teacher).use_cache is True
+    assert AutoTokenizer.from_pretrained(tiny_teacher).model_max_length == 64
+    lm, _ = ev.load_lm(tiny_teacher)  # no max_length given: lm-eval's HFLM reads the export's own window
+    assert lm.max_length == 64
+    # Rotary positions: stating 64 instead of the 1,024 it was built with changes no logit, also past 64.
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    built = AutoModelForCausalLM.from_pretrained(tiny_teacher, max_position_embeddings=1024).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 96), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids, use_cache=False).logits, built(ids, use_cache=False).logits)
+    # The umask's usual modes, not mkdtemp's owner-only dir nor safetensors' owner-only weights.
+    mask = _umask()
+    assert tiny_teacher.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert {p.name: p.stat().st_mode & 0o777 for p in tiny_teacher.iterdir()} == {
+        p.name: 0o666 & ~mask for p in tiny_teacher.iterdir()}
+
+
+def test_export_file_modes_follow_the_umask(tiny_teacher: Path, tmp_path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pd_lightning.callbacks import save_hf_dir
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_teacher), AutoTokenizer.from_pretrained(tiny_teacher)
+    previous = os.umask(0o027)  # a group-readable, world-closed site policy
+    try:
+        save_hf_dir(model, tok, tmp_path / "export", "pdl_run.json", {"seq_len": 48})
+    finally:
+        os.umask(previous)
+    out = tmp_path / "export"
+    assert out.stat().st_mode & 0o777 == 0o750
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o640}
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 48
+    assert model.config.max_position_embeddings == 64 and model.config.use_cache is True  # the live model untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temp dir left behind
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An LM-only tiny-1m student of 40 steps on `tiny_data`, exported by `pdl train` (its model/ dir)."""
+    from pd_lightning.config import load_config
+    from pd_lightning.train import train
+
+    from conftest import TINY_DATA
+
+    root = tmp_path_factory.mktemp("student")
+    cfg = load_config("tiny", [*TINY_DATA, f"data.out={tiny_data}", f"trainer.out={root / 'run'}",
+                               f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}", "tracking.experiment=student",
+                               "loss.alpha=0", "trainer.max_steps=40", "trainer.batch_size=16", "optim.lr=5e-3",
+                               "trainer.val_every_n_steps=20", "trainer.val_batches=1",
+                               "trainer.checkpoint_every_n_steps=40", "eval.heldout_teacher=none"])
+    train(cfg)
+    return root / "run" / "model"
+
+
+def _venv_without_the_lab(root: Path) -> Path:
+    """A fresh venv that sees this one's packages (lm-eval, torch, transformers) but has no pd_lightning.
+
+    A .pth line adds this venv's site-packages to sys.path; .pth files are only run in site dirs, so
+    the editable install's finder (a .pth there) is not, and pd_lightning is simply not installed.
+    """
+    import sysconfig
+
+    venv = root / "venv-without-pdl"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    (Path(site) / "lab-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python
+
+
+# lm-eval's console script (`lm_eval`, lm_eval.__main__:cli_evaluate), run by the lab-free venv's python
+LM_EVAL_ENTRY_POINT = ("import sys; from lm_eval.__main__ import cli_evaluate; sys.argv[0] = 'lm_eval'; "
+                       "sys.exit(cli_evaluate())")
+
+
+def test_plain_lm_eval_without_the_lab_scores_what_pdl_eval_scores(tiny_student: Path, tmp_path: Path):
+    """`lm_eval --include_path <our tasks>` in a venv without pd_lightning, on a `pdl train` export with nothing
+    but `pretrained=DIR`: the same window (the trained 64) and the same numbers as `pdl eval` on every local task."""
+    python = _venv_without_the_lab(tmp_path)
+    blocked = subprocess.run([str(python), "-c", "import pd_lightning"], cwd=tmp_path, capture_output=True, text=True)
+    assert blocked.returncode != 0 and "No module named 'pd_lightning'" in blocked.stderr
+    tasks_dir = shutil.copytree(ev.TASKS_DIR, tmp_path / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    tasks = [spec.task for spec in ev.load_suite("local")]
+    limit = "40"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    plain = subprocess.run([str(python), "-c", LM_EVAL_ENTRY_POINT, "run", "--model", "hf",
+                            "--model_args", f"pretrained={tiny_student}", "--tasks", ",".join(tasks),
+                            "--include_path", str(tasks_dir), "--batch_size", "16", "--device", "cpu",
+                            "--limit", limit, "--output_path", str(tmp_path / "out")],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    theirs = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+
+    ours = cli.cmd_eval(eval_args(str(tiny_student), "--limit", limit, "--heldout", "none", "--json"))
+    assert ours["max_length"] == theirs["max_length"] == 64  # the trained context, read from the export alone
+    assert list(ours["tasks"]) == tasks and ours["failed"] == {}
+    for task, score in ours["tasks"].items():
+        row = theirs["results"][task]
+        assert row == ours["lm_eval"]["results"][task], task  # every metric and stderr, to the last bit
+        scale = 100.0 if score["percent"] else 1.0  # pdl eval shows accuracies in percent
+        assert score["value"] == pytest.approx(row[f"{score['metric']},none"] * scale, rel=1e-12), task
+        assert theirs["n-samples"][task]["effective"] == score["samples"] == int(limit)
+    assert theirs["configs"]["icl_facts_5shot"]["num_fewshot"] == 5
+
+
 def test_paper_suite_offline_names_every_missing_dataset(tiny_teacher: Path):
     result = ev.evaluate(tiny_teacher, suite="paper", limit=2)
     assert result["tasks"] == {} and result["average"] is None
@@ -405,7 +530,8 @@ def _direct_logprob(model, ids: list[int], n_cont: int) -> float:
 def test_harness_scores_match_the_model(tiny_teacher: Path):
     from lm_eval.api.instance import Instance
 
-    lm, _ = ev.load_lm(tiny_teacher, batch_size=3)
+    # A window wider than every item and the text (the export states its trained 64), so nothing is cut.
+    lm, _ = ev.load_lm(tiny_teacher, batch_size=3, max_length=1024)
     items = make_eval_items("synth_facts", 3) + make_eval_items("synth_continuation", 2)
     pairs = [(it["context"], choice) for it in items for choice in it["choices"]]
     reqs = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]

@@ -41,14 +41,30 @@ def test_eval_metric_names():
     def score(value, percent=True, metric="acc", stderr=1.0, extra=None):
         return {"value": value, "percent": percent, "metric": metric, "stderr": stderr, "extra": extra or {}}
 
+    # The result is in percent (display); MLflow gets lm-eval's fractions for accuracy-like scores only.
     result = {"tasks": {"synth_facts": score(40.0), "icl_facts_5shot": score(55.0),
-                        "synth_heldout": score(2.5, False, "bits_per_byte", None, {"byte_perplexity": 5.7})},
+                        "synth_heldout": score(2.5, False, "bits_per_byte", None, {"byte_perplexity": 5.7}),
+                        "lambada": score(3.2, False, "perplexity", 0.1, {"acc": 61.0})},
               "average": 40.0, "heldout": None}
-    assert metric_items(result) == {
-        "eval.synth_facts": 40.0, "eval.synth_facts.stderr": 1.0,
-        "eval.icl.facts_5shot": 55.0, "eval.icl.facts_5shot.stderr": 1.0,  # ICL probes: outside eval.<task>
+    assert metric_items(result) == pytest.approx({
+        "eval.synth_facts": 0.40, "eval.synth_facts.stderr": 0.01,
+        "eval.icl.facts_5shot": 0.55, "eval.icl.facts_5shot.stderr": 0.01,  # ICL probes: outside eval.<task>
         "eval.synth_heldout.bits_per_byte": 2.5, "eval.synth_heldout.byte_perplexity": 5.7,
-        "eval.icl.fewshot_gain": 15.0, "eval.average": 40.0}
+        "eval.lambada.perplexity": 3.2, "eval.lambada.perplexity.stderr": 0.1, "eval.lambada.acc": 0.61,
+        "eval.icl.fewshot_gain": 0.15, "eval.average": 0.40}, rel=1e-12)
     assert resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
     with pytest.raises(ConfigError, match="tracking.tracking_uri='runs/mlflow'"):
         check_run("abc", "runs/mlflow")
+
+
+def test_which_eval_metrics_are_accuracy_like():
+    from pd_lightning.tracking import is_accuracy_metric
+
+    accuracy = ["eval.synth_facts", "eval.synth_facts.stderr", "eval.average", "eval.icl.copy_random",
+                "eval.icl.copy_random.stderr", "eval.icl.fewshot_gain", "eval.lambada.acc", "eval.gsm8k",
+                "eval.lambada.acc.stderr", "eval.ceval-valid"]
+    other = ["eval.synth_heldout.bits_per_byte", "eval.synth_heldout.word_perplexity", "eval.lambada.perplexity",
+             "eval.lambada.perplexity.stderr", "eval.heldout.top1_acc", "eval.heldout.ece", "heldout_loss",
+             "val/loss", "cost.total_flops"]
+    assert [k for k in accuracy if not is_accuracy_metric(k)] == []
+    assert [k for k in other if is_accuracy_metric(k)] == []

@@ -1,8 +1,10 @@
 """Scores: a task's primary metric read out of the harness's result dict, in percent where it is a fraction.
 
-Accuracy-like metrics are reported in percent; the suite's ``average`` is the mean of the tasks
-marked ``in_average`` (all percentages). Perplexity-like metrics keep their own unit and stay out
-of the average. One harness call per task, so a result dict holds one task (or one group).
+Accuracy-like metrics are reported in percent here (the result of `evaluate`, `pdl eval`'s table);
+MLflow gets them back as fractions, lm-eval's unit (`pd_lightning.tracking.metric_items`). The suite's
+``average`` is the mean of the tasks marked ``in_average`` (all percentages). Perplexity-like metrics
+keep their own unit and stay out of the average. One harness call per task, so a result dict holds one
+task (or one group).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from typing import Any, Optional
 
 from pd_lightning.errors import ConfigError, DataError, choice_error
 from pd_lightning.evaluation.suites import TaskSpec
+from pd_lightning.tracking import ACCURACY_METRICS
 
-# Harness metrics that are fractions in [0, 1] and reported x100; anything else keeps its unit.
-PERCENT_METRICS = frozenset({"acc", "acc_norm", "acc_mutual_info", "exact_match", "em", "f1", "mc1", "mc2", "mcc"})
+# Harness metrics that are fractions in [0, 1] and reported x100 here; anything else keeps its unit.
+PERCENT_METRICS = ACCURACY_METRICS
 
 
 @dataclass

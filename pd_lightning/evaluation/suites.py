@@ -3,8 +3,8 @@
 A *suite* (``pd_lightning/eval_tasks/suites/<name>.yaml``) lists tasks with their shot count and
 primary metric; ``local`` runs offline on tasks made from the built-in corpus, ``paper`` names the
 paper's benchmarks. Our own task YAMLs live in ``pd_lightning/eval_tasks/tasks`` and are registered
-with the harness through ``TaskManager(include_path=...)``, so they work from the shell too; their
-datasets are the ``*_dataset`` functions below (``custom_dataset: !function pd_lightning.evaluation...``).
+with the harness through ``TaskManager(include_path=...)``, so they work from the shell too; the local
+tasks' items are data files beside them (``task_data``), read without importing the lab.
 """
 
 from __future__ import annotations
@@ -12,51 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import yaml
 
 from pd_lightning.errors import ConfigError, choice_error, did_you_mean
+from pd_lightning.evaluation.task_data import SHIPPED_CORPUS_SEED, task_data_dir
 
 EVAL_TASKS_DIR = Path(__file__).parent.parent / "eval_tasks"
 TASKS_DIR = EVAL_TASKS_DIR / "tasks"  # what `--include_path` points at
 SUITES_DIR = EVAL_TASKS_DIR / "suites"
-HELDOUT_FEWSHOT_ITEMS = 50  # extra items of the same stream, after the test items, for few-shot use
-
-
-# ----------------------------------------------------------------------------------------------
-# Datasets of our own tasks (called by the harness through `custom_dataset: !function ...`)
-
-
-def synth_mc_dataset(synth_task: str, n: int, corpus_seed: int = 0, **_: Any):
-    """Items 0..n-1 of a synthworld multiple-choice task as the test split, the next 50 as train."""
-    import datasets
-
-    from pd_lightning.data.corpus import make_eval_items
-
-    # Item i is a pure function of (task, i, seed), so items past n are disjoint few-shot examples.
-    items = make_eval_items(synth_task, int(n) + HELDOUT_FEWSHOT_ITEMS, seed=int(corpus_seed))
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(items[: int(n)]),
-                                 "train": datasets.Dataset.from_list(items[int(n):])})
-
-
-def synth_heldout_dataset(n: int, corpus_seed: int = 0, **_: Any):
-    """The first n held-out documents of the built-in corpus as the test split ({"text": ...})."""
-    import datasets
-
-    from pd_lightning.data.corpus import heldout_texts
-
-    texts = heldout_texts(int(n), seed=int(corpus_seed))
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list([{"text": t} for t in texts])})
-
-
-def icl_copy_dataset(kind: str, n: int, corpus_seed: int = 0, **_: Any):
-    """The copying probe's docs for n sequences (`make_copy_items`) as the test split."""
-    import datasets
-
-    from pd_lightning.data.corpus import make_copy_items
-
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(make_copy_items(kind, int(n), seed=int(corpus_seed)))})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,13 +113,22 @@ def resolve_tasks(suite: str = "local", tasks: str | list[str] | None = None) ->
 # The harness's task registry, with ours in it
 
 
+def task_metadata(corpus_seed: int = 0) -> dict[str, object]:
+    """The metadata our local tasks' datasets read: the corpus world, and for a world other than the
+    shipped one the dir its item files were written to (`task_data.task_data_dir`)."""
+    metadata: dict[str, object] = {"corpus_seed": int(corpus_seed)}
+    if int(corpus_seed) != SHIPPED_CORPUS_SEED:
+        metadata["data_dir"] = str(task_data_dir(int(corpus_seed)))
+    return metadata
+
+
 @lru_cache(maxsize=4)
 def task_manager(include_defaults: bool = True, corpus_seed: int = 0):
     """A harness TaskManager that knows our tasks (cached: indexing the harness's own takes ~20 s)."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=include_defaults,
-                       metadata={"corpus_seed": int(corpus_seed)})
+                       metadata=task_metadata(corpus_seed))
 
 
 def our_task_names() -> list[str]:
