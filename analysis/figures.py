@@ -23,7 +23,9 @@ from pd_lightning.errors import ConfigError
 DELTA_LABEL = "Δ vs LM-only baseline (%)"
 PARAM_NAMES = {"alpha": "α", "pd.alpha": "α", "tau": "τ", "pd.tau": "τ", "p": "p (top-p)", "pd.p": "p (top-p)",
                "k": "k (top-k)", "pd.k": "k (top-k)", "pd.label": "configuration", "pd.student": "student",
-               "pd.teacher": "teacher"}
+               "pd.teacher": "teacher", "pd.sampling": "targets",
+               "store.target_bytes_per_token": "bytes / token of the targets' store"}
+TARGET_BYTES = "store.target_bytes_per_token"  # train.target_storage: what a store of a run's own targets takes
 STORE_COLUMNS = {"store.entries_per_token": "entries / token", "store.bytes_per_token": "bytes / token"}
 
 
@@ -181,6 +183,25 @@ def fig_delta_vs_k(runs: pd.DataFrame, out: str | Path | None = None, *, baselin
     ps = list(k_per_p[k_per_p > 1].index) or list(k_per_p.index)  # a p with one k is a point, not a line
     sel = runs[~kd | runs["p"].isin(ps)]
     return fig_delta_vs_param(sel, "k", out, baseline=baseline, hue="p", log_x=True, title="Δ vs k (top-p-k)")
+
+
+def has_target_families(runs: pd.DataFrame) -> bool:
+    """Whether the runs compare top-p-k and sampled targets (both families, with their target bytes logged)."""
+    if TARGET_BYTES not in runs or "pd.sampling" not in runs:
+        return False
+    kd = _kd_runs(runs) & runs[TARGET_BYTES].notna()
+    return set(runs.loc[kd, "pd.sampling"].astype(str)) >= {"topk", "sample"}
+
+
+def fig_delta_vs_bytes(runs: pd.DataFrame, out: str | Path | None = None, *, baseline: str | None = None,
+                       group_by: str | Sequence[str] | None = None) -> Figure:
+    """Δ against the bytes per token each configuration's targets need (`store.target_bytes_per_token`: its
+    own top-p-k re-encoded, or the sampled store), one series per target family (`pd.sampling`: topk, sample),
+    log x axis: sampled vs top-p-k targets at equal storage (issue: sampled_vs_topk.yaml)."""
+    _require_column(runs, TARGET_BYTES, "param")
+    _require_column(runs, "pd.sampling", "hue")
+    return fig_delta_vs_param(runs, TARGET_BYTES, out, baseline=baseline, group_by=group_by, hue="pd.sampling",
+                              log_x=True, title="Δ vs bytes per token: top-p-k and sampled targets")
 
 
 def _size_order(values: Sequence[object]) -> list[str]:

@@ -20,10 +20,11 @@ from analysis.render import to_csv, to_html, to_latex, to_markdown
 from analysis.tables import DELTA, paper_table
 from pd_lightning.errors import ConfigError
 
-FIGURE_NAMES = ["sizes", "delta_vs_p", "delta_vs_k", "delta_vs_student", "compute", "param:<column>"]
+FIGURE_NAMES = ["sizes", "delta_vs_p", "delta_vs_k", "delta_vs_student", "delta_vs_bytes", "compute", "param:<column>"]
 _SWEPT_NUMERIC = ["alpha", "p", "k", "tau"]
 _TITLES = {"sizes": "Average by student size (Fig. 1)", "delta_vs_p": "Δ vs p (Fig. 2)", "delta_vs_k": "Δ vs k (Fig. 3)",
-           "delta_vs_student": "Δ vs student size (Fig. 4)", "compute": "Average vs total compute"}
+           "delta_vs_student": "Δ vs student size (Fig. 4)", "compute": "Average vs total compute",
+           "delta_vs_bytes": "Δ vs bytes per token of the targets (top-p-k and sampled)"}
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table.paper-table{border-collapse:collapse;font-size:14px;margin:1em 0}
 .paper-table th,.paper-table td{padding:4px 8px;text-align:right;border-bottom:1px solid #ddd}
@@ -61,6 +62,8 @@ def auto_figures(runs: pd.DataFrame, table: pd.DataFrame) -> list[str]:
                 names.append({"p": "delta_vs_p", "k": "delta_vs_k"}.get(col, f"param:{col}"))
         if (~table["baseline"]).sum() > 1:
             names.append("param:pd.label")
+        if F.has_target_families(runs):
+            names.append("delta_vs_bytes")
     if "pd.student" in runs and runs["pd.student"].dropna().nunique() > 1:
         names.append("sizes")
         if has_delta:
@@ -80,6 +83,7 @@ def _figure_function(name: str, baseline: str | None, group_by) -> Callable[[pd.
         "delta_vs_p": lambda runs, out: F.fig_delta_vs_p(runs, out, baseline=baseline),
         "delta_vs_k": lambda runs, out: F.fig_delta_vs_k(runs, out, baseline=baseline),
         "delta_vs_student": lambda runs, out: F.fig_delta_vs_student(runs, out, baseline=baseline, group_by=group_by),
+        "delta_vs_bytes": lambda runs, out: F.fig_delta_vs_bytes(runs, out, baseline=baseline, group_by=group_by),
         "compute": lambda runs, out: F.fig_compute(runs, out),
     }
     if name not in drawers:

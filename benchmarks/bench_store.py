@@ -23,6 +23,11 @@ are also what xz / zstd compress). Unlike the i.i.d. synthetic tokens, consecuti
 real sequence are correlated. Both encodings decode to bit-identical entries (checked on every
 sequence), so they have the same KL (reported on the first 64 sequences).
 
+Target families (`families`): on the same Zipf distributions, sampled stores of N ∈ {8, 12, 32, 64}
+draws per position (logits.sampling=sample) beside top-0.95-k for k ∈ {5, 10, 20, 50, 100}, all egsqrt:
+bytes/token, entries/token and the mean squared target error Σ_v (t_v - p_v)² against the full teacher
+(top-k: bias²; sampled: variance, which averages out over steps).
+
 Generation overhead: a random-init transformers LlamaForCausalLM (hidden 256, 4 layers, vocab 32k,
 sequence 256) is the "teacher forward"; (forward + truncate + encode + write, with truncate/encode/
 write on AsyncShardWriter's background thread overlapping the next forward) ÷ (forward alone), wall
@@ -52,7 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pd_lightning.logits.processing import SparseLogits, narrow, truncate_top_p_k
+from pd_lightning.logits.processing import SparseLogits, narrow, sample_teacher, sample_uniforms, truncate_top_p_k
 from pd_lightning.logits.store import LogitStore, inspect_store
 from pd_lightning.logits.writer import AsyncShardWriter, LogitStoreWriter
 
@@ -101,11 +106,13 @@ def naive_cases(s: SparseLogits) -> dict:
 
 
 def write_store(s: SparseLogits, p: float, k: int, encoding: str, path: Path, *, vocab: int = V, positions: int = P) -> float:
-    """Write `s` (whole sequences) as one store; returns the encode + write seconds."""
+    """Write `s` (whole sequences) as one store (a sampled one when `s` carries draws); returns the encode + write
+    seconds."""
     n_seq = len(s) // positions
+    sampling = {"method": "sample", "samples": s.samples, "seed": 0, "proposal_tau": 1.0} if s.sampled else None
     w = LogitStoreWriter(path, vocab_size=vocab, p=p, k=k, positions_per_sequence=positions, num_sequences=n_seq,
                          sequences_per_shard=n_seq, teacher="synthetic", teacher_config_hash="-",
-                         tokenizer_hash="-", encoding=encoding, power_exponents=s.power_exponents)
+                         tokenizer_hash="-", encoding=encoding, power_exponents=s.power_exponents, sampling=sampling)
     t0 = time.perf_counter()
     for a in range(0, n_seq, 8):
         w.write_sequences(a, s.rows(a * positions, min(a + 8, n_seq) * positions))
@@ -194,6 +201,54 @@ def store_case(s: SparseLogits, p: float, k: int, root: Path, decode_seconds: fl
 
 
 # ----------------------------------------------------------------------------- real store
+
+
+TOPK_KS = (5, 10, 20, 50, 100)  # top-0.95-k beside ...
+SAMPLED_NS = (8, 12, 32, 64)  # ... sampled stores of N draws per position
+
+
+def _target_sq_error(ids: torch.Tensor, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Σ_v (t_v - p_v)² per token against the full teacher p [n, V] (t on the ids, 0 elsewhere), in float64."""
+    on = t > 0
+    p_at = p.gather(1, ids)
+    kept_p2 = torch.where(on, p_at * p_at, 0.0).sum(1)
+    return torch.where(on, (t - p_at) ** 2, 0.0).sum(1) + (p * p).sum(1) - kept_p2
+
+
+def families_case(n_tok: int, root: Path, seed: int = 1) -> dict:
+    """Sampled (N draws, logits.sampling=sample) vs top-0.95-k targets on the same Zipf distributions at
+    V = 151,552: bytes/token and entries/token of egsqrt stores written by the real writer (whole files), and
+    the mean squared target error E Σ_v (t_v - p_v)² against the full τ=1 teacher: top-k's is its bias²
+    (the tail's mass moved onto the head, the same every epoch), the sampled one's is variance, (1 - Σ p²)/N
+    in expectation, and averages out over steps. One sequence of P positions per 256 tokens."""
+    tops: dict[int, list] = {k: [] for k in TOPK_KS}
+    draws: dict[int, list] = {n: [] for n in SAMPLED_NS}
+    err = {f"top-0.95-{k}": [] for k in TOPK_KS} | {f"sampled-{n}": [] for n in SAMPLED_NS}
+    for i in range(n_tok // P):
+        z = llm_like_logits(P, True, seed * 1000 + i)
+        p = torch.softmax(z.double(), -1)
+        top = truncate_top_p_k(z, 0.95, max(TOPK_KS))
+        for k in TOPK_KS:
+            s = narrow(top, 0.95, k, store_p=0.95, store_k=max(TOPK_KS))
+            tops[k].append(s)
+            t = torch.softmax(s.logprobs.double(), -1)  # the renormalised top-p-k target (τ = 1)
+            err[f"top-0.95-{k}"].append(_target_sq_error(s.indices, t, p))
+        for n in SAMPLED_NS:
+            s = sample_teacher(z, torch.from_numpy(sample_uniforms(seed, [i], P, n)))
+            draws[n].append(s)
+            err[f"sampled-{n}"].append(_target_sq_error(s.indices, s.draws.double() / n, p))
+    out = {}
+    for name, parts, p_store, k_store in ([(f"top-0.95-{k}", tops[k], 0.95, k) for k in TOPK_KS]
+                                          + [(f"sampled-{n}", draws[n], 1.0, n) for n in SAMPLED_NS]):
+        s = SparseLogits.cat(parts)
+        path = root / f"family-{name}"
+        write_store(s, p_store, k_store, "egsqrt", path)
+        info = inspect_store(path, checksums=False)
+        out[name] = {"bytes_per_token": info["bytes_per_token"], "entries_per_token": info["mean_entries_per_token"],
+                     "bytes_per_entry": info["bytes_per_entry"],
+                     "mean_target_sq_error": float(torch.cat(err[name]).mean())}
+        shutil.rmtree(path)
+    return out
 
 
 def build_real_teacher(workdir: Path, quick: bool) -> tuple[Path, Path]:
@@ -391,6 +446,12 @@ def main(argv: list[str] | None = None) -> dict:
                 log(f"{tag} top-0.95-{k}: ctxans {case['ctxans']['bytes_per_entry']:.3f} B/entry, egsqrt "
                     f"{case['egsqrt']['bytes_per_entry']:.3f}, xz -9e {case['egsqrt_xz_9e']['bytes_per_entry']:.3f}, KL "
                     f"{case['ctxans']['mean_kl']:.2e}, decode ctxans/egsqrt {case['decode_ratio_ctxans_vs_egsqrt']:.2f}")
+        t0 = time.perf_counter()
+        families = families_case(min(n_tok, 1024), Path(root))  # 9 stores of 1,024 tokens: bytes/token to ~1%
+        results["families"] = families
+        log(f"families ({time.perf_counter() - t0:.0f} s): " + ", ".join(
+            f"{name} {c['bytes_per_token']:.1f} B/token ({c['entries_per_token']:.1f} entries)"
+            for name, c in families.items()))
         real = None
         if args.real_store is not None or args.real_build is not None or args.real_teacher is not None:
             if args.real_teacher is not None:
@@ -455,6 +516,10 @@ def main(argv: list[str] | None = None) -> dict:
         "top-0.95-50_new_bytes_per_entry": results["zipf_top-0.95-50"]["ctxans"]["bytes_per_entry"],
         "top-0.95-50_bytes_per_entry": results["zipf_top-0.95-50"]["egsqrt"]["bytes_per_entry"],
         "top-0.95-50_mean_kl": results["zipf_top-0.95-50"]["egsqrt"]["mean_kl"],
+        # sampled vs top-p-k targets on the same distributions (egsqrt stores): bytes/token, entries/token
+        "families_bytes_per_token": {name: c["bytes_per_token"] for name, c in families.items()},
+        "families_entries_per_token": {name: c["entries_per_token"] for name, c in families.items()},
+        "families_mean_target_sq_error": {name: c["mean_target_sq_error"] for name, c in families.items()},
     }
     if real is not None:
         summary |= {

@@ -111,14 +111,19 @@ POSITIVE = Range(0, low_open=True)  # a number > 0
 NON_NEGATIVE = Range(0)
 
 
-def choice(default: str, allowed: tuple[str, ...]) -> Any:
-    """A dataclass field whose value must be one of `allowed` (checked by `validate` and `check_field`)."""
-    return field(default=default, metadata={"check": Choice(tuple(allowed))})
+def choice(default: str, allowed: tuple[str, ...], *, added: bool = False) -> Any:
+    """A dataclass field whose value must be one of `allowed` (checked by `validate` and `check_field`).
+
+    `added`: a field introduced after runs and stores existed; at its default it is left out of
+    `config_hash`, so the digests of every earlier configuration (sweep cache, resume) stay valid.
+    """
+    return field(default=default, metadata={"check": Choice(tuple(allowed)), "added": added})
 
 
-def ranged(default: Any, check: Callable[[str, Any], None]) -> Any:
-    """A dataclass field checked by `check(name, value)` (a Range, NonEmpty or function); null passes if Optional."""
-    return field(default=default, metadata={"check": check})
+def ranged(default: Any, check: Callable[[str, Any], None], *, added: bool = False) -> Any:
+    """A dataclass field checked by `check(name, value)` (a Range, NonEmpty or function); null passes if Optional.
+    `added`: as for `choice`."""
+    return field(default=default, metadata={"check": check, "added": added})
 
 
 def check_power_exponents(exponents) -> tuple[float, ...]:
@@ -230,6 +235,9 @@ TEMPERATURE_METHODS = ("none", "normkd", "wttm", "adakd_sd", "adakd_h")  # logit
 NORMKD_STUDENT_TAU = ("graph", "detached")
 WTTM_WEIGHTS = ("full", "support")
 STORE_ENCODINGS = ("ctxans", "egsqrt", "fixed")  # logits.codec implements them
+SAMPLING_METHODS = ("topk", "sample")  # logits.processing (truncate_top_p_k, sample_teacher) implements them
+SAMPLED_TAU_ESTIMATORS = ("exact", "self_normalised")  # logits.processing.sampled_targets implements them
+MAX_SAMPLES = 255  # a draw count is stored in at most 8 bits' worth of Exp-Golomb code per entry
 DISTILL_MODES = ("offline", "online_store", "cotrain")
 
 
@@ -259,6 +267,17 @@ class LogitsConfig:
     store: str = "runs/logits"  # the store directory
     store_p: float = ranged(0.95, OPEN_FRACTION)  # truncation the store is generated at (the loosest a sweep needs)
     store_k: int = ranged(100, POSITIVE_INT)
+    # what the store keeps per token: topk = the top-p-k entries (the paper) | sample = the distinct ids of
+    # `samples` draws from the teacher's tau=1 distribution with their draw counts (random-sampling KD,
+    # arXiv 2503.16870: unbiased targets; formulas in pd_lightning.logits.processing.sample_teacher)
+    sampling: str = choice("topk", SAMPLING_METHODS, added=True)
+    # draws per position (sampling=sample); a token keeps at most this many distinct ids
+    samples: int = ranged(12, Range(1, MAX_SAMPLES, integer=True), added=True)
+    sample_seed: int = ranged(0, Range(0, 2**63 - 1, integer=True), added=True)  # position t of sequence i always gets the same draws
+    # a sampled store at tau != 1: exact = importance weights q^(1/tau - 1) / Z with the store's power sum Z at
+    # 1/tau (unbiased; generation keeps that sum) | self_normalised = the weights normalised over the drawn ids
+    # (consistent, biased by O(1/samples); needs no power sum; the only choice for adaptive temperatures)
+    sampled_tau: str = choice("exact", SAMPLED_TAU_ESTIMATORS, added=True)
     # exponents a of the per-token log Σ_v q_v^a the store keeps, beyond those this config's own method
     # needs (WTTM with wttm_weight=full: γ/τ and 1/τ, added by itself); sweeps fill in their rows' needs
     store_power_exponents: list[float] = field(default_factory=list, metadata={"check": _power_exponents})
@@ -597,11 +616,25 @@ def flatten(cfg: PDLConfig) -> dict[str, Any]:
     return {f"{s}.{k}": v for s, body in to_dict(cfg).items() for k, v in body.items()}
 
 
+def _without_added_defaults(obj: Any, plain: Any) -> Any:
+    """`plain` (the container of dataclass `obj`) without the `added` fields that sit at their defaults."""
+    if not dataclasses.is_dataclass(obj) or not isinstance(plain, dict):
+        return plain
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get("added") and f.default is not dataclasses.MISSING and value == f.default:
+            continue
+        out[f.name] = _without_added_defaults(value, plain.get(f.name))
+    return out
+
+
 def config_hash(*parts: Any) -> str:
-    """A short, stable content hash of JSON-able parts (dataclasses are converted)."""
+    """A short, stable content hash of JSON-able parts (dataclasses are converted; fields declared
+    `added` are left out while at their defaults, so adding a knob does not change earlier digests)."""
     def plain(x: Any) -> Any:
         if hasattr(x, "__dataclass_fields__"):
-            return OmegaConf.to_container(OmegaConf.structured(x), resolve=True)
+            return _without_added_defaults(x, OmegaConf.to_container(OmegaConf.structured(x), resolve=True))
         return x
 
     blob = json.dumps([plain(p) for p in parts], sort_keys=True, default=str).encode()
@@ -643,6 +676,7 @@ def _check_across_fields(cfg: PDLConfig) -> None:
     _require(lg.k <= lg.store_k, "logits.k", lg.k, f"<= logits.store_k ({lg.store_k}): a store serves only narrower truncations")
     _require(lg.online_start_frac < lg.online_end_frac, "logits.online_end_frac", lg.online_end_frac,
              f"> logits.online_start_frac ({lg.online_start_frac})")
+    _check_sampled(lg, cfg.loss)
     t = cfg.teacher
     if lg.mode == "online_store" and int(lg.online_end_frac * t.max_steps) <= int(lg.online_start_frac * t.max_steps):
         raise ConfigError(f"logits.online_start_frac={lg.online_start_frac} and online_end_frac={lg.online_end_frac} "
@@ -677,6 +711,32 @@ def _check_across_fields(cfg: PDLConfig) -> None:
                  "tokens, flops or wall)")
     else:
         budget_range(tr.budget_kind)("trainer.budget", tr.budget)
+
+
+SAMPLED_LOSS_KINDS = ("nll", "kld")  # the distances with an unbiased estimator on sampled targets
+
+
+def _check_sampled(lg: LogitsConfig, ls: LossConfig) -> None:
+    """What a sampled store (logits.sampling=sample) is defined for: offline stores in egsqrt or fixed; NLL / KLD
+    (the distances whose sampled estimate is unbiased); a fixed temperature, or AdaKD's with self-normalised weights."""
+    if lg.sampling != "sample":
+        return
+    if lg.mode != "offline":
+        raise ConfigError(f"logits.sampling='sample' is available with logits.mode='offline' only (got {lg.mode!r}); "
+                          "use sampling=topk for online stores")
+    if lg.encoding == "ctxans":
+        raise ConfigError("logits.encoding='ctxans' does not code sampled stores (their draw counts); use egsqrt or fixed")
+    if ls.alpha == 0:
+        return
+    if ls.kind not in SAMPLED_LOSS_KINDS:
+        raise ConfigError(f"loss.kind={ls.kind!r} has no unbiased estimator on sampled targets; allowed with "
+                          f"logits.sampling='sample': {', '.join(SAMPLED_LOSS_KINDS)}")
+    if lg.method in ("normkd", "wttm"):
+        raise ConfigError(f"logits.method={lg.method!r} is not defined on sampled targets; allowed with "
+                          "logits.sampling='sample': none, adakd_sd, adakd_h")
+    if lg.method != "none" and lg.sampled_tau == "exact":
+        raise ConfigError(f"logits.sampled_tau='exact' needs the power sum at one fixed 1/tau, which per-token "
+                          f"temperatures (logits.method={lg.method!r}) do not have; set logits.sampled_tau=self_normalised")
 
 
 def budget_range(kind: str) -> Range:

@@ -6,7 +6,8 @@ Notation (one row = one token position; next-token shifting is the caller's job)
     p    = softmax(z)            (LM term)      p^τ = softmax(z / τ_s)   (KD term, NormKD)
     S    teacher support: indices [N, K] with probabilities q [N, K] from the logit store,
          already truncated (top-p-k) and tempered. Slots with q = 0 (padding up to K) are NOT
-         in S; indices inside one row are assumed distinct. q is expected to sum to 1 on S.
+         in S; indices inside one row are assumed distinct. q is expected to sum to 1 on S,
+         except for sampled targets (below), whose importance weights sum to 1 in expectation.
 
     L    = (1 - α) · L_lm + α · L_kd                                    (paper Eq. 1)
     L_lm = Σ_t m_t (-log p_t[y_t]) / Σ_t m_t,      m_t = [y_t != -100]
@@ -37,6 +38,13 @@ Distances D_t (all computed from log p^τ gathered on S, never from a dense teac
     tvd  ½ Σ_V |q_i - p_i| = ½ (Σ_S |q_i - p_i| + (1 - Σ_S p_i))  (off-support student mass counts)
     rkl  Σ_S p̃_i (log p̃_i - log q_i)                              (reverse KL, restricted to S)
     jsd  β KL(q ‖ m) + (1-β) KL(p̃ ‖ m),  m = β q + (1-β) p̃,  0 < β < 1  (generalised JSD on S)
+
+Sampled targets (logits.sampling=sample; `logits.processing.sampled_targets`): q = t, an unbiased
+estimate of the teacher p_τ from draws (t = c/N at τ = 1). Every gradient below is linear in q,
+∂D/∂z = (Σ_S q)·p - q for nll and kld, so E[∇] is the full-vocabulary gradient exactly; kld's value
+uses the teacher's stored log p_τ (`teacher_log_target`): Σ_S q (log p_τ - log p) is unbiased for
+KL(p_τ ‖ p), the plug-in Σ_S q log(q / p) is not. The other distances are refused on sampled targets
+(`config.SAMPLED_LOSS_KINDS`): their values or gradients are not linear in q.
 
 For rkl and jsd the student is renormalised on the support: p̃_i = p_i / Σ_{j∈S} p_j for i ∈ S
 (equivalently softmax over S of z/τ_s). Off-support student mass is therefore *not* penalised by
@@ -83,17 +91,22 @@ def auto_chunk_size(vocab_size: int) -> int:
 
 
 def sparse_kd_distance(logp_s: Tensor, q: Tensor, kind: str, *, sum_p2: Tensor | None = None,
-                       jsd_beta: float = 0.5) -> Tensor:
+                       jsd_beta: float = 0.5, log_target: Tensor | None = None) -> Tensor:
     """Per-token distance D [n] from student log-probs on the support logp_s [n, K] and teacher q [n, K].
 
     `sum_p2` = Σ_V p_i² [n] is needed for mse only. See the module docstring for the formulas.
+    `log_target` [n, K] (sampled targets): kld's teacher term is Σ q log p_τ with the teacher's own
+    log-probabilities, the unbiased estimate of -H(p_τ), instead of Σ q log q (same gradient).
     Every term is masked with `torch.where` so padding slots stay finite in value and gradient.
     """
     on = q > 0
     if kind in ("nll", "kld"):
         d = -(q * torch.where(on, logp_s, 0.0)).sum(-1)
         if kind == "kld":
-            d = d + torch.xlogy(q, q).sum(-1)  # xlogy(0, 0) = 0 for padding slots
+            if log_target is None:
+                d = d + torch.xlogy(q, q).sum(-1)  # xlogy(0, 0) = 0 for padding slots
+            else:
+                d = d + (q * torch.where(on, log_target, 0.0)).sum(-1)
         return d
     if kind == "mse":
         if sum_p2 is None:
@@ -151,7 +164,7 @@ def add_std_tau_grad(dz: Tensor, g_tau: Tensor, z: Tensor, sigma: Tensor, mu: Te
 def _chunk(z: Tensor, labels: Tensor, lm_coef: Tensor, idx: Tensor | None, q: Tensor | None,
            kd_coef: Tensor | None, tau: Tensor | float | None, kind: str, jsd_beta: float,
            alpha: float, need_grad: bool, out: Tensor | None = None, t_norm: float | None = None,
-           tau_grad: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+           tau_grad: bool = True, log_target: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """One chunk: returns (Σ lm_coef·lm_t, Σ kd_coef·D_t, dL/dz or None), z upcast already.
 
     Gradients come from the chain rule through the few gathered quantities the loss depends on:
@@ -187,7 +200,7 @@ def _chunk(z: Tensor, labels: Tensor, lm_coef: Tensor, idx: Tensor | None, q: Te
         if do_kd:
             b = logp_s.detach().requires_grad_(need_grad)
             c = sum_p2.detach().requires_grad_(need_grad) if sum_p2 is not None else None
-            kd_sum = (kd_coef * sparse_kd_distance(b, q, kind, sum_p2=c, jsd_beta=jsd_beta)).sum()
+            kd_sum = (kd_coef * sparse_kd_distance(b, q, kind, sum_p2=c, jsd_beta=jsd_beta, log_target=log_target)).sum()
             total = total + alpha * kd_sum
         else:
             kd_sum = torch.zeros((), dtype=z.dtype, device=z.device)
@@ -243,7 +256,7 @@ class _SparseDistill(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, lm_coef, idx, q, kd_coef, tau, kind, jsd_beta, alpha, chunk, need_grad,
-                t_norm, tau_grad):
+                t_norm, tau_grad, log_target):
         cdtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         n_tok = logits.shape[0]
         grad = torch.empty_like(logits) if need_grad else None
@@ -256,7 +269,7 @@ class _SparseDistill(torch.autograd.Function):
             out = grad[s:e] if (need_grad and logits.dtype == cdtype) else None
             lm, kd, dz = _chunk(z, labels[s:e], lm_coef[s:e], _sl(idx, s, e), _sl(q, s, e), _sl(kd_coef, s, e),
                                 _sl(tau, s, e), kind, jsd_beta, alpha, need_grad, out=out, t_norm=t_norm,
-                                tau_grad=tau_grad)
+                                tau_grad=tau_grad, log_target=_sl(log_target, s, e))
             lm_tot += lm
             kd_tot += kd
             if need_grad and out is None:
@@ -273,7 +286,7 @@ class _SparseDistill(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if float(g_loss) != 1.0:  # the usual loss.backward() passes 1: skip a pass over [N, V]
             grad = grad * g_loss.to(grad.dtype)
-        return (grad,) + (None,) * 13
+        return (grad,) + (None,) * 14
 
 
 class _FusedLinearDistill(torch.autograd.Function):
@@ -281,7 +294,7 @@ class _FusedLinearDistill(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, lm_coef, idx, q, kd_coef, tau, kind, jsd_beta, alpha, chunk,
-                need_grad, mm_dtype, t_norm, tau_grad):
+                need_grad, mm_dtype, t_norm, tau_grad, log_target):
         cdtype = torch.float64 if mm_dtype == torch.float64 else torch.float32
         n_tok = hidden.shape[0]
         w = weight.to(mm_dtype)
@@ -295,7 +308,8 @@ class _FusedLinearDistill(torch.autograd.Function):
             h = hidden[s:e].to(mm_dtype)
             z = (h @ w.t()).to(cdtype)
             lm, kd, dz = _chunk(z, labels[s:e], lm_coef[s:e], _sl(idx, s, e), _sl(q, s, e), _sl(kd_coef, s, e),
-                                _sl(tau, s, e), kind, jsd_beta, alpha, need_grad, t_norm=t_norm, tau_grad=tau_grad)
+                                _sl(tau, s, e), kind, jsd_beta, alpha, need_grad, t_norm=t_norm, tau_grad=tau_grad,
+                                log_target=_sl(log_target, s, e))
             del z
             lm_tot += lm
             kd_tot += kd
@@ -319,7 +333,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         if float(g_loss) != 1.0:
             grad_h = grad_h * g_loss.to(grad_h.dtype)
             grad_w = grad_w * g_loss.to(grad_w.dtype)
-        return (grad_h, grad_w) + (None,) * 14
+        return (grad_h, grad_w) + (None,) * 15
 
 
 def _sl(x, s: int, e: int):
@@ -346,6 +360,7 @@ def distillation_loss(
     jsd_beta: float = 0.5,
     normkd_t: float | None = None,
     normkd_student_tau: str = "graph",
+    teacher_log_target: Tensor | None = None,
 ) -> LossOutput:
     """L = (1-α)·L_lm + α·L_kd on the teacher's sparse support, chunked (and fused with the LM head).
 
@@ -359,7 +374,9 @@ def distillation_loss(
     (population std over V, from each row inside the chunk loop, fused too); normkd_student_tau
     "graph" (default, Chi et al. 2023) differentiates through τ_s, "detached" holds it constant,
     which departs from the method (see the module docstring for both gradients).
-    tau_sq_scale τ (scalar or [N]) multiplies each token's D by τ². chunk_size None = auto
+    tau_sq_scale τ (scalar or [N]) multiplies each token's D by τ². teacher_log_target [N, K] (sampled
+    targets, `TeacherTargets.log_target`): the teacher's log p_τ for kld's value (module docstring;
+    the gradient does not depend on it, the other kinds ignore it). chunk_size None = auto
     (≈128 MiB of fp32 per [chunk, V] buffer). If every label is ignored, the α > 0 path gives 0.
     Returns LossOutput(loss, lm_loss.detach(), kd_loss.detach()).
     """
@@ -405,7 +422,7 @@ def distillation_loss(
     n_valid = valid.sum().clamp_min(1).to(cdtype)
     lm_coef = valid.to(cdtype) / n_valid
 
-    idx = q = kd_coef = tau = None
+    idx = q = kd_coef = tau = log_target = None
     if alpha > 0.0:
         if teacher_indices is None or teacher_probs is None:
             raise ValueError("alpha > 0 needs teacher_indices and teacher_probs")
@@ -421,6 +438,8 @@ def distillation_loss(
             t = torch.as_tensor(tau_sq_scale, dtype=cdtype, device=device).detach()
             kd_coef = kd_coef * t.reshape(-1) ** 2 if t.dim() > 0 else kd_coef * t**2
         tau = _student_tau(student_tau, n_tok, cdtype, device)
+        if teacher_log_target is not None and kind == "kld":
+            log_target = teacher_log_target.reshape(n_tok, -1).to(device=device, dtype=cdtype)
     t_norm = float(normkd_t) if normkd_t is not None else None
     tau_grad = normkd_student_tau == "graph"
 
@@ -436,12 +455,12 @@ def distillation_loss(
         with torch.autocast(dev_type, enabled=False):
             loss, lm, kd = _FusedLinearDistill.apply(hidden, lm_head_weight, labels, lm_coef, idx, q, kd_coef, tau,
                                                      kind, jsd_beta, alpha, chunk, need_grad, mm_dtype, t_norm,
-                                                     tau_grad)
+                                                     tau_grad, log_target)
     else:
         need_grad = torch.is_grad_enabled() and logits.requires_grad
         with torch.autocast(device.type, enabled=False):
             loss, lm, kd = _SparseDistill.apply(logits, labels, lm_coef, idx, q, kd_coef, tau, kind, jsd_beta,
-                                                alpha, chunk, need_grad, t_norm, tau_grad)
+                                                alpha, chunk, need_grad, t_norm, tau_grad, log_target)
     return LossOutput(loss, lm.detach(), kd.detach())
 
 

@@ -40,6 +40,7 @@ class TargetSpec:
     store_p: float
     store_k: int
     params: dict = field(default_factory=dict)
+    sampled_tau: str = "exact"  # a sampled store's estimator at tau != 1 (logits.sampled_tau)
 
     @staticmethod
     def from_config(lg: LogitsConfig, store_p: float, store_k: int) -> TargetSpec:
@@ -51,7 +52,7 @@ class TargetSpec:
             params = {"gamma": lg.wttm_gamma, "weight": lg.wttm_weight}
         elif lg.method in ("adakd_sd", "adakd_h"):
             params = {"beta": lg.adakd_beta, "tau_min": lg.adakd_min_tau, "tau_max": lg.adakd_max_tau}
-        return TargetSpec(lg.p, lg.k, lg.tau, lg.method, store_p, store_k, params)
+        return TargetSpec(lg.p, lg.k, lg.tau, lg.method, store_p, store_k, params, lg.sampled_tau)
 
     @property
     def power_exponents(self) -> tuple[float, ...]:
@@ -155,9 +156,12 @@ class DistillationBatches(Dataset):
                 self._store = LogitStore(self.store_root)
             t = self.targets
             sparse = self._store.sequences(indices)
-            target = teacher_targets(sparse, t.p, t.k, t.tau, t.method, t.store_p, t.store_k, **t.params)
+            target = teacher_targets(sparse, t.p, t.k, t.tau, t.method, t.store_p, t.store_k,
+                                     sampled_tau=t.sampled_tau, **t.params)
             batch["teacher_indices"] = target.indices.to(torch.int32)  # halves the bytes a worker ships
             batch["teacher_probs"] = target.probs
+            if target.log_target is not None:  # sampled targets: kld's value needs the teacher's own log p
+                batch["teacher_log_target"] = target.log_target
             if target.token_weights is not None:
                 batch["token_weights"] = target.token_weights
             batch["support"] = (target.probs > 0).sum(-1).float().mean()
@@ -276,6 +280,7 @@ class DistillationModule(pl.LightningModule):
         kd = alpha > 0 and "teacher_indices" in batch
         teacher = (batch["teacher_indices"], batch["teacher_probs"]) if kd else (None, None)
         weights = batch.get("token_weights") if kd else None
+        log_target = batch.get("teacher_log_target") if kd else None
         tau_sq = self.tau_sq if kd else None
         normkd = kd and self.normkd_t is not None
         if c.fused and kd:
@@ -285,7 +290,8 @@ class DistillationModule(pl.LightningModule):
             hidden = self.model.model(input_ids=ids).last_hidden_state[:, :-1]
             return distillation_loss(None, labels, *teacher, alpha=alpha, kind=c.kind, hidden=hidden,
                                      lm_head_weight=self.model.lm_head.weight, fused=True, chunk_size=c.chunk_size,
-                                     token_weights=weights, jsd_beta=c.jsd_beta, tau_sq_scale=tau_sq)
+                                     token_weights=weights, jsd_beta=c.jsd_beta, tau_sq_scale=tau_sq,
+                                     teacher_log_target=log_target)
         logits = self.model(input_ids=ids).logits[:, :-1]
         if self.capture_logits:
             self.captured_logits = logits.detach()
@@ -293,7 +299,7 @@ class DistillationModule(pl.LightningModule):
         nk = {"normkd_t": self.normkd_t, "normkd_student_tau": self.normkd_student_tau} if normkd else {}
         return distillation_loss(logits, labels, *teacher, alpha=alpha if kd else 0.0, kind=c.kind,
                                  chunk_size=c.chunk_size, token_weights=weights, jsd_beta=c.jsd_beta,
-                                 tau_sq_scale=tau_sq, **nk)
+                                 tau_sq_scale=tau_sq, teacher_log_target=log_target, **nk)
 
     def cotrain_teacher_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Co-training: the teacher's own LM loss on the batch; its detached top-p-k targets join the batch."""

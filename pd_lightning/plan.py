@@ -78,7 +78,9 @@ class RunPlan:
         """"LM-only" or "PD (<loss>, alpha=..., <mode> logits)", for the status line."""
         if not self.distills:
             return self.kind.value
-        return f"PD ({cfg.loss.kind}, alpha={cfg.loss.alpha} {cfg.loss.alpha_schedule}, {cfg.logits.mode} logits)"
+        lg = cfg.logits
+        logits = f"sampled logits, {lg.samples} draws" if lg.sampling == "sample" else f"{lg.mode} logits"
+        return f"PD ({cfg.loss.kind}, alpha={cfg.loss.alpha} {cfg.loss.alpha_schedule}, {logits})"
 
 
 def plan_run(cfg: PDLConfig, heldout_teacher: str | Path | None = None) -> RunPlan:
@@ -126,13 +128,17 @@ def check_store(cfg: PDLConfig, data_manifest: dict) -> tuple[dict, np.ndarray |
                         f"({data_manifest['vocab_size']} token ids): it was generated from a padded teacher vocabulary "
                         "before padded rows were masked, so its entries carry their probability mass; regenerate it "
                         "with `pdl logits generate`")
+    check_sampling(cfg.logits, m, store)
     missing = missing_power_exponents(cfg.logits, m.get("power_exponents", []))
     if missing:
         a = ", ".join(f"{x:g}" for x in missing)
-        raise ConfigError(f"logits.method=wttm (wttm_gamma={cfg.logits.wttm_gamma:g}, tau={cfg.logits.tau:g}) needs "
-                          f"log Σ q^a for a = {a} per token, which logits.store={str(store)!r} does not keep "
+        lg = cfg.logits
+        why = (f"logits.sampled_tau=exact at tau={lg.tau:g}" if lg.sampling == "sample" else
+               f"logits.method=wttm (wttm_gamma={lg.wttm_gamma:g}, tau={lg.tau:g})")
+        instead = "logits.sampled_tau=self_normalised" if lg.sampling == "sample" else "logits.wttm_weight=support"
+        raise ConfigError(f"{why} needs log Σ q^a for a = {a} per token, which logits.store={str(store)!r} does not keep "
                           f"(it keeps {m.get('power_exponents') or 'none'}); regenerate the store with "
-                          f"logits.store_power_exponents=[{a}] or set logits.wttm_weight=support")
+                          f"logits.store_power_exponents=[{a}] or set {instead}")
     meta = m.get("meta") or {}
     wrong_data = meta.get("data_hash") not in (None, data_manifest["config_hash"])
     if wrong_data or int(m["positions_per_sequence"]) != int(data_manifest["seq_len"]) - 1:
@@ -145,10 +151,28 @@ def check_store(cfg: PDLConfig, data_manifest: dict) -> tuple[dict, np.ndarray |
     elif int(m["num_sequences"]) != int(data_manifest["splits"]["train"]["num_sequences"]):
         raise DataError(f"logits.store={str(store)!r} has {m['num_sequences']} sequences but data.out has "
                         f"{data_manifest['splits']['train']['num_sequences']}; regenerate the store")
-    if cfg.logits.p > float(m["p"]) or cfg.logits.k > int(m["k"]):
+    if cfg.logits.sampling == "topk" and (cfg.logits.p > float(m["p"]) or cfg.logits.k > int(m["k"])):
         raise ConfigError(f"logits.p={cfg.logits.p}, logits.k={cfg.logits.k} exceed the store's top-{m['p']}-{m['k']}; "
                           "a store serves only narrower truncations: generate a looser one")
     return m, online
+
+
+def check_sampling(lg, manifest: dict, store: Path) -> None:
+    """The config's logits.sampling / samples must describe the store it reads (a sampled store's targets are
+    draws, a top-p-k store's a cut: reading one as the other would train on something else than the label)."""
+    from pd_lightning.logits.store import sampling_of
+
+    found = sampling_of(manifest)
+    if found is None and lg.sampling == "sample":
+        raise ConfigError(f"logits.sampling='sample' but logits.store={str(store)!r} is a top-{manifest['p']}-{manifest['k']} "
+                          "store; generate a sampled store (`pdl logits generate` with logits.sampling=sample) or set "
+                          "logits.sampling=topk")
+    if found is not None and lg.sampling != "sample":
+        raise ConfigError(f"logits.sampling={lg.sampling!r} but logits.store={str(store)!r} is a sampled store "
+                          f"({found['samples']} draws per position); set logits.sampling=sample")
+    if found is not None and int(found["samples"]) != lg.samples:
+        raise ConfigError(f"logits.samples={lg.samples} but logits.store={str(store)!r} holds {found['samples']} draws "
+                          f"per position; set logits.samples={found['samples']} or generate another store")
 
 
 def _is_hf_dir(path: str | Path | None) -> bool:

@@ -28,6 +28,9 @@ at its last step:
     cost.heldout_seconds          the final held-out pass (loss + eval.heldout.* metrics, the teacher's
                                   forward and load included; pd_lightning.metrics), outside wall_seconds
     store.entries_per_token, store.bytes_per_token   the store's, at its own (loosest) truncation
+    store.target_entries_per_token, store.target_bytes_per_token   what a store of this run's own targets
+                                  would take (its top-p-k re-encoded from the first 256 sequences, or the
+                                  sampled store itself): the x axis of the equal-bytes comparison
 
 the tag `cost.device` ("cpu", "cuda:<GPU name>", " x<world size>" when distributed) and the tag
 `cost.flops_convention` (pd_lightning.cost.FLOP_CONVENTION; absent on runs costed without the LM head).
@@ -467,13 +470,14 @@ def _finish(cfg: PDLConfig, plan: RunPlan, trainer: pl.Trainer, module: Distilla
     measured_against = reference_name if held.teacher_kl is not None else None
     tokens = steps * step.tokens
     run_cost = _run_cost(steps, step, tokens, plan.store_manifest if plan.reads_store else None, clock.elapsed())
+    run_cost |= target_storage(cfg, plan.store_manifest if plan.reads_store else None)
     summary = RunSummary(**run, heldout_loss=held.loss, tokens=tokens, steps=steps,
                          seconds_this_session=round(seconds, 2), cost=run_cost, heldout=held.mlflow_metrics(),
                          heldout_teacher=measured_against, heldout_seconds=round(heldout_seconds, 3))
     save_hf_dir(model, tokenizer, out / MODEL_DIR, RUN_INFO, summary.info())
     if plan.kind is RunKind.COTRAIN:
         save_hf_dir(module.teacher.to(torch.float32).cpu(), tokenizer, out / "teacher", TEACHER_INFO,
-                    {"preset": cfg.teacher.preset, "cotrained_with": run_id,
+                    {"preset": cfg.teacher.preset, "cotrained_with": run_id, "seq_len": plan.seq_len,
                      "heldout_loss_after": heldout_loss(module.teacher, plan.data_dir)})
     client.log_metric(run_id, "heldout_loss", held.loss, step=steps)
     from pd_lightning.evaluation import log_heldout
@@ -574,3 +578,14 @@ def _run_cost(steps: int, step: StepCost, tokens: int, store_manifest: dict | No
         metrics["store.entries_per_token"] = int(m["num_entries"]) / max(int(m["num_tokens"]), 1)
         metrics["store.bytes_per_token"] = int(m["total_bytes"]) / max(int(m["num_tokens"]), 1)
     return metrics
+
+
+def target_storage(cfg: PDLConfig, store_manifest: dict | None) -> dict[str, float]:
+    """store.target_bytes_per_token / target_entries_per_token: what a store of exactly this run's targets would
+    take (its own top-p-k, or the sampled store itself), so families are compared at equal bytes."""
+    if store_manifest is None or cfg.logits.mode != "offline":
+        return {}
+    from pd_lightning.logits.writer import bytes_at_truncation
+
+    b, e = bytes_at_truncation(cfg.logits.store, cfg.logits.p, cfg.logits.k)
+    return {"store.target_bytes_per_token": b, "store.target_entries_per_token": e}

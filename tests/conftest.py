@@ -65,6 +65,19 @@ def tiny_store(tiny_teacher: Path, tiny_data: Path, tmp_path_factory: pytest.Tem
     return generate_store(cfg)
 
 
+@pytest.fixture(scope="session")
+def small_data(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1,250 sequences of 32 tokens (40k train tokens) tokenized with the tiny teacher's tokenizer, so the
+    tiny teacher matches them: for generation tests that need many shards quickly."""
+    from pd_lightning.config import load_config
+    from pd_lightning.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("small") / "data"
+    cfg = load_config("tiny", ["data.train_tokens=40000", "data.heldout_tokens=2000", "data.seq_len=32",
+                               f"data.tokenizer={tiny_data / 'tokenizer'}", f"data.out={out}"])
+    return prepare(cfg.data)
+
+
 # Real PostgreSQL and MLflow tracking servers (session fixtures; started only by tests that ask for them).
 from servers import mlflow_server, postgres_server, postgres_url  # noqa: E402,F401
 

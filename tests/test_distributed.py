@@ -23,7 +23,6 @@ from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM
 
 from pd_lightning.config import load_config
-from pd_lightning.data.prepare import prepare
 from pd_lightning.logits.generate import generate_store
 from pd_lightning.logits.store import LogitStore, load_manifest, verify_store
 from pd_lightning.module import BatchStepSampler, SequentialBatchSampler
@@ -53,19 +52,11 @@ def test_ddp_ranks_split_each_global_batch_into_disjoint_shares():
     assert [a + b for a, b in zip(*seq)] == list(itertools.islice(SequentialBatchSampler(50, 6, start_batch=2), 4))
 
 
-@pytest.fixture(scope="module")
-def small_data(tiny_data: Path, tmp_path_factory) -> Path:
-    """1,250 sequences of 32 tokens with the tiny teacher's tokenizer."""
-    out = tmp_path_factory.mktemp("small") / "data"
-    cfg = load_config("tiny", ["data.train_tokens=40000", "data.heldout_tokens=2000", "data.seq_len=32",
-                               f"data.tokenizer={tiny_data / 'tokenizer'}", f"data.out={out}"])
-    return prepare(cfg.data)
-
-
-def test_two_rank_generation_decodes_to_exactly_the_one_rank_store(tiny_teacher, small_data, tmp_path):
+@pytest.mark.parametrize("sampling", [(), ("logits.sampling=sample", "logits.samples=16")], ids=["topk", "sampled"])
+def test_two_rank_generation_decodes_to_exactly_the_one_rank_store(tiny_teacher, small_data, tmp_path, sampling):
     def args(store: Path) -> list[str]:
         return ["tiny", *TINY_DATA, f"data.out={small_data}", "data.seq_len=32", f"teacher.out={tiny_teacher}",
-                f"logits.store={store}", "logits.batch_size=16", "logits.sequences_per_shard=100"]
+                f"logits.store={store}", "logits.batch_size=16", "logits.sequences_per_shard=100", *sampling]
 
     one, two = tmp_path / "one", tmp_path / "two"
     generate_store(load_config(args(one)[0], args(one)[1:]))
@@ -85,7 +76,7 @@ def test_two_rank_generation_decodes_to_exactly_the_one_rank_store(tiny_teacher,
     for first in range(0, len(a), 250):
         ids = list(range(first, min(first + 250, len(a))))
         x, y = a.sequences(ids), b.sequences(ids)
-        for name in ("indices", "logprobs", "counts", "entropy", "logit_std"):
+        for name in ("indices", "logprobs", "counts", "entropy", "logit_std") + (("draws",) if sampling else ()):
             assert torch.equal(getattr(x, name), getattr(y, name)), (name, first)
 
 

@@ -27,15 +27,6 @@ from pd_lightning.models import load_causal_lm
 from conftest import TINY_DATA
 
 
-@pytest.fixture(scope="module")
-def small_data(tiny_data: Path, tmp_path_factory) -> Path:
-    """A small dataset tokenized with the tiny teacher's tokenizer (so the teacher matches it)."""
-    out = tmp_path_factory.mktemp("small") / "data"
-    cfg = load_config("tiny", ["data.train_tokens=40000", "data.heldout_tokens=2000", "data.seq_len=32",
-                               f"data.tokenizer={tiny_data / 'tokenizer'}", f"data.out={out}"])
-    return prepare(cfg.data)
-
-
 def gen_args(data: Path, teacher: Path, store: Path, *extra: str) -> list[str]:
     return ["tiny", *TINY_DATA, f"data.out={data}", f"teacher.out={teacher}", f"logits.store={store}",
             "logits.batch_size=8", *extra]
@@ -72,12 +63,14 @@ def test_store_holds_the_teachers_top_p_k(tiny_teacher, small_data, tmp_path, ca
     assert main(["logits", "verify", str(store_dir)]) == 0
 
 
-def test_killed_generation_resumes_to_a_byte_identical_store(tiny_teacher, small_data, tmp_path):
-    args = gen_args(small_data, tiny_teacher, tmp_path / "ref", "logits.sequences_per_shard=100", "data.seq_len=32")
+@pytest.mark.parametrize("sampling", [(), ("logits.sampling=sample", "logits.samples=16")], ids=["topk", "sampled"])
+def test_killed_generation_resumes_to_a_byte_identical_store(tiny_teacher, small_data, tmp_path, sampling):
+    args = gen_args(small_data, tiny_teacher, tmp_path / "ref", "logits.sequences_per_shard=100", "data.seq_len=32",
+                    *sampling)
     generate_store(load_config(args[0], args[1:]))
 
     killed = tmp_path / "killed"
-    kargs = gen_args(small_data, tiny_teacher, killed, "logits.sequences_per_shard=100", "data.seq_len=32")
+    kargs = gen_args(small_data, tiny_teacher, killed, "logits.sequences_per_shard=100", "data.seq_len=32", *sampling)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "pd_lightning.cli", "logits", "generate", *kargs],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)

@@ -41,6 +41,12 @@ shard (`ctxans.symbolize` makes them) and codes the whole shard at once (`ctxans
 
 `fixed` v1 (plain). Entries in descending order; ids as ⌈log2 V⌉-bit fields, values as 16-bit
 `level = round(-logprob · 1024)` (|error| <= 2^-11 nats for logprob >= -64). Chunks: ids, values.
+
+Sampled stores (`logits.sampling=sample`, the manifest's `sampling`): every entry also carries its
+draw count c >= 1 (a token's counts sum to the store's `samples`), coded exactly as c - 1: order-0
+Exp-Golomb in egsqrt (two more chunks, draw-unary and draw-bits, after the value chunks; most tail ids
+are drawn once: 1 bit), an 8-bit field in fixed (one more chunk). The entries are the token's distinct
+drawn ids with their τ=1 log-probabilities, coded as any kept entries are; decoding checks Σ c.
 """
 
 from __future__ import annotations
@@ -63,6 +69,16 @@ MASS_SCALE = 4096.0
 MAX_GAP_ORDER = 17
 MAX_VALUE_ORDER = 7
 MAX_FIELD_BITS = 56  # the 8-byte read window holds 64 - 7 bits past any start bit
+DRAW_BITS = 8  # fixed: a draw count - 1 (logits.samples <= 255)
+
+
+def check_draws(draws: np.ndarray, counts: np.ndarray, samples: int, error: type) -> None:
+    """Every kept entry of a sampled store was drawn at least once and each token's draws sum to `samples`."""
+    if draws.size and draws.min() < 1:
+        raise error("a sampled entry has a draw count below 1")
+    sums = np.add.reduceat(draws, _excl_cumsum(counts)[:-1]) if draws.size else np.zeros(0, np.int64)
+    if len(counts) and (len(sums) != len(counts) or np.any(sums != samples)):
+        raise error(f"a token's draw counts do not sum to the store's samples={samples}")
 
 
 class CorruptChunk(ValueError):
@@ -74,9 +90,11 @@ def index_bits(vocab_size: int) -> int:
     return max(1, math.ceil(math.log2(vocab_size)))
 
 
-def chunks_per_sequence(encoding: str) -> int:
-    """Number of byte-aligned payload chunks each sequence owns."""
-    return 4 if encoding == "egsqrt" else 2
+def chunks_per_sequence(encoding: str, sampled: bool = False) -> int:
+    """Number of byte-aligned payload chunks each sequence owns (a sampled store adds its draw counts')."""
+    if encoding == "egsqrt":
+        return 6 if sampled else 4
+    return 3 if sampled else 2
 
 
 def sections(encoding: str) -> list[str]:
@@ -193,10 +211,18 @@ def _eg_split(x: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray,
 
 def _token_entries(sparse: SparseLogits, by_id: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Flat kept (ids, logprobs), token-major; by_id sorts each token's entries by id. Also log Q per token."""
+    counts, ids, lps, log_mass, _ = token_entries(sparse, by_id)
+    return counts, ids, lps, log_mass
+
+
+def token_entries(sparse: SparseLogits, by_id: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                               np.ndarray | None]:
+    """`_token_entries` plus the flat draw counts of a sampled store (None for top-p-k), in the same order."""
     counts = sparse.counts.cpu().numpy().astype(np.int64)
     mask = np.arange(sparse.width)[None, :] < counts[:, None]
     ids = sparse.indices.cpu().numpy().astype(np.int64, copy=False)
     lps = sparse.logprobs.detach().cpu().float().numpy()
+    draws = None if sparse.draws is None else sparse.draws.cpu().numpy().astype(np.int64)
     lp64 = np.where(mask, lps, -np.inf).astype(np.float64)
     top = lp64.max(1, keepdims=True, initial=-np.inf)
     top = np.where(np.isfinite(top), top, 0.0)
@@ -204,7 +230,8 @@ def _token_entries(sparse: SparseLogits, by_id: bool) -> tuple[np.ndarray, np.nd
     if by_id:
         order = np.argsort(np.where(mask, ids, np.iinfo(np.int64).max), axis=1, kind="stable")
         ids, lps = np.take_along_axis(ids, order, 1), np.take_along_axis(lps, order, 1)
-    return counts, ids[mask], lps[mask], log_mass
+        draws = None if draws is None else np.take_along_axis(draws, order, 1)
+    return counts, ids[mask], lps[mask], log_mass, None if draws is None else draws[mask]
 
 
 def stats_columns(sparse: SparseLogits) -> np.ndarray:
@@ -236,9 +263,11 @@ def encode(sparse: SparseLogits, positions: int, vocab_size: int, k: int, encodi
     if n_tok % positions:
         raise ValueError(f"{n_tok} token rows is not a whole number of sequences of {positions} positions")
     n_seq = n_tok // positions
-    counts, ids, lps, lq = _token_entries(sparse, by_id=encoding == "egsqrt")
+    counts, ids, lps, lq, draws = token_entries(sparse, by_id=encoding == "egsqrt")
     if counts.min(initial=1) < 1 or counts.max(initial=1) > k:
         raise ValueError(f"kept-entry counts must lie in [1, {k}]")
+    if draws is not None:
+        check_draws(draws, counts, sparse.samples, ValueError)
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         raise ValueError(f"ids must lie in [0, {vocab_size})")
     stats = stats_columns(sparse)
@@ -259,10 +288,15 @@ def encode(sparse: SparseLogits, positions: int, vocab_size: int, k: int, encodi
             n, w, xp = _eg_split(x, np.repeat(mo, counts))
             streams.append((n + 1, (np.int64(2) << n) - 2))  # unary: n ones, then a zero
             streams.append((w, xp))
+        if draws is not None:  # draw count - 1, order-0 Exp-Golomb
+            n, w, xp = _eg_split(draws - 1, np.zeros(m, np.int64))
+            streams += [(n + 1, (np.int64(2) << n) - 2), (w, xp)]
     elif encoding == "fixed":
         params = mass = None
         levels = np.clip(np.rint(-lps.astype(np.float64) * FIXED_VALUE_SCALE), 0, 65535).astype(np.int64)
         streams = [(np.full(m, index_bits(vocab_size), np.int64), ids), (np.full(m, 16, np.int64), levels)]
+        if draws is not None:
+            streams.append((np.full(m, DRAW_BITS, np.int64), draws - 1))
     else:
         raise ValueError(f"unknown encoding {encoding!r}")
     payload, chunk_bytes = _build_payload(streams, seq_entry_starts, n_seq)
@@ -321,18 +355,21 @@ def decode_arrays(
     k: int,
     encoding: str,
     value_step: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    samples: int = 0,
+) -> tuple[np.ndarray, ...]:
     """Decode local sequences `seqs` of one shard: (ids [n·P, k], logprobs [n·P, k] descending, counts, entropy, std,
-    power sums [n·P, G] or None)."""
+    power sums [n·P, G] or None, draws [n·P, k] int32 or None); `samples` > 0 for a sampled store."""
     seqs = np.asarray(seqs, dtype=np.int64)
     rows = (seqs[:, None] * positions + np.arange(positions)).ravel()
     cnt = counts[rows].astype(np.int64)
     if cnt.size and (cnt.min() < 1 or cnt.max() > k):
         raise CorruptChunk(f"a kept-entry count lies outside [1, {k}]")
     per_seq = cnt.reshape(len(seqs), positions).sum(1)
-    c = chunks_per_sequence(encoding)
+    c = chunks_per_sequence(encoding, samples > 0)
     tok_starts = _excl_cumsum(cnt)
     bufs = [_gather_chunks(payload, chunk_offsets, seqs * c + ci) for ci in range(c)]
+    m = int(tok_starts[-1])
+    draws = None
     if encoding == "egsqrt":
         prm = params[rows].astype(np.int64)
         values = []
@@ -342,30 +379,38 @@ def decode_arrays(
             xp = _decode_fields(bufs[ci + 1][0], bufs[ci + 1][1], per_seq, n + mo)
             values.append(((np.int64(1) << (n + mo)) | xp) - (np.int64(1) << mo))
         gaps, levels = values
+        if samples:
+            n = _decode_unary(bufs[4][0], bufs[4][1], per_seq)
+            # order 0: the n-bit field holds the low bits of x + 1 = c (its leading 1 is implied)
+            draws = (np.int64(1) << n) | _decode_fields(bufs[5][0], bufs[5][1], per_seq, n)
+            check_draws(draws, cnt, samples, CorruptChunk)
         # ids = per-token cumsum of (gap + 1) - 1
         cs = np.cumsum(gaps + 1)
         base = np.repeat(np.concatenate([[0], cs])[tok_starts[:-1]], cnt)
         ids = cs - base - 1
         if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
             raise CorruptChunk(f"a decoded id lies outside [0, {vocab_size})")
-        return assemble(ids, levels, mass[rows], cnt, stats[rows], k, value_step)
+        return assemble(ids, levels, mass[rows], cnt, stats[rows], k, value_step, draws)
     ib = index_bits(vocab_size)
-    m = int(tok_starts[-1])
     ids = _decode_fields(bufs[0][0], bufs[0][1], per_seq, np.full(m, ib, np.int64))
     lev = _decode_fields(bufs[1][0], bufs[1][1], per_seq, np.full(m, 16, np.int64))
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         raise CorruptChunk(f"a decoded id lies outside [0, {vocab_size})")
-    return _padded(ids, (-lev / FIXED_VALUE_SCALE).astype(np.float32), cnt, stats[rows], k)
+    if samples:
+        draws = _decode_fields(bufs[2][0], bufs[2][1], per_seq, np.full(m, DRAW_BITS, np.int64)) + 1
+        check_draws(draws, cnt, samples, CorruptChunk)
+    return _padded(ids, (-lev / FIXED_VALUE_SCALE).astype(np.float32), cnt, stats[rows], k, draws)
 
 
 def assemble(ids: np.ndarray, levels: np.ndarray, mass: np.ndarray, cnt: np.ndarray, stats: np.ndarray, k: int,
-             value_step: float) -> tuple:
+             value_step: float, draws: np.ndarray | None = None) -> tuple:
     """Square-root levels in id order (egsqrt's and ctxans' symbols) -> the `decode_arrays` tuple, rows descending."""
     order = _descending_order(cnt, levels, int(1.0 / value_step) + 1)
     ids, levels = ids[order], levels[order]
     u = np.where(levels == 0, value_step / 4, levels * value_step)
     lq = -np.repeat(mass.astype(np.float64), cnt) / MASS_SCALE
-    return _padded(ids, (2.0 * np.log(u) + lq).astype(np.float32), cnt, stats, k)
+    return _padded(ids, (2.0 * np.log(u) + lq).astype(np.float32), cnt, stats, k,
+                   None if draws is None else draws[order])
 
 
 def _descending_order(cnt: np.ndarray, levels: np.ndarray, max_level: int) -> np.ndarray:
@@ -383,20 +428,26 @@ def _descending_order(cnt: np.ndarray, levels: np.ndarray, max_level: int) -> np
     return np.argsort(tok * (max_level + 1) - levels, kind="stable")
 
 
-def _padded(ids: np.ndarray, lps: np.ndarray, cnt: np.ndarray, stats: np.ndarray, k: int) -> tuple:
+def _padded(ids: np.ndarray, lps: np.ndarray, cnt: np.ndarray, stats: np.ndarray, k: int,
+            draws: np.ndarray | None = None) -> tuple:
     n_tok = len(cnt)
     kept = np.arange(k) < cnt[:, None]  # row-major, as the entries are: token-major, then column
     idx_pad = np.zeros((n_tok, k), np.int64)
     lp_pad = np.full((n_tok, k), -np.inf, np.float32)
     idx_pad[kept] = ids
     lp_pad[kept] = lps
+    draw_pad = None
+    if draws is not None:
+        draw_pad = np.zeros((n_tok, k), np.int32)
+        draw_pad[kept] = draws
     st = stats.astype(np.float32)
     sums = st[:, 2:].copy() if st.shape[1] > 2 else None
-    return idx_pad, lp_pad, cnt, st[:, 0].copy(), st[:, 1].copy(), sums
+    return idx_pad, lp_pad, cnt, st[:, 0].copy(), st[:, 1].copy(), sums, draw_pad
 
 
 def decode(*args: object, power_exponents: tuple[float, ...] = (), **kwargs: object) -> SparseLogits:
     """`decode_arrays` wrapped as SparseLogits (torch tensors sharing the numpy memory)."""
-    *arrays, sums = decode_arrays(*args, **kwargs)
+    *arrays, sums, draws = decode_arrays(*args, **kwargs)
     return SparseLogits(*(torch.from_numpy(a) for a in arrays), None if sums is None else torch.from_numpy(sums),
-                        tuple(power_exponents))
+                        tuple(power_exponents), None if draws is None else torch.from_numpy(draws),
+                        int(kwargs.get("samples", 0)))

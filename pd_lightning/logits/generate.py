@@ -52,7 +52,8 @@ from pd_lightning.cost import model_cost_shape, store_cost_meta
 from pd_lightning.data.shards import TokenShards, read_manifest, write_json_atomic
 from pd_lightning.data.tokenizer import load_tokenizer, tokenizer_hash
 from pd_lightning.errors import DataError
-from pd_lightning.logits.processing import SparseLogits, check_power_exponents, power_exponents_for, truncate_chunk
+from pd_lightning.logits.processing import (SparseLogits, check_power_exponents, power_exponents_for, sample_chunk,
+                                            sample_uniforms, truncate_chunk)
 from pd_lightning.logits.store import MANIFEST, load_manifest, shard_name
 from pd_lightning.logits.writer import AsyncShardWriter, LogitStoreWriter, store_write_error
 from pd_lightning.models import load_causal_lm, teacher_dtype
@@ -253,8 +254,10 @@ class TeacherLogits:
 
     # -- truncation ---------------------------------------------------------------------------
 
-    def sparse(self, ids: torch.Tensor, p: float, k: int, exponents: tuple[float, ...] = ()) -> SparseLogits:
-        """Top-p-k SparseLogits (on the teacher's device) of every predicting position of ids [B, T]."""
+    def sparse(self, ids: torch.Tensor, p: float, k: int, exponents: tuple[float, ...] = (),
+               uniforms: torch.Tensor | None = None) -> SparseLogits:
+        """Top-p-k SparseLogits (on the teacher's device) of every predicting position of ids [B, T]; with
+        `uniforms` [B·(T-1), N] (`sample_uniforms`) the sampled entries of N draws per position instead."""
         exponents = check_power_exponents(exponents)
         kk = min(int(k), self.vocab)
         work = self._buffer(1)
@@ -263,7 +266,11 @@ class TeacherLogits:
         parts = []
         for start in range(0, n_pos, self.chunk_rows):
             n = min(self.chunk_rows, n_pos - start)
-            parts.append(truncate_chunk(self.chunk(rows, start, n), p, kk, work, exponents, z_scratch=True))
+            z = self.chunk(rows, start, n)
+            if uniforms is None:
+                parts.append(truncate_chunk(z, p, kk, work, exponents, z_scratch=True))
+            else:
+                parts.append(sample_chunk(z, uniforms[start : start + n], work, exponents, z_scratch=True))
         return parts[0] if len(parts) == 1 else SparseLogits.cat(parts)
 
     def check(self, ids: torch.Tensor) -> float:
@@ -330,11 +337,15 @@ def generate_store(cfg: PDLConfig) -> Path:
     shards = TokenShards(data_dir, "train")
     rank, world = _rank_and_world()
     created = not store_dir.exists()
+    sampled = lg.sampling == "sample"
+    # a sampled store keeps up to `samples` distinct drawn ids per token and no cut (p = 1, k = samples)
+    store_p, store_k = (1.0, lg.samples) if sampled else (lg.store_p, lg.store_k)
+    sampling = {"method": "sample", "samples": lg.samples, "seed": lg.sample_seed, "proposal_tau": 1.0} if sampled else None
     settings = dict(
-        vocab_size=vocab, p=lg.store_p, k=lg.store_k, positions_per_sequence=shards.seq_len - 1,
+        vocab_size=vocab, p=store_p, k=store_k, positions_per_sequence=shards.seq_len - 1,
         num_sequences=len(shards), sequences_per_shard=lg.sequences_per_shard, teacher=str(teacher.resolve()),
         teacher_config_hash=teacher_identity(teacher), tokenizer_hash=tok_hash, rank=rank, world_size=world,
-        power_exponents=power_exponents_for(lg), encoding=lg.encoding,
+        power_exponents=power_exponents_for(lg), encoding=lg.encoding, sampling=sampling,
     )
     writer = LogitStoreWriter(store_dir, **settings)
     if (store_dir / MANIFEST).is_file():
@@ -361,7 +372,8 @@ def generate_store(cfg: PDLConfig) -> Path:
     done_before = len(writer.own_shards()) - len(pending)
     rows = getattr(model.get_output_embeddings(), "weight", None)
     padded = f", {rows.shape[0] - vocab:,} padded vocabulary rows left out" if rows is not None and rows.shape[0] > vocab else ""
-    log.info(f"logits: top-{lg.store_p}-{lg.store_k} of {teacher} ({params / 1e6:.1f}M params, "
+    what = f"{lg.samples} draws per position (seed {lg.sample_seed})" if sampled else f"top-{lg.store_p}-{lg.store_k}"
+    log.info(f"logits: {what} of {teacher} ({params / 1e6:.1f}M params, "
              f"{str(source.dtype).removeprefix('torch.')}{padded}) over {todo:,} sequences into {store_dir} "
              f"(rank {rank}/{world}, {done_before} shards already done, device {device}, "
              f"{workers or 'no'} encoder processes)")
@@ -392,9 +404,13 @@ def generate_store(cfg: PDLConfig) -> Path:
             for first in range(rng.start, rng.stop, lg.batch_size):
                 last = min(first + lg.batch_size, rng.stop)
                 ids = torch.from_numpy(shards.batch(range(first, last))).to(device)
+                uniforms = None
+                if sampled:  # counter-based: the draws of a sequence do not depend on the batch or the rank
+                    uniforms = torch.from_numpy(sample_uniforms(lg.sample_seed, range(first, last), shards.seq_len - 1,
+                                                                lg.samples)).to(device)
                 with torch.no_grad():
-                    # backbone -> per-chunk fp32 head, statistics and top-p-k on the device: no [B·T, V] tensor
-                    sparse = source.sparse(ids, lg.store_p, lg.store_k, exponents)
+                    # backbone -> per-chunk fp32 head, statistics and top-p-k (or draws) on the device: no [B·T, V] tensor
+                    sparse = source.sparse(ids, store_p, store_k, exponents, uniforms)
                 async_writer.submit(first, sparse)
                 bar.advance((last - first) * shards.seq_len)
                 done_sequences += last - first

@@ -1,4 +1,4 @@
-"""Teacher logits processing: top-p-k truncation, temperature, adaptive temperatures.
+"""Teacher logits processing: top-p-k truncation or sampled targets, temperature, adaptive temperatures.
 
 Everything here is a pure, batched tensor function (no Python loop over tokens).
 
@@ -13,6 +13,10 @@ logit std) that cannot be recovered after truncation. Everything a sweep needs i
   full-vocabulary weight U = Σ_v q_v^γ needs one more, `log Σ_v q_v^a` for each exponent a the store
   was asked to serve (`power_exponents`).
 
+A sampled store (`logits.sampling=sample`) keeps instead the distinct ids of N draws per position from
+the τ=1 teacher with their counts (`sample_chunk`); its targets, unbiased for the teacher, come from
+`sampled_targets` (formulas in the section comment above `sample_uniforms`).
+
 Precision of the cut: with d = z - max(z) the top entry has d = 0 exactly, so the partition sum is
 s = 1 + R with R = Σ_{v ≠ top} exp(d_v) summed on its own (fp32, relative precision ~1e-7 whatever
 the logits' magnitude). Log-probabilities are `d - log1p(R)` (never `z - logZ`, whose fp32
@@ -24,9 +28,11 @@ it keeps min(k, V, #non-zero) entries, no floating sum involved.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -38,7 +44,7 @@ from pd_lightning.errors import ConfigError, choice_error
 
 @dataclass
 class SparseLogits:
-    """Top-p-k teacher entries for N tokens, descending, padded to K columns.
+    """Teacher entries for N tokens, descending, padded to K columns: top-p-k, or sampled.
 
     indices:   [N, K] int64 vocabulary ids (0 in padding columns)
     logprobs:  [N, K] float32 τ=1 log-probabilities of the full vocabulary, descending, -inf padding
@@ -48,6 +54,10 @@ class SparseLogits:
     log_power_sums: [N, G] float32 log Σ_v q_v^a of the full τ=1 distribution for each exponent a
                     of `power_exponents` (WTTM's U), or None when G = 0
     power_exponents: the G exponents, ascending (not a tensor: the store's setting)
+    draws:     [N, K] int32 for a sampled store (`sample_teacher`): how many of the token's `samples`
+               draws fell on each kept id (>= 1 on kept entries, 0 in padding; a row sums to `samples`);
+               None for top-p-k entries
+    samples:   draws per token of a sampled store (0 for top-p-k)
     """
 
     indices: Tensor
@@ -57,6 +67,8 @@ class SparseLogits:
     logit_std: Tensor
     log_power_sums: Tensor | None = None
     power_exponents: tuple[float, ...] = ()
+    draws: Tensor | None = None
+    samples: int = 0
 
     def __len__(self) -> int:
         return int(self.counts.shape[0])
@@ -66,10 +78,18 @@ class SparseLogits:
         """K, the number of (padded) columns."""
         return int(self.indices.shape[1])
 
-    def _map(self, fn) -> "SparseLogits":
-        """The same entries with `fn` applied to every per-token tensor."""
+    @property
+    def sampled(self) -> bool:
+        """Whether the entries are sampled (draw counts) rather than a top-p-k cut."""
+        return self.draws is not None
+
+    def _map(self, fn, columns=None) -> "SparseLogits":
+        """The same entries with `fn` applied to every per-token tensor (and `columns` to the [N, K] ones after)."""
+        cols = columns or (lambda t: t)
         sums = None if self.log_power_sums is None else fn(self.log_power_sums)
-        return SparseLogits(*(fn(t) for t in self._tensors()), sums, self.power_exponents)
+        idx, lp, cnt, ent, std = (fn(t) for t in self._tensors())
+        draws = None if self.draws is None else cols(fn(self.draws))
+        return SparseLogits(cols(idx), cols(lp), cnt, ent, std, sums, self.power_exponents, draws, self.samples)
 
     def to(self, device: torch.device | str) -> "SparseLogits":
         """Move every tensor to `device`."""
@@ -79,6 +99,10 @@ class SparseLogits:
         """Tokens [start, stop) as a view."""
         return self._map(lambda t: t[start:stop])
 
+    def first_columns(self, width: int) -> "SparseLogits":
+        """The first `width` columns (a view; callers keep `counts` <= width)."""
+        return self._map(lambda t: t, columns=lambda t: t[:, :width])
+
     def pad_to(self, width: int) -> "SparseLogits":
         """Pad (never cut) the columns to `width`, keeping the padding convention."""
         extra = width - self.width
@@ -87,18 +111,25 @@ class SparseLogits:
         n = len(self)
         idx = torch.cat([self.indices, self.indices.new_zeros(n, extra)], 1)
         lp = torch.cat([self.logprobs, self.logprobs.new_full((n, extra), -math.inf)], 1)
-        return SparseLogits(idx, lp, self.counts, self.entropy, self.logit_std, self.log_power_sums, self.power_exponents)
+        draws = None if self.draws is None else torch.cat([self.draws, self.draws.new_zeros(n, extra)], 1)
+        return SparseLogits(idx, lp, self.counts, self.entropy, self.logit_std, self.log_power_sums, self.power_exponents,
+                            draws, self.samples)
 
     @staticmethod
     def cat(parts: "list[SparseLogits]") -> "SparseLogits":
-        """Concatenate along tokens, padding to the widest part (every part must carry the same exponents)."""
+        """Concatenate along tokens, padding to the widest part (every part must carry the same exponents and
+        sampling)."""
         width = max(p.width for p in parts)
         parts = [p.pad_to(width) for p in parts]
         exps = parts[0].power_exponents
         if any(p.power_exponents != exps for p in parts):
             raise ValueError("cannot concatenate SparseLogits with different power_exponents")
+        if any((p.samples, p.sampled) != (parts[0].samples, parts[0].sampled) for p in parts):
+            raise ValueError("cannot concatenate sampled and top-p-k SparseLogits, or different sample counts")
         sums = torch.cat([p.log_power_sums for p in parts], 0) if exps else None
-        return SparseLogits(*(torch.cat(ts, 0) for ts in zip(*(p._tensors() for p in parts))), sums, exps)
+        draws = torch.cat([p.draws for p in parts], 0) if parts[0].sampled else None
+        return SparseLogits(*(torch.cat(ts, 0) for ts in zip(*(p._tensors() for p in parts))), sums, exps, draws,
+                            parts[0].samples)
 
     def _tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         return self.indices, self.logprobs, self.counts, self.entropy, self.logit_std
@@ -111,6 +142,9 @@ class TeacherTargets(NamedTuple):
     probs: Tensor  # [N, K'] float32 teacher probabilities on the support, 0 in padding, rows sum to 1
     token_weights: Tensor | None  # [N] per-token loss weight (NormKD τ_t², WTTM U) or None
     student_tau: Tensor | None  # [N] student temperature, or None (untempered; NormKD: see docstring)
+    # [N, K'] log of the teacher probability each target estimates (sampled stores: log p_τ(v), so the KL
+    # value Σ t (log p_τ - log s) is unbiased, which Σ t log(t / s) is not); None: the targets are exact
+    log_target: Tensor | None = None
 
 
 def _check_p_k(p: float, k: int) -> None:
@@ -242,6 +276,9 @@ def narrow(sparse: SparseLogits, p: float, k: int, store_p: float = 1.0, store_k
     Columns are cut to min(k', K).
     """
     _check_p_k(p, k)
+    if sparse.sampled:
+        raise ConfigError("logits.p/logits.k: a sampled store (logits.sampling=sample) keeps drawn ids, not a top-p-k "
+                          "prefix; its targets come from `sampled_targets`")
     if p > store_p + 1e-12:
         raise ConfigError(f"logits.p={p!r} cannot be derived from a store made at p={store_p}; expected p <= {store_p}")
     if store_k is not None and k > store_k:
@@ -323,25 +360,28 @@ def needed_power_exponents(method: str, gamma: float, tau: float, weight: str = 
 def power_exponents_for(lg) -> tuple[float, ...]:
     """Exponents a store generated for a logits config keeps: `store_power_exponents` ∪ what its method needs."""
     need = needed_power_exponents(lg.method, lg.wttm_gamma, lg.tau, lg.wttm_weight)
+    need += sampled_power_exponents(lg.sampling, lg.method, lg.tau, lg.sampled_tau)
     return check_power_exponents(list(lg.store_power_exponents or ()) + list(need))
 
 
 def missing_power_exponents(lg, kept) -> list[float]:
     """Exponents the config's targets need that a store keeping `kept` lacks (empty: it serves them)."""
     need = needed_power_exponents(lg.method, lg.wttm_gamma, lg.tau, lg.wttm_weight)
+    need += sampled_power_exponents(lg.sampling, lg.method, lg.tau, lg.sampled_tau)
     return [a for a in need if not any(abs(a - b) <= 1e-9 * max(1.0, a) for b in kept)]
 
 
-def _power_sum(sparse: SparseLogits, a: float) -> Tensor:
+def _power_sum(sparse: SparseLogits, a: float, why: str = "logits.method=wttm",
+               instead: str = "or set logits.wttm_weight=support") -> Tensor:
     if abs(a - 1.0) < 1e-12:
         return torch.zeros_like(sparse.entropy)
     for j, b in enumerate(sparse.power_exponents):
         if abs(a - b) <= 1e-9 * max(1.0, abs(a)):
             return sparse.log_power_sums[:, j].float()
     raise ConfigError(
-        f"logits.method=wttm needs log Σ q^{a:g} per token, which this logit store does not keep (it keeps "
+        f"{why} needs log Σ q^{a:g} per token, which this logit store does not keep (it keeps "
         f"{list(sparse.power_exponents) or 'none'}); regenerate it with logits.store_power_exponents=[{a:g}] "
-        "or set logits.wttm_weight=support")
+        f"{instead}")
 
 
 def wttm_full_weight(sparse: SparseLogits, gamma: float, tau: float = 1.0) -> Tensor:
@@ -382,6 +422,137 @@ def adakd_temperature(
     return (tau * ratio.clamp_min(1e-6) ** beta).clamp(tau_min, tau_max)
 
 
+
+# ----------------------------------------------------------------------------- sampled targets
+#
+# Random-sampling KD (Anshumann et al., "Sparse Logit Sampling", ACL 2025, arXiv 2503.16870), with its
+# proposal q = the teacher at τ = 1: per position, N ids x_1..x_N are drawn with replacement from the
+# teacher's τ=1 distribution p, and the store keeps the distinct ids with their draw counts c_v
+# (Σ_v c_v = N) and their τ=1 log-probabilities log p_v. The target t_v = c_v / N is the empirical
+# distribution of the draws, so E[t_v] = p_v. Every KD gradient used here is linear in the target,
+# ∇_z CE(t, s) = (Σ_v t_v)·s - t, hence E[∇_z CE(t, s)] = s - p = ∇_z KL(p ‖ s): the sampled gradient is
+# unbiased for the full-vocabulary gradient at every z, with per-token covariance (diag(p) - p pᵀ)/N.
+# The KL value is estimated by Σ_v t_v (log p_v - log s_v) with the stored log p_v (unbiased); the
+# plug-in Σ t log(t / s) is biased (its entropy term), so the loss takes `log_target` for it.
+# At a KD temperature τ ≠ 1 the target is p_τ(v) = p_v^a / Z_a, a = 1/τ, Z_a = Σ_v p_v^a; from the
+# same τ=1 draws (importance sampling, weight w_v = p_τ(v) / p_v):
+#   exact            t_v = (c_v / N) · exp((a - 1) log p_v - log Z_a), Z_a from the store's power sums:
+#                    unbiased (E[t_v] = p_τ(v)); Σ_v t_v is 1 only in expectation, which the loss's
+#                    gradient (Σ t)·s - t handles exactly;
+#   self_normalised  t_v = c_v w_v / Σ_u c_u w_u with w_v ∝ p_v^(a-1): needs no Z (so per-token τ, AdaKD,
+#                    can use it); consistent, biased by O(1/N) (mass moves away from high-weight ids).
+# The effective sample size is N / (1 + χ²(p_τ ‖ p)): a τ=1 store serves τ in about [0.7, 1.2] well.
+
+
+def sample_uniforms(seed: int, sequences: Sequence[int], positions: int, samples: int) -> np.ndarray:
+    """[len(sequences)·positions, samples] float64 uniforms in [0, 1), sequence-major.
+
+    Counter-based (numpy's Philox keyed by (seed, sequence id)): position t of sequence i always gets the
+    same draws whatever the batch, rank, chunk or resume, so a resumed store is byte-identical.
+    """
+    out = np.empty((len(sequences), positions, samples), np.float64)
+    for row, seq in enumerate(sequences):
+        key = (int(seed) << 64) | int(seq)  # Philox takes a 128-bit key
+        np.random.Generator(np.random.Philox(key=key)).random(out=out[row])
+    return out.reshape(-1, samples)
+
+
+def sample_chunk(z: Tensor, uniforms: Tensor, work: Tensor, exponents: tuple[float, ...] = (),
+                 z_scratch: bool = False, block_rows: int = 256) -> SparseLogits:
+    """Draw `samples` ids per row of fp32 logits z [n, V] from softmax(z) with uniforms [n, samples] in [0, 1).
+
+    Inverse CDF on a float64 cumulative sum of exp(z - max) (absolute error ~V·1e-16, far below any tail
+    probability that matters; an fp32 cumsum over V = 151,552 would err by ~1e-5, the size of the tail
+    itself), `block_rows` rows at a time so the [rows, V] float64 buffer stays bounded. An id whose
+    probability is 0 (-inf logit) is never drawn. Returns the distinct ids per row with their draw counts
+    (`draws`) and τ=1 log-probabilities (the top-p-k path's formula), descending by log-probability, ties
+    by id, padded to `samples` columns; the full-distribution statistics as `truncate_chunk` computes them.
+    `work` / `z_scratch` as for `truncate_chunk` (z is read before the statistics may overwrite it).
+    """
+    n, vocab = z.shape
+    samples = int(uniforms.shape[1])
+    top1, top1_idx = z.max(-1, keepdim=True)
+    drawn = torch.empty(n, samples, dtype=torch.long, device=z.device)
+    u = uniforms.to(device=z.device, dtype=torch.float64)
+    for s in range(0, n, block_rows):
+        e = min(s + block_rows, n)
+        cdf = (z[s:e].double() - top1[s:e].double()).exp_().cumsum_(-1)
+        total = cdf[:, -1:]
+        # u < 1, but u·total can round up to total: keep the target strictly below the last cdf value
+        target = torch.minimum(u[s:e] * total, torch.nextafter(total, torch.zeros_like(total)))
+        drawn[s:e] = torch.searchsorted(cdf, target, right=True)
+        del cdf
+    ids_sorted = torch.sort(drawn, -1).values
+    new = torch.ones_like(ids_sorted, dtype=torch.bool)
+    new[:, 1:] = ids_sorted[:, 1:] != ids_sorted[:, :-1]
+    group = new.cumsum(-1) - 1  # the distinct id's column, 0..U-1
+    counts = new.sum(-1)
+    draws = torch.zeros(n, samples, dtype=torch.int32, device=z.device)
+    draws.scatter_add_(1, group, torch.ones_like(group, dtype=torch.int32))
+    uid = torch.zeros(n, samples, dtype=torch.long, device=z.device).scatter_(1, group, ids_sorted)
+    z_at = z.gather(1, uid)  # before the statistics may overwrite z
+    log_s, entropy, std, sums = _full_stats(z, top1, top1_idx, work, exponents, z_scratch)
+    kept = torch.arange(samples, device=z.device)[None, :] < counts[:, None]
+    lp = ((z_at.double() - top1.double()) - log_s.double()[:, None]).float()
+    lp = torch.where(kept, lp, torch.full_like(lp, -math.inf))
+    order = torch.sort(lp, stable=True, dim=-1, descending=True).indices  # ids ascend within a row: ties by id
+    idx = torch.where(kept, uid, 0).gather(1, order)
+    return SparseLogits(idx, lp.gather(1, order), counts.long(), entropy, std, sums, exponents,
+                        draws.gather(1, order), samples)
+
+
+def sample_teacher(logits: Tensor, uniforms: Tensor, chunk_tokens: int | None = None,
+                   power_exponents: tuple[float, ...] = ()) -> SparseLogits:
+    """Sampled entries of dense logits [..., V] over the flattened tokens (uniforms [tokens, samples]); see
+    `sample_chunk`. The reference the generator's chunked path reproduces (same chunks as `truncate_top_p_k`)."""
+    exponents = check_power_exponents(power_exponents)
+    if chunk_tokens is None:
+        chunk_tokens = 64 if logits.device.type == "cpu" else 1024
+    vocab = logits.shape[-1]
+    z_all = logits.reshape(-1, vocab)
+    if uniforms.shape[0] != z_all.shape[0]:
+        raise ValueError(f"{uniforms.shape[0]} rows of uniforms for {z_all.shape[0]} tokens")
+    work = torch.empty(2, min(chunk_tokens, max(z_all.shape[0], 1)), vocab, device=logits.device)
+    parts = [sample_chunk(z_all[a : a + chunk_tokens].float(), uniforms[a : a + chunk_tokens], work, exponents)
+             for a in range(0, max(z_all.shape[0], 1), chunk_tokens)]
+    return parts[0] if len(parts) == 1 else SparseLogits.cat(parts)
+
+
+def sampled_power_exponents(sampling: str, method: str, tau: float, estimator: str) -> tuple[float, ...]:
+    """The power sum a sampled store keeps for its exact τ ≠ 1 targets: a = 1/τ (none otherwise)."""
+    if sampling != "sample" or estimator != "exact" or normalize_method(method) != "none" or float(tau) == 1.0:
+        return ()
+    return (1.0 / float(tau),)
+
+
+def sampled_targets(sparse: SparseLogits, tau: float | Tensor = 1.0, estimator: str = "exact") -> TeacherTargets:
+    """Sampled entries -> KD targets t [N, K] and log p_τ [N, K] (section comment above for the formulas).
+
+    τ = 1: t = c / N, exact. τ ≠ 1 (a float, or per token [N] for AdaKD): `estimator` exact (needs the
+    store's power sum at 1/τ; a float τ only) or self_normalised. No token weights, student untempered.
+    """
+    if not sparse.sampled:
+        raise ValueError("sampled_targets needs sampled entries (SparseLogits.draws)")
+    check_field("logits.sampled_tau", estimator)
+    kept = sparse.draws > 0
+    freq = sparse.draws.float() / float(sparse.samples)  # c / N, 0 in padding
+    lp = torch.where(kept, sparse.logprobs, 0.0)
+    if isinstance(tau, (int, float)) and float(tau) == 1.0:
+        return TeacherTargets(sparse.indices, freq, None, None, torch.where(kept, sparse.logprobs, -math.inf))
+    a = 1.0 / _per_token(tau, sparse.entropy)  # [N, 1] or a scalar
+    if estimator == "exact":
+        if not isinstance(tau, (int, float)):
+            raise ConfigError("logits.sampled_tau='exact' needs one fixed logits.tau; per-token temperatures need "
+                              "logits.sampled_tau=self_normalised")
+        log_z = _power_sum(sparse, 1.0 / float(tau), why=f"logits.sampled_tau=exact at logits.tau={float(tau):g}",
+                           instead="or set logits.sampled_tau=self_normalised")[:, None]
+    else:  # Ẑ_a = Σ_v (c_v / N) p_v^(a-1) estimates Z_a = E_p[p^(a-1)]: the weights' own normaliser
+        log_z = torch.logsumexp(torch.where(kept, freq.log() + (a - 1.0) * lp, -math.inf), -1, keepdim=True)
+    log_target = a * lp - log_z
+    probs = torch.where(kept, freq * torch.exp((a - 1.0) * lp - log_z), 0.0)
+    return TeacherTargets(sparse.indices, probs, None, None, torch.where(kept, log_target, -math.inf))
+
+
 def normalize_method(method: str) -> str:
     """Canonical adaptive-method name ('AdaKD-SD' -> 'adakd_sd'); ConfigError if unknown."""
     m = str(method).lower().replace("-", "_")
@@ -398,11 +569,14 @@ def teacher_targets(
     method: str = "none",
     store_p: float = 1.0,
     store_k: int | None = None,
+    sampled_tau: str = "exact",
     **params: float,
 ) -> TeacherTargets:
     """Stored entries -> (indices, probs, token_weights, student_tau) for the KD loss.
 
-    Always first narrows to top-p-k (a prefix of the stored entries), then per method:
+    Sampled entries (a store made with logits.sampling=sample) go to `sampled_targets` (p, k unused; method
+    none, or adakd_* whose per-token τ_t then needs sampled_tau=self_normalised). Top-p-k entries are
+    first narrowed to top-p-k (a prefix of the stored entries), then per method:
     - none:     probs = softmax(log q / τ); weights None; student untempered (None), as in the paper's F.
     - normkd:   τ_t = T_norm·σ_t (param t_norm=1.5); probs = softmax(log q / τ_t); weights τ_t²;
                 student_tau None -- the loss computes τ_s = std_temperature(z_s.std, T_norm) itself.
@@ -423,6 +597,13 @@ def teacher_targets(
             raise choice_error(f"parameter for logits.method={m}", name, sorted(allowed) or ["(none)"])
     if isinstance(tau, (int, float)):
         check_field("logits.tau", tau)
+    if sparse.sampled:  # draws, not a top-p-k prefix: p and k do not apply
+        if m in ("normkd", "wttm"):
+            raise ConfigError(f"logits.method={m!r} is not defined on sampled targets; allowed: none, adakd_sd, adakd_h")
+        if m != "none":
+            stat = sparse.logit_std if m == "adakd_sd" else sparse.entropy
+            tau = adakd_temperature(stat, "sd" if m == "adakd_sd" else "h", tau=float(tau), **params)
+        return sampled_targets(sparse, tau, sampled_tau)
     s = narrow(sparse, p, k, store_p=store_p, store_k=store_k)
     lp = s.logprobs
     if m == "none":

@@ -19,6 +19,8 @@ Shard binary (little-endian; sections 8-byte aligned, offsets from the file star
     sections named in header["sections"] = {name: [offset, nbytes]}, in this order:
       counts [S·P] uint8 (uint16 if k >= 256), params [S·P] uint8 (egsqrt), mass [S·P] uint16 (egsqrt),
       stats [S·P, 2 + G] float16 (G = len(power_exponents)), chunks [S·C + 1] uint64 byte offsets into payload, payload uint8
+    A sampled store (manifest "sampling": {"method": "sample", "samples": N, ...}; p = 1, k = N) has the same
+      sections; its entries are the distinct drawn ids, and the payload has each entry's draw count too (`codec`).
     ctxans (logits.encoding=ctxans) instead: model uint8 (the shard's fitted context model), seq_entries [S] uint32,
       chunks [S·2 + 1] uint64, payload uint8; its per-token columns are entropy-coded in the payload.
     The file ends exactly at the end of payload. Bit layout of the payload: see `codec` (and `ctxans`).
@@ -47,7 +49,13 @@ MAGIC = b"PDLSHARD"
 MANIFEST = "manifest.json"
 CHECKSUM = "blake2b-256"
 _SETTINGS = ("vocab_size", "p", "k", "positions_per_sequence", "num_sequences", "sequences_per_shard",
-             "teacher", "teacher_config_hash", "tokenizer_hash", "encoding", "power_exponents")
+             "teacher", "teacher_config_hash", "tokenizer_hash", "encoding", "power_exponents", "sampling")
+
+
+def sampling_of(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """A sampled store's `sampling` setting ({"method": "sample", "samples": N, "seed": s, "proposal_tau": 1.0});
+    None for a top-p-k store (whose manifest has no such key)."""
+    return manifest.get("sampling")
 
 
 def shard_name(index: int) -> str:
@@ -157,7 +165,10 @@ class _Shard:
         self.header = h
         n_tok = h["num_sequences"] * h["positions_per_sequence"]
         enc = h["encoding"]["name"]
-        c = codec.chunks_per_sequence(enc)
+        self.samples = int((sampling_of(manifest) or {}).get("samples", 0))
+        if self.samples and enc == "ctxans":
+            raise bad("a sampled store cannot be ctxans-coded")
+        c = codec.chunks_per_sequence(enc, self.samples > 0)
         n_stats = 2 + len(manifest.get("power_exponents", []))
         shapes = {"counts": (n_tok,), "params": (n_tok,), "mass": (n_tok,), "stats": (n_tok, n_stats),
                   "chunks": (h["num_sequences"] * c + 1,), "payload": (-1,), "model": (-1,), "seq_entries": (h["num_sequences"],)}
@@ -207,7 +218,7 @@ class _Shard:
                                             self.value_step)
             return codec.decode_arrays(v["counts"], v.get("params"), v.get("mass"), v["stats"], v["chunks"], v["payload"], local,
                                 manifest["positions_per_sequence"], manifest["vocab_size"], manifest["k"],
-                                self.encoding, self.value_step)
+                                self.encoding, self.value_step, self.samples)
         except (codec.CorruptChunk, IndexError, ValueError, OverflowError) as e:
             raise DataError(f"logit store shard {self.name}: {e}; the shard is corrupt (run `pdl logits verify`)") from None
 
@@ -293,6 +304,11 @@ class LogitStore:
         """The exponents a of the per-token log Σ_v q_v^a the store keeps (older stores: none)."""
         return tuple(float(a) for a in self.manifest.get("power_exponents", []))
 
+    @property
+    def samples(self) -> int:
+        """Draws per position of a sampled store; 0 for a top-p-k store."""
+        return int((sampling_of(self.manifest) or {}).get("samples", 0))
+
     def _shard(self, s: int) -> _Shard:
         with self._lock:
             shard = self._shards.get(s)
@@ -319,16 +335,18 @@ class LogitStore:
         P, k = self.positions_per_sequence, self.k
         n = len(ids) * P
         # numpy all the way (torch ops on tiny tensors cost more than the decode), one torch view at the end
-        exps = self.power_exponents
+        exps, samples = self.power_exponents, self.samples
         out = [np.zeros((n, k), np.int64), np.full((n, k), -np.inf, np.float32), np.zeros(n, np.int64),
-               np.zeros(n, np.float32), np.zeros(n, np.float32)] + ([np.zeros((n, len(exps)), np.float32)] if exps else [])
+               np.zeros(n, np.float32), np.zeros(n, np.float32),
+               np.zeros((n, len(exps)), np.float32) if exps else None, np.zeros((n, k), np.int32) if samples else None]
         for s in np.unique(shard_of):
             sel = np.flatnonzero(shard_of == s)
             rows = (sel[:, None] * P + np.arange(P)).reshape(-1)
             for dst, src in zip(out, self._shard(int(s)).decode(ids[sel] - self._starts[s], self.manifest)):
-                dst[rows] = src
-        tensors = [torch.from_numpy(a) for a in out]
-        return SparseLogits(*tensors[:5], tensors[5] if exps else None, exps)
+                if dst is not None:
+                    dst[rows] = src
+        t = [None if a is None else torch.from_numpy(a) for a in out]
+        return SparseLogits(*t[:5], t[5], exps, t[6], samples)
 
 
 # ----------------------------------------------------------------------------- inspect / verify
@@ -416,6 +434,7 @@ def inspect_store(path: str | Path, checksums: bool = True) -> dict[str, Any]:
         "path": str(path), "teacher": m.get("teacher"), "teacher_config_hash": m.get("teacher_config_hash"),
         "tokenizer_hash": m["tokenizer_hash"], "vocab_size": m["vocab_size"], "p": m["p"], "k": m["k"],
         "encoding": m["encoding"], "power_exponents": m.get("power_exponents", []),
+        "sampling": sampling_of(m) or {"method": "topk"},
         "positions_per_sequence": m["positions_per_sequence"],
         "sequences": m["num_sequences"], "tokens": tokens, "entries": entries,
         "mean_entries_per_token": entries / max(tokens, 1), "bytes": nbytes,
@@ -426,5 +445,5 @@ def inspect_store(path: str | Path, checksums: bool = True) -> dict[str, Any]:
 
 __all__ = [
     "LogitStore", "check_compatible", "file_checksum", "generation_cost", "inspect_store", "load_manifest", "num_shards",
-    "shard_name", "shard_range", "verify_store",
+    "sampling_of", "shard_name", "shard_range", "verify_store",
 ]

@@ -24,9 +24,9 @@ import torch
 from pd_lightning.config import check_field
 from pd_lightning.errors import ConfigError, DataError, choice_error
 from pd_lightning.logits import codec, ctxans
-from pd_lightning.logits.processing import SparseLogits, check_power_exponents, truncate_top_p_k
-from pd_lightning.logits.store import (CHECKSUM, FORMAT, FORMAT_VERSION, MAGIC, MANIFEST, _SETTINGS, _load_json,
-                                       file_checksum, num_shards, shard_name, shard_range)
+from pd_lightning.logits.processing import SparseLogits, check_power_exponents, narrow, truncate_top_p_k
+from pd_lightning.logits.store import (CHECKSUM, FORMAT, FORMAT_VERSION, MAGIC, MANIFEST, _SETTINGS, LogitStore,
+                                       _load_json, file_checksum, num_shards, sampling_of, shard_name, shard_range)
 
 
 def _dumps(obj: Any) -> str:
@@ -117,6 +117,7 @@ class LogitStoreWriter:
         verify_existing: bool = True,
         rerun: str = GENERATION_RERUN,
         power_exponents: tuple[float, ...] = (),
+        sampling: dict[str, Any] | None = None,
     ):
         if encoding not in codec.ENCODINGS:
             raise choice_error("logits.encoding", encoding, codec.ENCODINGS)
@@ -137,6 +138,17 @@ class LogitStoreWriter:
         self.encoding, self.value_step = encoding, float(value_step)
         self.rank, self.world_size = rank, world_size
         self.power_exponents = check_power_exponents(power_exponents)
+        # a sampled store: {"method": "sample", "samples": N, "seed": s, "proposal_tau": 1.0}; its entries are
+        # the distinct drawn ids (at most N = k per token), p = 1 (no cut). None: a top-p-k store.
+        self.samples = 0
+        if sampling is not None:
+            self.samples = int(sampling["samples"])
+            if encoding == "ctxans":
+                raise ConfigError("logits.encoding='ctxans' does not code sampled stores (their draw counts); "
+                                  "use egsqrt or fixed")
+            if self.k != self.samples or self.p != 1.0:
+                raise ConfigError(f"a sampled store keeps up to samples={self.samples} ids per token at p=1; got "
+                                  f"k={self.k}, p={self.p}")
         self.settings: dict[str, Any] = {
             "vocab_size": self.vocab_size, "p": self.p, "k": self.k, "positions_per_sequence": self.positions,
             "num_sequences": self.num_sequences, "sequences_per_shard": self.sequences_per_shard,
@@ -145,6 +157,8 @@ class LogitStoreWriter:
             "encoding": _encoding_info(encoding, self.value_step, self.vocab_size),
             "power_exponents": list(self.power_exponents),
         }
+        if sampling is not None:  # top-p-k stores carry no key: their settings are those of earlier versions
+            self.settings["sampling"] = dict(sampling)
         self.num_shards = num_shards(self.num_sequences, self.sequences_per_shard)
         self.rerun = rerun  # what running the same command again does, for the one-line write errors
         self._lock = threading.Lock()
@@ -177,9 +191,9 @@ class LogitStoreWriter:
 
     def _check_settings(self, found: dict[str, Any], where: str) -> None:
         for key in _SETTINGS:
-            if found.get(key) != self.settings[key]:
+            if found.get(key) != self.settings.get(key):
                 raise DataError(
-                    f"{where} was written with {key}={found.get(key)!r}, but this run has {key}={self.settings[key]!r}; "
+                    f"{where} was written with {key}={found.get(key)!r}, but this run has {key}={self.settings.get(key)!r}; "
                     "use a new store directory or the original settings")
 
     def _resume(self, verify: bool) -> None:
@@ -217,9 +231,11 @@ class LogitStoreWriter:
         if tuple(sparse.power_exponents) != self.power_exponents:
             raise ValueError(f"entries carry power sums for {list(sparse.power_exponents)}, the store keeps "
                              f"{list(self.power_exponents)}")
+        if sparse.samples != self.samples or sparse.sampled != bool(self.samples):
+            raise ValueError(f"entries are {'sampled' if sparse.sampled else 'top-p-k'} (samples={sparse.samples}), the "
+                             f"store is {'sampled' if self.samples else 'top-p-k'} (samples={self.samples})")
         if sparse.width > self.k:
-            sparse = SparseLogits(sparse.indices[:, : self.k], sparse.logprobs[:, : self.k], sparse.counts,
-                                  sparse.entropy, sparse.logit_std, sparse.log_power_sums, sparse.power_exponents)
+            sparse = sparse.first_columns(self.k)
         done = []
         seq = first_sequence
         while seq < first_sequence + n_seq:
@@ -344,7 +360,7 @@ class LogitStoreWriter:
                             "finish generation on every rank before finalize()")
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "checksum_algorithm": CHECKSUM,
-            **{key: self.settings[key] for key in _SETTINGS},
+            **{key: self.settings[key] for key in _SETTINGS if key in self.settings},
             "num_tokens": self.num_sequences * self.positions,
             "num_entries": int(sum(e["num_entries"] for e in shards)),
             "total_bytes": int(sum(e["bytes"] for e in shards)),
@@ -355,6 +371,40 @@ class LogitStoreWriter:
         except OSError as e:
             raise self.write_error(e, f"writing {MANIFEST}") from None
         return manifest
+
+
+def encoded_bytes(sparse: SparseLogits, positions: int, vocab_size: int, k: int, encoding: str, value_step: float) -> int:
+    """Bytes the sections of a shard holding exactly these whole sequences take (no header, no alignment):
+    the per-token columns, the chunk offsets and the payload, as `_write_shard` lays them out."""
+    n_seq = len(sparse) // positions
+    if encoding == "ctxans":
+        enc = ctxans.encode_shard(ctxans.symbolize(sparse, positions, vocab_size, k, value_step), positions, vocab_size,
+                                  k, value_step)
+        return int(enc.model.nbytes + 4 * n_seq + 8 * (len(enc.chunk_sizes) + 1) + enc.payload.nbytes)
+    e = codec.encode(sparse, positions, vocab_size, k, encoding, value_step)
+    cols = [e.counts, e.stats.astype("<f2")] + ([e.params, e.mass] if encoding == "egsqrt" else [])
+    return int(sum(a.nbytes for a in cols) + 8 * (len(e.chunk_sizes) + 1) + e.payload.nbytes)
+
+
+def bytes_at_truncation(path: str | Path, p: float, k: int, *, max_sequences: int = 256) -> tuple[float, float]:
+    """(bytes / token, entries / token) a store of the same teacher made at top-p-k would take, estimated by
+    encoding the narrowed entries of the store's first `max_sequences` sequences in its own encoding: every
+    per-token column and chunk offset counted, shard headers not (under 0.1% at 1,024 sequences a shard).
+
+    A run that reads a top-1.0-100 store at top-0.95-5 thereby reports the storage its targets need, the
+    x axis on which top-p-k and sampled targets are compared at equal bytes. A sampled store reports its own.
+    """
+    store = LogitStore(path)
+    m = store.manifest
+    if sampling_of(m) is not None:
+        return int(m["total_bytes"]) / max(int(m["num_tokens"]), 1), int(m["num_entries"]) / max(int(m["num_tokens"]), 1)
+    n = min(len(store), int(max_sequences))
+    sparse = narrow(store.sequences(np.arange(n)), p, k, store.p, store.k)
+    enc = m["encoding"]
+    nbytes = encoded_bytes(sparse, store.positions_per_sequence, store.vocab_size, min(int(k), store.k),
+                                  enc["name"], float(enc.get("value_step", codec.DEFAULT_VALUE_STEP)))
+    tokens = len(sparse)
+    return nbytes / tokens, float(sparse.counts.sum()) / tokens
 
 
 def _align8(n: int) -> int:
@@ -553,15 +603,17 @@ def _sparse_arrays(s: SparseLogits) -> tuple:
     """CPU SparseLogits as compact numpy arrays for an encoder process (columns cut to the widest row, int32 ids)."""
     width = max(int(s.counts.max()), 1) if len(s) else 1
     sums = None if s.log_power_sums is None else s.log_power_sums.numpy()
+    draws = None if s.draws is None else s.draws[:, :width].numpy()
     return (s.indices[:, :width].to(torch.int32).numpy(), s.logprobs[:, :width].numpy(), s.counts.numpy(),
-            s.entropy.numpy(), s.logit_std.numpy(), sums, tuple(s.power_exponents))
+            s.entropy.numpy(), s.logit_std.numpy(), sums, tuple(s.power_exponents), draws, s.samples)
 
 
 def _sparse_from_arrays(arrays: tuple) -> SparseLogits:
-    idx, lp, counts, entropy, std, sums, exps = arrays
+    idx, lp, counts, entropy, std, sums, exps, draws, samples = arrays
     return SparseLogits(torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(lp), torch.from_numpy(counts),
                         torch.from_numpy(entropy), torch.from_numpy(std),
-                        None if sums is None else torch.from_numpy(sums), exps)
+                        None if sums is None else torch.from_numpy(sums), exps,
+                        None if draws is None else torch.from_numpy(draws), samples)
 
 
 def _portable(exc: BaseException) -> tuple[str, str]:

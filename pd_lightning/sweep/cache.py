@@ -79,12 +79,17 @@ def with_prerequisites(cfg: PDLConfig, cache: Path, *, build: bool = True) -> PD
 
     teacher_id = store_teacher_id(cfg)
     exps = list(power_exponents_for(lg))
-    found = find_store(cache, teacher_id, data_key, lg.store_p, lg.store_k, exps)
-    if found is not None:
-        lg.store, lg.store_p, lg.store_k = str(found[0]), found[1], found[2]
-        return cfg
-    # the encoding version and power sums are part of what a store holds (v1 stores at p = 1 are refused)
-    key = config_hash("offline", teacher_id, data_key, lg.store_p, lg.store_k, codec.ENCODING_VERSION, exps)
+    if lg.sampling == "sample":  # draws serve only their own (samples, seed): no looser store stands in for them
+        key = config_hash("offline-sampled", teacher_id, data_key, lg.samples, lg.sample_seed, codec.ENCODING_VERSION, exps)
+        what = {"sampling": "sample", "samples": lg.samples, "sample_seed": lg.sample_seed}
+    else:
+        found = find_store(cache, teacher_id, data_key, lg.store_p, lg.store_k, exps)
+        if found is not None:
+            lg.store, lg.store_p, lg.store_k = str(found[0]), found[1], found[2]
+            return cfg
+        # the encoding version and power sums are part of what a store holds (v1 stores at p = 1 are refused)
+        key = config_hash("offline", teacher_id, data_key, lg.store_p, lg.store_k, codec.ENCODING_VERSION, exps)
+        what = {"p": lg.store_p, "k": lg.store_k}
     lg.store = str(cache / f"logits-{key}")
     if build:
         from pd_lightning.logits.generate import generate_store
@@ -93,8 +98,7 @@ def with_prerequisites(cfg: PDLConfig, cache: Path, *, build: bool = True) -> PD
             generate_store(cfg)
             (Path(lg.store) / CACHE_MARKER).write_text(json.dumps({
                 "teacher_id": teacher_id, "teacher": str(Path(cfg.teacher.path or cfg.teacher.out).resolve()),
-                "data": data_key, "p": lg.store_p, "k": lg.store_k, "encoding_version": codec.ENCODING_VERSION,
-                "power_exponents": exps}))
+                "data": data_key, **what, "encoding_version": codec.ENCODING_VERSION, "power_exponents": exps}))
     return cfg
 
 
@@ -148,6 +152,8 @@ def find_store(cache: Path, teacher_id: str, data_key: str, p: float, k: int,
         except (OSError, ValueError):
             continue
         kept = {float(a) for a in info.get("power_exponents", [])}
+        if info.get("sampling", "topk") != "topk":
+            continue  # a sampled store holds draws, not a top-p-k prefix
         if (info.get("teacher_id") == teacher_id and info.get("data") == data_key
                 and info.get("encoding_version", 1) == codec.ENCODING_VERSION and kept >= set(map(float, power_exponents))
                 and float(info["p"]) >= p and int(info["k"]) >= k and (marker.parent / MANIFEST).is_file()):
@@ -165,8 +171,9 @@ def build_prerequisites(spec: SweepSpec, place: Place) -> None:
             cfg = spec.config_for(task)
         except UserError:
             continue  # an invalid point fails as its own trial
-        key = config_hash(cfg.data, cfg.teacher, cfg.logits.mode, cfg.logits.store_p, cfg.logits.store_k,
-                          cfg.loss.alpha > 0, cfg.logits.online_start_frac, cfg.logits.online_end_frac)
+        lg = cfg.logits
+        key = config_hash(cfg.data, cfg.teacher, lg.mode, lg.store_p, lg.store_k, cfg.loss.alpha > 0,
+                          lg.online_start_frac, lg.online_end_frac, lg.sampling, lg.samples, lg.sample_seed)
         if key not in seen:
             seen.add(key)
             with_prerequisites(cfg, place.cache)
