@@ -135,7 +135,10 @@ class PostgresServer:
 
     def _pg_ctl_start(self) -> None:
         opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sockets} "
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")  # a test cluster: no crash safety
+                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "  # a test cluster: no crash safety
+                # every sweep worker, coordinator and MLflow server holds a pool: the default 100 ran out when
+                # test files shared one cluster in a parallel (pytest -n 2) run
+                "-c max_connections=300")
         self._run(self.bin_dir / "pg_ctl", "-D", self.data, "-l", self.log, "-o", opts, "-w", "-t", "60", "start")
 
     def pause(self) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -65,12 +64,12 @@ def test_quickstart_prints_the_table_report_and_ui_command(quickstart_dir):
 
 def test_quickstart_rerun_reuses_everything(quickstart_dir):
     out, _ = quickstart_dir
-    started = time.perf_counter()
     again = pdl("quickstart", "--out", str(out), "--scale", "smoke", cwd=out.parent)
     assert again.returncode == 0, again.stderr[-3000:]
+    # nothing is recomputed: no trial, no teacher, no store (no wall-clock bound: that would be a timed test,
+    # and it failed on a loaded machine at 156 s while doing no work)
     assert "10 trials (10 already complete)" in again.stdout
     assert "teacher: pre-training" not in again.stdout and "logits: top-" not in again.stdout
-    assert time.perf_counter() - started < 120
 
 
 def test_report_command_on_the_quickstart_runs(quickstart_dir, tmp_path):
