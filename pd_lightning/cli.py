@@ -19,6 +19,8 @@ CONFIG_HELP = (
     "CONFIG is a YAML file or the name of a packaged config (tiny); any field can be overridden "
     "with section.key=value, e.g. data.train_tokens=5000000 loss.alpha=0.9"
 )
+TRACKING_URI_HELP = ("MLflow tracking URI of the runs, over tracking.tracking_uri and ./mlflow.yaml (default: their "
+                     "tracking_uri, else sqlite:///mlflow.db), e.g. sqlite:///runs/mlflow.db or http://127.0.0.1:5000")
 
 
 def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -61,10 +63,28 @@ def cmd_teacher_train(args: argparse.Namespace) -> None:
     train_teacher(cfg)
 
 
+def _add_tracking_uri(parser: argparse.ArgumentParser, what: str = "") -> None:
+    parser.add_argument("--tracking-uri", default=None, metavar="URI", help=TRACKING_URI_HELP + what)
+
+
+def _with_tracking_uri(cfg, uri: str | None):
+    """`cfg` with `--tracking-uri` as its tracking.tracking_uri; unchanged when the URI names the store it records
+    to anyway (a run's identity includes the tracking section: a run started without the flag resumes with it)."""
+    if uri is None:
+        return cfg
+    from pd_lightning.config import same_tracking_store
+    from pd_lightning.tracking import tracking_settings
+
+    if not same_tracking_store(uri, tracking_settings(cfg)["tracking_uri"]):
+        cfg.tracking.tracking_uri = uri
+        tracking_settings(cfg)  # a malformed URI: one line naming the field, before any compute
+    return cfg
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from pd_lightning.train import train
 
-    train(_load(args))
+    train(_with_tracking_uri(_load(args), args.tracking_uri))
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
@@ -162,8 +182,9 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "recorded, else the model's max_position_embeddings)")
     parser.add_argument("--corpus-seed", type=int, default=0, help="world of the built-in corpus for the local tasks")
     parser.add_argument("--run-id", default=None, help="MLflow run to log eval.* metrics and the results JSON to")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default: tracking_uri of ./mlflow.yaml, else sqlite:///mlflow.db)")
+    parser.add_argument("--tracking-uri", default=None, metavar="URI",
+                        help="MLflow tracking URI of --run-id (default: tracking_uri of ./mlflow.yaml, else "
+                             "sqlite:///mlflow.db)")
     parser.add_argument("--output", default=None, help="also write the result (scores + raw lm-eval JSON) here")
     parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
     parser.add_argument("--heldout", default="auto",
@@ -190,7 +211,10 @@ def _store_summary_lines(info: dict) -> list[str]:
     lines = [
         f"store          {info['path']}",
         f"teacher        {info['teacher']}",
-        f"truncation     top-{info['p']}-{info['k']} (every p' <= p, k' <= k and any tau derive from it)",
+        (f"sampling       {info['sampling']['samples']} draws per position from the tau=1 teacher (seed "
+         f"{info['sampling']['seed']}): distinct ids with their draw counts, unbiased targets"
+         if info["sampling"]["method"] == "sample" else
+         f"truncation     top-{info['p']}-{info['k']} (every p' <= p, k' <= k and any tau derive from it)"),
         f"vocab size     {info['vocab_size']:,}   tokenizer {info['tokenizer_hash']}",
         f"tokens         {info['tokens']:,} in {info['sequences']:,} sequences x {info['positions_per_sequence']} positions",
         f"entries/token  {info['mean_entries_per_token']:.2f}",
@@ -245,7 +269,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 def _sweep_and_place(args: argparse.Namespace):
     from pd_lightning.sweep import load_sweep, resolve_place
 
-    spec = load_sweep(args.sweep, args.scale)
+    spec = load_sweep(args.sweep, args.scale, tracking_uri=getattr(args, "tracking_uri", None))
     return spec, resolve_place(spec, out=args.out, cache=args.cache, storage=args.storage)
 
 
@@ -278,7 +302,7 @@ def cmd_sweep_status(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep_validate(args: argparse.Namespace) -> None:
-    from pd_lightning.sweep import check_points, load_sweep
+    from pd_lightning.sweep import check_points, design_space, load_sweep
 
     scales = [args.scale] if args.scale else (load_sweep(args.sweep).scales or [None])
     for scale in scales:
@@ -287,10 +311,13 @@ def cmd_sweep_validate(args: argparse.Namespace) -> None:
         if bad:
             label, message = next(iter(bad.items()))
             raise UserError(f"sweep {spec.name} [{spec.scale}]: configuration {label!r} is invalid: {message}")
+        space = design_space(spec)  # every trial's Optuna parameters must be storable in one distribution per key
+        varied = [k for k, d in space.distributions.items() if not d.single()]
         p, k = spec.loosest_truncation()
         search = f" + {spec.search['trials']} {spec.search['sampler']} trials" if spec.search else ""
         print(f"ok: {spec.name} [{spec.scale}]: {len(spec.tasks())} trials{search}, seeds {spec.seeds}, "
-              f"store top-{p}-{k}, objective {spec.direction} {spec.objective_metric}")
+              f"store top-{p}-{k}, objective {spec.direction} {spec.objective_metric}; "
+              f"{len(space.distributions)} parameters per trial, varied: {', '.join(varied) or 'none'}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -298,7 +325,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     from pd_lightning.report import report_sweep
     from pd_lightning.sweep import load_sweep
 
-    index, table = report_sweep(load_sweep(args.sweep, args.scale), args.out)
+    index, table = report_sweep(load_sweep(args.sweep, args.scale, tracking_uri=args.tracking_uri), args.out)
     print(analysis.to_markdown(table))
     print(f"\nreport: {index}")
 
@@ -306,7 +333,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from pd_lightning.quickstart import quickstart
 
-    quickstart(args.out, workers=args.workers, scale=args.scale)
+    quickstart(args.out, workers=args.workers, scale=args.scale, tracking_uri=args.tracking_uri)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -384,12 +411,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="One teacher forward pass over the train shards of data.out; keeps the top-logits.store_p-"
                     "logits.store_k entries of every position as tau=1 log-probabilities in a compact, checksummed "
                     "store at logits.store. The teacher is teacher.path, or teacher.out when teacher.path is unset. "
-                    "Kill it at any time and re-run: it resumes from the last whole shard. Under torchrun every "
-                    "rank writes its own shards.",
+                    "With logits.sampling=sample it keeps instead the distinct ids of logits.samples draws per "
+                    "position from the tau=1 teacher with their counts (unbiased targets; seeded by "
+                    "logits.sample_seed). Kill it at any time and re-run: it resumes from the last whole shard. "
+                    "Under torchrun every rank writes its own shards.",
         epilog=textwrap.dedent("""\
             examples:
               pdl logits generate tiny
               pdl logits generate tiny logits.store_p=1.0 logits.store_k=200 logits.store=runs/logits-p1-k200
+              pdl logits generate tiny logits.sampling=sample logits.samples=32 logits.store=runs/logits-n32
               torchrun --nproc-per-node 8 -m pd_lightning.cli logits generate paper.yaml teacher.path=/models/glm-4-9b
             """),
     )
@@ -421,9 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
               pdl train tiny loss.alpha=0.9 trainer.out=runs/tiny/pd          # vanilla PD at alpha 0.9
               pdl train tiny loss.alpha_schedule=wsd_alpha optim.lr_schedule=wsd trainer.out=runs/tiny/wsd
               pdl train paper.yaml model.preset=1.9B trainer.strategy=fsdp trainer.precision=bf16-mixed trainer.devices=8
+              pdl train tiny loss.alpha=0.9 --tracking-uri http://127.0.0.1:5000   # record to a tracking server
             """),
     )
     _add_config_args(tr)
+    _add_tracking_uri(tr, "; naming the store the config already records to changes nothing (a run started "
+                          "without it resumes with it). Put it before CONFIG or after the overrides.")
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser(
@@ -445,8 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run a sweep file (one per paper table) as an Optuna study with MLflow runs")
     sweep_sub = p.add_subparsers(dest="sweep_command", required=True, metavar="{run,status,validate}")
 
+    from pd_lightning.sweep.spec import shipped_sweeps
+
+    shipped = ", ".join(shipped_sweeps()) or "none in this install"
+
     def sweep_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("sweep", metavar="SWEEP.yaml", help="a sweep file, e.g. sweeps/table4_alpha.yaml")
+        sp.add_argument("sweep", metavar="SWEEP", help=f"a sweep file, or the name of a shipped sweep ({shipped})")
         sp.add_argument("--scale", help="a scale the file defines (tiny: CPU minutes; paper: GPU cluster); "
                                         "default: the file's default_scale or tiny")
         sp.add_argument("--storage", help="Optuna storage URL shared by all workers (default: sqlite optuna.db "
@@ -463,13 +500,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "stopped and never redoes a finished trial; trials of killed workers are re-run.",
         epilog=textwrap.dedent("""\
             examples:
-              pdl sweep run sweeps/quickstart.yaml --workers 2
-              pdl sweep run sweeps/table4_alpha.yaml --scale tiny
-              pdl sweep run sweeps/table8_top_p_k.yaml --scale paper --storage postgresql://pdl@db-host/pdl   # on every machine
+              pdl sweep run quickstart --workers 2                     # a shipped sweep, by name
+              pdl sweep run table4_alpha --scale tiny --tracking-uri sqlite:///runs/mlflow.db
+              pdl sweep run my_sweep.yaml                              # your own file
+              pdl sweep run table8_top_p_k --scale paper --storage postgresql://pdl@db-host/pdl   # on every machine
             browse: mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
                     optuna-dashboard sqlite:///optuna.db --host 127.0.0.1
+            The study's trials carry every configuration's full design-space coordinates as parameters (the
+            same keys in every trial), the seed as the user attr `seed`, and val/loss as intermediate values.
         """))
     sweep_args(sr)
+    _add_tracking_uri(sr, "; the default --storage sits beside a sqlite store")
     sr.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1); on a GPU "
                     "machine each gets its own trainer.devices GPUs")
     sr.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
@@ -481,18 +522,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "failed with its error, crashed, pending), objective value and MLflow run id.",
         epilog=textwrap.dedent("""\
             examples:
-              pdl sweep status sweeps/quickstart.yaml
-              pdl sweep status sweeps/table8_top_p_k.yaml --scale paper --storage postgresql://pdl@db-host/pdl
+              pdl sweep status quickstart
+              pdl sweep status table8_top_p_k --scale paper --storage postgresql://pdl@db-host/pdl
         """))
     sweep_args(ss)
+    _add_tracking_uri(ss, "; it places the default --storage (optuna.db beside a sqlite store)")
     ss.set_defaults(func=cmd_sweep_status)
     sv = sweep_sub.add_parser(
         "validate", formatter_class=fmt, help="check a sweep file and every configuration it expands to",
-        description="Validate the sweep file and resolve every configuration x seed at each scale (or --scale) "
-                    "without running anything; exit 2 naming the first invalid field.",
+        description="Validate the sweep file and resolve every configuration x seed at each scale (or --scale), "
+                    "and the Optuna parameters every trial will carry, without running anything; exit 2 naming the "
+                    "first invalid field.",
         epilog=textwrap.dedent("""\
             examples:
-              pdl sweep validate sweeps/table5_loss_schedules.yaml
+              pdl sweep validate table5_loss_schedules
               pdl sweep validate sweeps/table11_sizes.yaml --scale paper
         """))
     sweep_args(sv)
@@ -505,17 +548,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "the figures that fit the sweep (PNG + SVG) and index.html; also logged to the sweep's parent run.",
         epilog=textwrap.dedent("""\
             examples:
-              pdl report sweeps/quickstart.yaml
-              pdl report sweeps/table8_top_p_k.yaml --out reports/table8
+              pdl report quickstart
+              pdl report table8_top_p_k --out reports/table8
+              pdl report table4_alpha --tracking-uri http://127.0.0.1:5000
         """))
-    p.add_argument("sweep", metavar="SWEEP.yaml")
+    p.add_argument("sweep", metavar="SWEEP", help=f"a sweep file, or the name of a shipped sweep ({shipped})")
     p.add_argument("--scale", help="the scale whose runs to report (default: the file's default, else tiny)")
     p.add_argument("--out", help="report dir (default runs/sweeps/NAME/SCALE/report)")
+    _add_tracking_uri(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "quickstart", formatter_class=fmt, help="the whole lab on one CPU: teacher, logits, LM vs PD sweep, report",
-        description="Built-in corpus -> tokenizer -> tiny teacher -> one logit store -> sweeps/quickstart.yaml (LM "
+        description="Built-in corpus -> tokenizer -> tiny teacher -> one logit store -> the quickstart sweep (LM "
                     "baseline, vanilla PD, alpha 0.9, WSD-alpha + WSD-LR, KLD; two seeds each) -> local lm-eval suite "
                     "-> report. Prints the paper-style table, the report path and the MLflow UI command. Re-running "
                     "reuses everything finished.",
@@ -523,11 +568,13 @@ def build_parser() -> argparse.ArgumentParser:
             examples:
               pdl quickstart
               pdl quickstart --out /tmp/pdl-qs --workers 2
+              pdl quickstart --tracking-uri http://127.0.0.1:5000     # runs to a tracking server, the rest in ./pdl-quickstart
         """))
     p.add_argument("--out", default="pdl-quickstart", help="directory for everything (default ./pdl-quickstart)")
     p.add_argument("--workers", type=int, help="trial worker processes (default: 2 on a machine with 2+ cores)")
     p.add_argument("--scale", default="tiny", help="tiny (the default, ~13 min on 2 cores) or smoke (~3 min: checks "
                                                     "an install; too small for PD to beat LM)")
+    _add_tracking_uri(p, " (default here: DIR/mlflow.db; a relative sqlite path is relative to this directory)")
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("models", help="list the model presets (paper Table 7 + tiny CPU sizes)")

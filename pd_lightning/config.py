@@ -391,6 +391,18 @@ class TrackingConfig:
     run_name: Optional[str] = None
 
 
+def absolute_tracking_uri(uri: str) -> str:
+    """A tracking URI with its sqlite path made absolute (relative to the working dir now); others as written."""
+    if uri.startswith("sqlite:///"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+def same_tracking_store(a: str, b: str) -> bool:
+    """Whether two MLflow tracking URIs name one store: sqlite paths compared resolved, other URIs as written."""
+    return absolute_tracking_uri(a).rstrip("/") == absolute_tracking_uri(b).rstrip("/")
+
+
 @dataclass
 class EvalConfig:
     """lm-eval on the exported model."""

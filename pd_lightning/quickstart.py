@@ -9,29 +9,38 @@ from pathlib import Path
 
 from pd_lightning.errors import ConfigError, DataError
 
-SWEEP_FILE = Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml"
+SWEEP_NAME = "quickstart"  # the shipped sweep (sweeps/quickstart.yaml)
 
 
 def quickstart(out: str | Path = "pdl-quickstart", *, workers: int | None = None, sweep_file: str | Path | None = None,
-               scale: str = "tiny") -> Path:
-    """Run (or continue) the quickstart in `out`; prints the table, the report path and the MLflow UI command."""
-    import analysis
-    from pd_lightning.report import report_sweep
-    from pd_lightning.sweep import load_sweep, resolve_place, run_sweep
+               scale: str = "tiny", tracking_uri: str | None = None) -> Path:
+    """Run (or continue) the quickstart in `out`; prints the table, the report path and the MLflow UI command.
 
-    sweep_file = Path(sweep_file or SWEEP_FILE).resolve()
-    if not sweep_file.is_file():
-        raise DataError(f"the quickstart sweep {str(sweep_file)!r} is missing; install pd-lightning from its source "
-                        "tree (`pip install -e .`) so sweeps/ is beside the package")
+    `tracking_uri`: record the runs there instead of `out/mlflow.db` (a relative sqlite path is the caller's).
+    """
+    import analysis
+    from pd_lightning.config import absolute_tracking_uri
+    from pd_lightning.report import report_sweep
+    from pd_lightning.sweep import load_sweep, resolve_place, resolve_sweep_path, run_sweep
+    from pd_lightning.sweep.records import tracking_uri as sweep_tracking_uri
+
+    try:
+        sweep_file = resolve_sweep_path(sweep_file or SWEEP_NAME).resolve()
+    except ConfigError as exc:
+        raise DataError(f"the quickstart sweep is missing ({exc})") from None
     workers = workers or min(2, os.cpu_count() or 1)
     if workers < 1:
         raise ConfigError(f"--workers={workers} must be >= 1")
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out={str(out)!r} is a file; give a directory")
-    spec = load_sweep(sweep_file, scale)  # validate before creating anything
+    uri = absolute_tracking_uri(tracking_uri) if tracking_uri else None  # before the chdir below
+    spec = load_sweep(sweep_file, scale, tracking_uri=uri)  # validate before creating anything
     out.mkdir(parents=True, exist_ok=True)
-    os.chdir(out)  # everything (MLflow, Optuna, cache, runs) lives under `out`, nothing in the caller's dir
+    os.chdir(out)  # everything (cache, runs; MLflow and Optuna unless --tracking-uri names another store) lives
+    #                under `out`, nothing in the caller's dir
+    if uri:  # read again here: whether the URI differs from the store the sweep names depends on the working dir
+        spec = load_sweep(sweep_file, scale, tracking_uri=uri)
     started = time.perf_counter()
     print(f"quickstart: everything goes to {out}; {workers} worker(s); re-running continues where it stopped", flush=True)
     place = resolve_place(spec, out=None, cache=None, storage=None)
@@ -43,6 +52,7 @@ def quickstart(out: str | Path = "pdl-quickstart", *, workers: int | None = None
     minutes = (time.perf_counter() - started) / 60
     print(f"quickstart: done in {minutes:.1f} min" + (f" ({problems} trial(s) failed: see above)" if problems else ""))
     print(f"report:     {index}")
-    print(f"browse:     mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'} --host 127.0.0.1 --port 5000")
-    print(f"study:      optuna-dashboard sqlite:///{out / 'optuna.db'} --host 127.0.0.1   (pip install optuna-dashboard)")
+    print(f"browse:     mlflow ui --backend-store-uri {absolute_tracking_uri(sweep_tracking_uri(spec))} --host 127.0.0.1 "
+          "--port 5000")
+    print(f"study:      optuna-dashboard {place.storage} --host 127.0.0.1   (pip install optuna-dashboard)")
     return index

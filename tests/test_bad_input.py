@@ -275,6 +275,10 @@ CASES = [
     C("teacher-train-with-path", "teacher train tiny teacher.path={teacher} teacher.out={tmp}/t", "teacher.path"),
     # ---- sweep files
     C("sweep-missing-file", "sweep run {tmp}/none.yaml", ("none.yaml", "does not exist")),
+    C("sweep-unknown-name", "sweep run table4_alpah", ("'table4_alpah'", "shipped sweep", "did you mean 'table4_alpha'")),
+    C("sweep-bad-tracking-uri", "sweep run table4_alpha --tracking-uri runs/mlflow", "tracking.tracking_uri='runs/mlflow'"),
+    C("train-bad-tracking-uri", TRAIN + " --tracking-uri mlflow.db", "tracking.tracking_uri='mlflow.db'"),
+    C("quickstart-bad-tracking-uri", "quickstart --out {tmp}/qs --tracking-uri mlruns", "tracking.tracking_uri='mlruns'"),
     C("sweep-name-traversal", "sweep run {tmp}/s.yaml", ("name='../../escape'",),
       sweep_file(SWEEP_OK.replace("name: s", "name: ../../escape")), sub=True),
     C("sweep-unknown-key", "sweep run {tmp}/s.yaml", ("'gird'", "did you mean 'grid'"),
@@ -301,6 +305,8 @@ CASES = [
       sweep_file(SWEEP_OK + "group_by: [model.preset]\n")),
     C("sweep-duplicate-seed", "sweep run {tmp}/s.yaml", "seeds=[0, 0]", sweep_file(SWEEP_OK + "seeds: [0, 0]\n")),
     C("report-before-any-run", "report {tmp}/s.yaml", ("no finished, evaluated runs",), sweep_file(SWEEP_OK), sub=True),
+    C("report-other-store", "report {tmp}/s.yaml --tracking-uri sqlite:///{tmp}/other/mlflow.db",
+      ("no finished, evaluated runs in sqlite:///{tmp}/other/mlflow.db",), sweep_file(SWEEP_OK)),
     C("quickstart-out-is-a-file", "quickstart --out {tmp}/s.yaml", ("--out=", "is a file"), sweep_file(SWEEP_OK)),
     # ---- the command line itself
     C("cli-missing-action", "logits", "ACTION", sub=True),

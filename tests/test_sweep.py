@@ -273,6 +273,9 @@ def test_tpe_search_runs(tmp_path, cache):
     search = [t for t in study.trials if t.user_attrs.get("pdl.search")]
     assert len(search) == 3 and all(t.state == TrialState.COMPLETE for t in search)
     assert all(0.3 <= t.params["loss.alpha"] <= 1.0 and 5 <= t.params["logits.k"] <= 100 for t in search)
+    # every trial, the baseline's too, carries the same design-space coordinates (tests/test_sweep_optuna.py)
+    assert all(t.params.keys() == study.trials[0].params.keys() and "seed" not in t.params for t in study.trials)
+    assert [t.params["loss.alpha"] for t in study.trials if not t.user_attrs.get("pdl.search")] == [0.0]
     assert study.best_trial.value == min(t.value for t in study.trials if t.value is not None)
     runs = child_runs(tmp_path, "tpe")
     assert len(runs) == 4 and all("heldout_loss" in r.data.metrics for r in runs)

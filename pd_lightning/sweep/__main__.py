@@ -29,6 +29,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cache", required=True)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (the coordinator's share of the cores)")
     parser.add_argument("--retry-failed", action="store_true")
+    parser.add_argument("--tracking-uri", help="the MLflow store of every run (the coordinator's --tracking-uri)")
     args = parser.parse_args(argv)
     if args.threads:
         import torch
@@ -42,7 +43,7 @@ def main(argv: list[str]) -> int:
     logs.quiet_libraries()
     logs.setup()
     try:
-        spec = load_sweep(args.sweep, args.scale)
+        spec = load_sweep(args.sweep, args.scale, tracking_uri=args.tracking_uri)
         ran = worker(spec, Place(Path(args.out), Path(args.cache), args.storage), retry_failed=args.retry_failed)
     except UserError as exc:
         print(f"{OUTAGE_PREFIX}{exc}", file=sys.stderr, flush=True)

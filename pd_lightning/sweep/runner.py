@@ -27,11 +27,12 @@ from pd_lightning.sweep.outages import (ServerUnreachable, one_line, outage_behi
                                         tracking_answers, tracking_down)
 from pd_lightning.sweep.records import (parent_run, record_failure, set_parent_status, tracking_uri,
                                         write_pending_failures)
+from pd_lightning.sweep.space import design_space
 from pd_lightning.sweep.spec import SweepSpec, Task, check_points
 from pd_lightning.sweep.status import Progress, status_table
 from pd_lightning.sweep.study import (ERROR_ATTR, OUTAGE_ATTR, PARENT_ATTR, Heartbeat, Place, claim, create_study,
                                       failed_trials, make_sampler, nothing_to_do, open_storage, task_states)
-from pd_lightning.sweep.trial import run_task
+from pd_lightning.sweep.trial import mean_curve, report_learning_curve, run_task, validation_loss_reporter
 
 log = logging.getLogger(__name__)
 OUTAGE_PREFIX = "pdl: error: "  # how a worker's last log line starts when it stopped (see __main__)
@@ -65,14 +66,16 @@ def _claim_and_run(spec: SweepSpec, place: Place, uri: str, *, retry_failed: boo
     from optuna.trial import TrialState
 
     storage = open_storage(place.storage, spec)
-    study = optuna.load_study(study_name=spec.study_name, storage=storage, sampler=make_sampler(spec))
+    study = optuna.load_study(study_name=spec.study_name, storage=storage, sampler=make_sampler(spec),
+                              pruner=optuna.pruners.NopPruner())
     parent_id = study.user_attrs[PARENT_ATTR]
+    space = design_space(spec)  # the study's parameters: resolved once, every claim records them
     ran = 0
     while True:
         if not tracking_answers(uri):  # claim nothing that could not be recorded
             raise tracking_down(uri, "GET /health does not answer")
         write_pending_failures(spec, study, place, parent_id)
-        claimed = claim(study, spec, place.storage, retry_failed=retry_failed and ran == 0)
+        claimed = claim(study, spec, place.storage, retry_failed=retry_failed and ran == 0, space=space)
         if claimed is None:
             if study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
                 time.sleep(poll_s)  # someone is still running: if they die, their task is ours
@@ -81,21 +84,26 @@ def _claim_and_run(spec: SweepSpec, place: Place, uri: str, *, retry_failed: boo
         trial, tasks = claimed
         log.info("sweep: trial %d (%s) on pid %d", trial.number, ", ".join(f"{t.label} seed {t.seed}" for t in tasks),
                  os.getpid())
-        values, failed, outage, error = [], None, None, ""
+        values, curves, failed, outage, error = [], [], None, None, ""
+        reported: set[int] = set()  # steps of val/loss reported as intermediate values
+        # val/loss as the trial trains; a search trial's several seeds report their mean when the last one ends
+        live = [validation_loss_reporter(trial, reported)] if len(tasks) == 1 else []
         with Heartbeat(storage, trial._trial_id, spec.heartbeat_interval, spec.grace_period, place.storage) as beat:
             for task in tasks:
                 try:
                     result = run_task(spec, task, place, parent_id=parent_id, trial_number=trial.number,
-                                      callbacks=[beat.callback()], before_scoring=beat.check)
+                                      callbacks=[beat.callback(), *live], before_scoring=beat.check)
                 except Exception as exc:  # the configuration's failure, or a server's outage: both are recorded
                     outage = outage_behind(exc, place.storage, uri)
                     failed, error = task, one_line(outage or exc)
                     log.warning("sweep: trial %d %s: %s", trial.number, "interrupted" if outage else "failed", error)
                     break
                 values.append(result["value"])
+                curves.append(result["curve"])
                 trial.set_user_attr("pdl.run_id" if len(tasks) == 1 else f"pdl.run_id.seed{task.seed}", result["run_id"])
         ran += 1
         if failed is None:
+            report_learning_curve(trial, mean_curve(curves), reported)
             study.tell(trial, sum(values) / len(values))
             continue
         trial.set_user_attr(ERROR_ATTR, error[:5000])
@@ -200,6 +208,8 @@ def _start_workers(spec: SweepSpec, place: Place, workers: int, *, retry_failed:
                "--threads", str(threads)]
         if retry_failed:
             cmd.append("--retry-failed")
+        if spec.tracking_uri:  # the coordinator's --tracking-uri (None: the store the sweep's config names)
+            cmd += ["--tracking-uri", spec.tracking_uri]
         procs.append((subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env), handle))
     log.info("sweep: worker logs in %s/", logs)
     return procs, logs

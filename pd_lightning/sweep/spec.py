@@ -7,6 +7,9 @@ seed is a `Task`; a task runs as one Optuna trial and one MLflow child run (see 
 
 Every mistake in a file is refused here, before anything runs, with one line naming the file, the
 field, the value and what is allowed (`SweepError`).
+
+A sweep is named by a path or, for the files shipped with the package (the top-level `sweeps/` of a
+source checkout, `pd_lightning/sweeps/` inside an installed wheel), by its bare name: `table4_alpha`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ SAMPLERS = ("tpe", "random")
 BUDGET_KINDS = ("tokens", "flops", "wall")
 RUNNER_KEYS = ("heartbeat_interval", "grace_period")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# The shipped sweep files: package data inside a wheel (setup.py maps the package pd_lightning.sweeps to the
+# top-level sweeps/, which the product's layout keeps where it is), the top-level dir itself in a source checkout
+# (an editable install imports pd_lightning from the checkout, so sweeps/ sits beside it).
+SHIPPED_SWEEP_DIRS = (Path(__file__).resolve().parents[1] / "sweeps", Path(__file__).resolve().parents[2] / "sweeps")
 SHORT_NAMES = {"loss.alpha": "α", "logits.tau": "τ", "logits.p": "p", "logits.k": "k", "loss.kind": "loss",
                "model.preset": "student", "teacher.preset": "teacher", "teacher.path": "teacher",
                "logits.method": "τ method", "loss.alpha_schedule": "α schedule", "optim.lr_schedule": "LR"}
@@ -98,6 +105,7 @@ class SweepSpec:
     heartbeat_interval: int = 10
     grace_period: int = 60
     scales: list[str] = field(default_factory=list)
+    tracking_uri: str | None = None  # `--tracking-uri`: the MLflow store of every run, over the file's and mlflow.yaml's
 
     @property
     def study_name(self) -> str:
@@ -173,17 +181,27 @@ class SweepSpec:
 
     def base_config(self, extra: dict[str, Any] | None = None) -> PDLConfig:
         """The base config with the sweep's common overrides (and `extra`)."""
-        return load_config(self.base, overrides_to_args(self.common | (extra or {})))
+        return load_config(self.base, overrides_to_args(self.common | (extra or {}) | self._tracking()))
+
+    def run_overrides(self) -> dict[str, Any]:
+        """What every trial gets beyond `set`: the shared store's truncation and power sums, the budget."""
+        p, k = self.loosest_truncation()
+        extra = {"logits.store_p": max(p, 1e-9), "logits.store_k": k, "logits.store_power_exponents": self.power_exponents()}
+        if self.budget:
+            extra |= {"trainer.budget_kind": self.budget["kind"], "trainer.budget": float(self.budget["value"])}
+        return extra
+
+    def point_config(self, overrides: dict[str, Any], run_overrides: dict[str, Any] | None = None) -> PDLConfig:
+        """The config of one configuration without its seed (`run_overrides`: pass them when resolving many)."""
+        extra = self.run_overrides() if run_overrides is None else run_overrides
+        return load_config(self.base, overrides_to_args(self.common | extra | overrides | self._tracking()))
 
     def config_for(self, task: Task) -> PDLConfig:
         """The full config of one task (before prerequisite paths are filled in)."""
-        p, k = self.loosest_truncation()
-        extra = {"logits.store_p": max(p, 1e-9), "logits.store_k": k, "logits.store_power_exponents": self.power_exponents()}
-        seeds = {"trainer.seed": task.seed, "model.init_seed": task.seed}
-        budget = {}
-        if self.budget:
-            budget = {"trainer.budget_kind": self.budget["kind"], "trainer.budget": float(self.budget["value"])}
-        return load_config(self.base, overrides_to_args(self.common | extra | budget | task.overrides | seeds))
+        return self.point_config(task.overrides | {"trainer.seed": task.seed, "model.init_seed": task.seed})
+
+    def _tracking(self) -> dict[str, Any]:
+        return {"tracking.tracking_uri": self.tracking_uri} if self.tracking_uri else {}
 
 
 def overrides_to_args(overrides: dict[str, Any]) -> list[str]:
@@ -315,11 +333,34 @@ def objective_metrics() -> dict[str, str]:
             **{m: "maximize" for m in [*icl, FEWSHOT_GAIN]}}
 
 
-def load_sweep(path: str | Path, scale: str | None = None) -> SweepSpec:
-    """Read and validate a sweep file at one scale (default: the file's `default_scale`, else `tiny`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep file {str(path)!r} does not exist")
+def shipped_sweeps() -> dict[str, Path]:
+    """The sweep files shipped with the package, by name (`table4_alpha` -> its file)."""
+    folder = next((d for d in SHIPPED_SWEEP_DIRS if d.is_dir()), None)
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder else {}
+
+
+def resolve_sweep_path(name: str | Path) -> Path:
+    """A sweep file: an existing path, else the shipped sweep of that bare name (`table4_alpha[.yaml]`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = shipped_sweeps()
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if path.parent == Path(".") and stem in shipped:
+        return shipped[stem]
+    names = ", ".join(shipped) or "none (this install has no sweeps/)"
+    hint = f" (did you mean {stem!r}, the shipped sweep?)" if stem in shipped else did_you_mean(stem, shipped)
+    if path.parent != Path(".") or path.suffix:  # it looks like a path
+        what = f"sweep file {str(name)!r} does not exist"
+    else:
+        what = f"sweep {str(name)!r} is neither a file nor a shipped sweep"
+    raise SweepError(f"{what}; give a sweep file or the name of a shipped sweep: {names}{hint}")
+
+
+def load_sweep(path: str | Path, scale: str | None = None, *, tracking_uri: str | None = None) -> SweepSpec:
+    """Read and validate a sweep file (a path or a shipped sweep's name) at one scale (default: the file's
+    `default_scale`, else `tiny`); `tracking_uri` overrides every run's MLflow store (`--tracking-uri`)."""
+    path = resolve_sweep_path(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -429,7 +470,24 @@ def load_sweep(path: str | Path, scale: str | None = None) -> SweepSpec:
         spec.base_config()
     except UserError as exc:
         raise _fail(path, f"set: {exc}") from None
+    if tracking_uri is not None:
+        spec.tracking_uri = _tracking_override(spec, tracking_uri)
     return spec
+
+
+def _tracking_override(spec: SweepSpec, uri: str) -> str | None:
+    """`--tracking-uri`, or None when it names the store the sweep records to anyway.
+
+    A run's identity (its digest) includes the tracking section, so naming the same store explicitly must
+    not change it: a sweep started without the flag then resumes its interrupted trials with it.
+    """
+    from pd_lightning.config import same_tracking_store
+    from pd_lightning.tracking import tracking_settings
+
+    if same_tracking_store(uri, tracking_settings(spec.base_config())["tracking_uri"]):
+        return None
+    tracking_settings(dataclasses.replace(spec, tracking_uri=uri).base_config())  # a malformed URI: refused here
+    return uri
 
 
 def check_points(spec: SweepSpec) -> dict[str, str]:

@@ -8,6 +8,11 @@ is. (Optuna's RetryFailedTrialCallback would only cover the heartbeat half of th
 between failing a trial and enqueuing its retry would lose the task: the enqueue-what-has-no-live-trial
 rule covers both and needs no second path.)
 
+A trial's parameters are its configuration's full design-space coordinates, the same keys in every trial
+of the study (`space`); its seed is the user attr `seed`, its task (what claims, resume and dedup go by)
+the user attr TASK_ATTR (grid and baseline trials) or SEARCH_POINT_ATTR (search trials), as before. Each
+trial reports its `val/loss` curve as intermediate values (`sweep.trial`); nothing is pruned (NopPruner).
+
 A trial's state as the sweep sees it (`trial_state`):
     complete      finished, its objective told
     failed        the configuration failed (ERROR_ATTR holds the one-line error); re-run only with --retry-failed
@@ -33,6 +38,7 @@ from pd_lightning.errors import ConfigError
 from pd_lightning.sweep.locks import study_lock
 from pd_lightning.sweep.machine import process_namespace, process_start
 from pd_lightning.sweep.outages import ServerUnreachable, one_line, redact, storage_down
+from pd_lightning.sweep.space import DesignSpace, check_study_space, design_space, suggest_coordinates
 from pd_lightning.sweep.spec import SweepSpec, Task, point_label
 
 PARENT_ATTR = "pdl.parent_run_id"  # study attr: the MLflow parent run
@@ -40,6 +46,8 @@ TASK_ATTR = "pdl.task"  # trial attr: the task id (grid and baseline trials)
 ERROR_ATTR = "pdl.error"  # trial attr: why it failed, one line
 OUTAGE_ATTR = "pdl.outage"  # trial attr: the failure was a server outage, not the configuration's
 SEARCH_POINT_ATTR = "pdl.search_point"  # trial attr: a search trial's sampled configuration
+SEED_ATTR = "seed"  # trial attr: the replicate a grid trial trains (a search trial: SEEDS_ATTR, all of them)
+SEEDS_ATTR = "seeds"
 STATE_RANK = {"complete": 5, "running": 4, "waiting": 3, "failed": 2, "interrupted": 1, "crashed": 1, "pending": 0}
 REDO = ("pending", "crashed", "interrupted")  # what a claim enqueues again (plus "failed" with --retry-failed)
 
@@ -105,16 +113,27 @@ def make_sampler(spec: SweepSpec):
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def create_study(spec: SweepSpec, place: Place):
-    """Create (or open) the sweep's Optuna study; its direction must match the file's objective."""
+def create_study(spec: SweepSpec, place: Place, space: DesignSpace | None = None):
+    """Create (or open) the sweep's Optuna study, its objective named; direction, metric and parameters must
+    match the existing study's. Nothing is pruned (a grid's rows all run to the end; see `sweep.space`)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = space or design_space(spec)  # a file whose parameters are unstorable fails before the study exists
     study = optuna.create_study(study_name=spec.study_name, storage=open_storage(place.storage, spec),
-                                direction=spec.direction, sampler=make_sampler(spec), load_if_exists=True)
+                                direction=spec.direction, sampler=make_sampler(spec), pruner=optuna.pruners.NopPruner(),
+                                load_if_exists=True)
     if study.direction.name.lower() != spec.direction:
         raise ConfigError(f"objective.direction={spec.direction!r} differs from the existing study {spec.study_name!r} "
                           f"({study.direction.name.lower()}); use another sweep name or storage")
+    if study.metric_names not in (None, [spec.objective_metric]):
+        raise ConfigError(f"objective.metric={spec.objective_metric!r} differs from the existing study {spec.study_name!r} "
+                          f"({study.metric_names[0]}); its values are not comparable: use another sweep name or storage")
+    check_study_space(study, space, redact(place.storage))
+    if study.metric_names is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # set_metric_names: since 3.2
+            study.set_metric_names([spec.objective_metric])  # the dashboard's name for the objective
     return study
 
 
@@ -136,14 +155,14 @@ def load_study_for_status(spec: SweepSpec, place: Place):
 
 def task_attrs(task: Task) -> dict[str, Any]:
     """The user attrs a task's trial carries: enough to rebuild the task (`task_from_attrs`)."""
-    return {TASK_ATTR: task.task_id, "pdl.point": task.point, "pdl.label": task.label, "pdl.seed": task.seed,
+    return {TASK_ATTR: task.task_id, "pdl.point": task.point, "pdl.label": task.label, SEED_ATTR: task.seed,
             "pdl.baseline": task.baseline, "pdl.group": task.group, "pdl.overrides": json.dumps(task.overrides)}
 
 
 def task_from_attrs(a: dict[str, Any]) -> Task:
-    """The task a trial's user attrs describe."""
-    return Task(a["pdl.label"], json.loads(a["pdl.overrides"]), int(a["pdl.seed"]), bool(a["pdl.baseline"]),
-                a.get("pdl.group", ""))
+    """The task a trial's user attrs describe (a study from before SEED_ATTR named the seed `pdl.seed`)."""
+    seed = a[SEED_ATTR] if SEED_ATTR in a else a["pdl.seed"]
+    return Task(a["pdl.label"], json.loads(a["pdl.overrides"]), int(seed), bool(a["pdl.baseline"]), a.get("pdl.group", ""))
 
 
 def trial_state(trial) -> str:
@@ -227,47 +246,34 @@ def fail_dead_trials(study) -> list[int]:
     return failed + sorted(before - after)
 
 
-def _distributions(tasks: list[Task]):
-    """Categorical distributions over every value a swept key takes (so the study is a plain Optuna one)."""
-    from optuna.distributions import CategoricalDistribution
+def claim(study, spec: SweepSpec, storage_url: str, *, retry_failed: bool = False,
+          space: DesignSpace | None = None) -> tuple[Any, list[Task]] | None:
+    """Under the study lock: fail dead trials, enqueue tasks with no live trial, pop one. None: nothing to claim.
 
-    values: dict[str, list] = {}
-    for t in tasks:
-        for key, value in list(t.overrides.items()) + [("seed", t.seed)]:
-            values.setdefault(key, [])
-            if value not in values[key]:
-                values[key].append(value)
-    return {k: CategoricalDistribution(v) for k, v in values.items()}
-
-
-def claim(study, spec: SweepSpec, storage_url: str, *, retry_failed: bool = False) -> tuple[Any, list[Task]] | None:
-    """Under the study lock: fail dead trials, enqueue tasks with no live trial, pop one. None: nothing to claim."""
+    `space`: the study's parameters (`design_space(spec)`; a worker computes it once and passes it).
+    """
     from optuna.trial import TrialState
 
     tasks = spec.tasks()
-    searched = (spec.search or {}).get("space", {})
+    space = space or design_space(spec)
     with study_lock(storage_url, spec.study_name):
         fail_dead_trials(study)
         states = task_states(study, tasks)
         redo = REDO + (("failed",) if retry_failed else ())
         for task in tasks:
             if states[task.task_id] in redo:
-                study.enqueue_trial({k: v for k, v in task.overrides.items() if k not in searched} | {"seed": task.seed},
-                                    user_attrs=task_attrs(task), skip_if_exists=False)
+                study.enqueue_trial(space.coordinates(task), user_attrs=task_attrs(task), skip_if_exists=False)
         if spec.search is not None:
-            _enqueue_crashed_search_trials(study)
+            _enqueue_crashed_search_trials(study, space)
+            waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if not waiting and _search_trials_claimed(study) < spec.search["trials"]:
+                # a new search trial: the coordinates the search does not vary are fixed, the sampler draws the rest
+                study.enqueue_trial(space.search_fixed, user_attrs={"pdl.search": True, SEEDS_ATTR: spec.seeds})
         if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             trial = study.ask()
+            suggest_coordinates(trial, space)
             if trial.user_attrs.get(TASK_ATTR):
-                task = task_from_attrs(trial.user_attrs)
-                dists = _distributions(tasks)
-                for key, value in list(task.overrides.items()) + [("seed", task.seed)]:
-                    if key not in searched:  # a parameter name keeps one distribution kind per study
-                        trial.suggest_categorical(key, dists[key].choices)
-                return _own(trial), [task]
-            return _own(trial), _search_tasks(spec, trial)
-        if spec.search is not None and _search_trials_claimed(study) < spec.search["trials"]:
-            trial = study.ask()
+                return _own(trial), [task_from_attrs(trial.user_attrs)]
             return _own(trial), _search_tasks(spec, trial)
     return None
 
@@ -287,7 +293,7 @@ def _search_trials_claimed(study) -> int:
                if t.user_attrs.get("pdl.search") and trial_state(t) not in ("crashed", "interrupted"))
 
 
-def _enqueue_crashed_search_trials(study) -> None:
+def _enqueue_crashed_search_trials(study, space: DesignSpace) -> None:
     """A search trial whose worker died (or was stopped by an outage) is re-run with the same sampled parameters."""
     trials = study.get_trials(deepcopy=False)
     redo = ("crashed", "interrupted")
@@ -295,24 +301,20 @@ def _enqueue_crashed_search_trials(study) -> None:
     for t in trials:
         point = t.user_attrs.get(SEARCH_POINT_ATTR)
         if point and trial_state(t) in redo and point not in live:
-            study.enqueue_trial(t.params, user_attrs={SEARCH_POINT_ATTR: point, "pdl.search": True})
+            # space.search_fixed first: a trial of an older study may lack the coordinates the search does not vary
+            study.enqueue_trial(space.search_fixed | t.params, user_attrs={SEARCH_POINT_ATTR: point, "pdl.search": True})
             live.add(point)
 
 
 def _search_tasks(spec: SweepSpec, trial) -> list[Task]:
-    """Sample one configuration from the search space (or take the enqueued one); one task per seed."""
-    overrides = {}
-    for key, dim in spec.search["space"].items():  # type: ignore[index]
-        if "choices" in dim:
-            overrides[key] = trial.suggest_categorical(key, dim["choices"])
-        elif dim.get("type", "float") == "int":
-            overrides[key] = trial.suggest_int(key, int(dim["low"]), int(dim["high"]), log=bool(dim.get("log")))
-        else:
-            overrides[key] = trial.suggest_float(key, float(dim["low"]), float(dim["high"]), log=bool(dim.get("log")))
+    """The configuration a search trial sampled (or was enqueued with; `suggest_coordinates` ran): one task per seed."""
+    params = trial.params
+    overrides = {key: params[key] for key in spec.search["space"]}  # type: ignore[index]
     label = f"trial {trial.number}: {point_label(overrides)}"
     trial.set_user_attr("pdl.search", True)
     trial.set_user_attr(SEARCH_POINT_ATTR, config_hash(sorted(overrides.items()))[:12])
     trial.set_user_attr("pdl.label", label)
+    trial.set_user_attr(SEEDS_ATTR, spec.seeds)
     return [Task(label, overrides, seed) for seed in spec.seeds]
 
 

@@ -3,6 +3,12 @@
 The task's training run lives in a directory named by the task (`Place.trial_dir`), so a re-run of an
 interrupted trial resumes its checkpoint in the same MLflow child run, and a finished one is reused
 as it is (only a missing evaluation is done).
+
+The trial's intermediate values are the run's `val/loss` by step (what the dashboard draws as learning
+curves): reported live by `ValidationLossReporter` when the trial trains one seed, and completed from
+the run's MLflow history when it ends (`report_learning_curve`), which also holds the steps a resumed
+run trained before its trial was re-run. A search trial trains every seed one after another: its curve
+is their mean at each step, reported when the last one ends. Nothing reads them to prune.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from pd_lightning.sweep.cache import quiet_builds, reference_teacher, with_prere
 from pd_lightning.sweep.records import child_tags
 from pd_lightning.sweep.spec import SweepSpec, Task
 from pd_lightning.sweep.study import Place
+
+VAL_LOSS = "val/loss"  # logged by the training module at every validation (trainer.val_every_n_steps)
 
 
 def run_task(spec: SweepSpec, task: Task, place: Place, *, parent_id: str, trial_number: int,
@@ -62,4 +70,49 @@ def run_task(spec: SweepSpec, task: Task, place: Place, *, parent_id: str, trial
     if spec.objective_metric not in metrics:
         raise UserError(f"objective.metric={spec.objective_metric!r} was not logged by the run; it logged "
                         f"{', '.join(sorted(metrics)) or 'nothing'}")
-    return {"run_id": info["run_id"], "value": float(metrics[spec.objective_metric])}
+    return {"run_id": info["run_id"], "value": float(metrics[spec.objective_metric]),
+            "curve": learning_curve(client, info["run_id"])}
+
+
+def learning_curve(client, run_id: str) -> dict[int, float]:
+    """The run's validation loss by step, from MLflow (every step it logged, earlier sessions included)."""
+    return {int(m.step): float(m.value) for m in client.get_metric_history(run_id, VAL_LOSS)}
+
+
+def mean_curve(curves: list[dict[int, float]]) -> dict[int, float]:
+    """The mean over several seeds' curves at each step all of them have."""
+    if not curves:
+        return {}
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    return {step: sum(c[step] for c in curves) / len(curves) for step in steps}
+
+
+def report_learning_curve(trial, curve: dict[int, float], reported: set[int]) -> None:
+    """Report every step of `curve` not reported yet as the trial's intermediate value (Optuna keeps the first)."""
+    for step in sorted(set(curve) - reported):
+        trial.report(curve[step], step)
+        reported.add(step)
+
+
+def logged_step(trainer) -> int:
+    """The step the run's loggers record a validation under (MLflow's `val/loss` step).
+
+    Lightning logs with its loop's count of batches that stepped, which a validation between steps sees
+    one below `global_step`; Lightning's own LearningRateMonitor logs with the same counter. Reporting
+    under it keeps the dashboard's steps equal to MLflow's, and the live and backfilled values one curve.
+    """
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
+
+
+def validation_loss_reporter(trial, reported: set[int]):
+    """A Lightning callback reporting `val/loss` at each validation as the trial's intermediate value (rank 0)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class ValidationLossReporter(Callback):
+        def on_validation_end(self, trainer, module) -> None:
+            value = trainer.callback_metrics.get(VAL_LOSS)
+            if trainer.is_global_zero and value is not None and not trainer.sanity_checking:
+                report_learning_curve(trial, {logged_step(trainer): float(value)}, reported)
+
+    return ValidationLossReporter()
