@@ -29,6 +29,43 @@ TARGET_BYTES = "store.target_bytes_per_token"  # train.target_storage: what a st
 STORE_COLUMNS = {"store.entries_per_token": "entries / token", "store.bytes_per_token": "bytes / token"}
 
 
+# One marker per series, so series drawn on the same points stay distinguishable (with `_Dodge`).
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+
+
+def _marker(i: int) -> str:
+    return MARKERS[i % len(MARKERS)]
+
+
+class _Dodge:
+    """Small horizontal offsets for points that would land exactly on a point already drawn (two series
+    with equal values, e.g. nll and kld with a fixed teacher): the k-th series at a point moves k steps
+    right, multiplicatively on a log axis (`step` decades), else by `step` of the x span. Points that
+    coincide with nothing keep their exact x."""
+
+    def __init__(self, *, log: bool = False, span: float = 1.0, step: float | None = None):
+        self.log = log
+        self.step = step if step is not None else (0.012 if log else 0.02 * (span if span > 0 else 1.0))
+        self.seen: dict[tuple[float, float], int] = {}
+
+    @staticmethod
+    def _key(x: float, y: float) -> tuple[float, float]:
+        return (float(f"{x:.9g}"), float(f"{y:.9g}"))
+
+    def __call__(self, x, y) -> np.ndarray:
+        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        out = x.copy()
+        for i, (xi, yi) in enumerate(zip(x, y)):
+            if not (np.isfinite(xi) and np.isfinite(yi)):
+                continue
+            key = self._key(xi, yi)
+            k = self.seen.get(key, 0)
+            self.seen[key] = k + 1
+            if k:
+                out[i] = xi * 10 ** (self.step * k) if self.log else xi + self.step * k
+        return out
+
+
 def _new_figure(width: float = 6.4, height: float = 4.0) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
@@ -82,7 +119,8 @@ def _yerr(ci: pd.Series) -> np.ndarray | None:
 
 def _errorbar(ax, x, table: pd.DataFrame, **kw) -> None:
     """Δ points with their 95% intervals (none drawn where unknown); a star where Δ's CI excludes 0."""
-    ax.errorbar(x, table[DELTA].to_numpy(), yerr=_yerr(table[DELTA_CI]), capsize=3, marker="o", **kw)
+    kw.setdefault("marker", "o")
+    ax.errorbar(x, table[DELTA].to_numpy(), yerr=_yerr(table[DELTA_CI]), capsize=3, **kw)
     sig = table[DELTA_SIG].to_numpy(dtype=bool)
     if sig.any():
         ax.scatter(np.asarray(x)[sig], table[DELTA].to_numpy()[sig], marker="*", s=90, zorder=5, color="black")
@@ -109,10 +147,12 @@ def fig_delta_vs_param(runs: pd.DataFrame, param: str, out: str | Path | None = 
         hue = "group"  # e.g. one baseline per student size: one series per group, not overlapping bars
     series = [(None, table)] if hue is None else list(table.groupby(hue, sort=False, dropna=False))
     if x_num is not None:
-        for name, part in series:
+        xs = x_num.dropna()
+        dodge = _Dodge(log=log_x, span=float(xs.max() - xs.min()) if not xs.empty else 1.0)
+        for i, (name, part) in enumerate(series):
             part = part.assign(_x=x_num.loc[part.index]).sort_values("_x")
-            label = None if name is None else f"{PARAM_NAMES.get(hue, hue)} = {name:g}" if is_finite(name) else str(name)
-            _errorbar(ax, part["_x"].to_numpy(), part, label=label)
+            label = None if name is None else f"{PARAM_NAMES.get(hue, hue)} = {float(name):g}" if is_finite(name) else str(name)
+            _errorbar(ax, dodge(part["_x"].to_numpy(), part[DELTA].to_numpy()), part, label=label, marker=_marker(i))
         if log_x:
             ax.set_xscale("log")
             ticks = sorted(set(x_num.dropna()))
@@ -223,10 +263,12 @@ def fig_delta_vs_student(runs: pd.DataFrame, out: str | Path | None = None, *, b
     fig = _new_figure()
     ax = fig.add_subplot()
     teachers = _size_order(table["pd.teacher"]) if "pd.teacher" in table else [""]
-    for teacher in teachers:
+    dodge = _Dodge(step=0.04)  # sizes sit at 0, 1, 2, ...
+    for i, teacher in enumerate(teachers):
         part = table[table["pd.teacher"].astype(str) == teacher] if teacher else table
         part = part.assign(_x=[sizes.index(str(s)) for s in part["pd.student"]]).sort_values("_x")
-        _errorbar(ax, part["_x"].to_numpy(), part, label=f"teacher {teacher}" if teacher else None)
+        _errorbar(ax, dodge(part["_x"].to_numpy(), part[DELTA].to_numpy()), part,
+                  label=f"teacher {teacher}" if teacher else None, marker=_marker(i))
     ax.set_xticks(range(len(sizes)), sizes)
     _zero_line(ax)
     ax.set_xlabel("student")
@@ -347,7 +389,8 @@ def has_cost(runs: pd.DataFrame) -> bool:
 
 def fig_compute(runs: pd.DataFrame, out: str | Path | None = None, *, tasks: Sequence[str] | None = None) -> Figure | None:
     """Average against total compute (cost.total_flops, log x) for every run; LM-only runs drawn as
-    the reference curve, so PD above the curve beats simply training longer (iso-compute).
+    the reference curve, so PD above the curve beats simply training longer (iso-compute). Each
+    configuration has its own marker, and one lying exactly on another's points is dodged a little right.
     Returns None and writes nothing when the runs carry no cost metrics."""
     if not has_cost(runs):
         return None
@@ -358,13 +401,16 @@ def fig_compute(runs: pd.DataFrame, out: str | Path | None = None, *, tasks: Seq
     fig = _new_figure()
     ax = fig.add_subplot()
     lm = per_run[per_run["lm"]].sort_values("flops")
+    dodge = _Dodge(log=True)  # a series on exactly another's points is drawn a little to its right
     if not lm.empty:
+        dodge(lm["flops"] / 1e15, lm[AVERAGE])
         ax.plot(lm["flops"] / 1e15, lm[AVERAGE], color="black", marker="o", label="LM only (reference)")
     kd = per_run[~per_run["lm"]]
     labels = list(dict.fromkeys(kd["label"]))
     for i, lab in enumerate(labels if len(labels) <= 10 else ["PD"]):
         part = kd if len(labels) > 10 else kd[kd["label"] == lab]
-        ax.scatter(part["flops"] / 1e15, part[AVERAGE], color=f"C{i % 10}", label=lab)
+        ax.scatter(dodge(part["flops"] / 1e15, part[AVERAGE]), part[AVERAGE], color=f"C{i % 10}", label=lab,
+                   marker=_marker(i + 1), alpha=0.85)
     ax.set_xscale("log")
     ax.set_xlabel("total compute (PFLOPs, teacher included)")
     ax.set_ylabel("Average (%)")

@@ -228,9 +228,10 @@ def log_paper_runs(tracking_uri: str, experiment: str = "paper", sweeps: list[st
     """
     from mlflow.tracking import MlflowClient
 
+    from pd_lightning.tracking import ensure_experiment
+
     client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = ensure_experiment(client, experiment)  # tagged for MLflow's training view
     names = sweeps or [*TABLES, "table12_checkpoints"]
     clock = int(time.time() * 1000)
     counts: dict[str, int] = {}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.tables import (AVERAGE, AVERAGE_CI, DELTA, DELTA_CI, DELTA_PER_COMPUTE, DELTA_SIG, EXTRA_LABELS, PFLOPS,
-                             STORE_GB, extra_columns, is_finite, task_columns)
+                             STORE_GB, column_unit, extra_columns, is_finite, task_columns)
 from pd_lightning.errors import ConfigError
 
 SIG_MARK = "*"
@@ -30,12 +30,46 @@ EXTRA_FOOTNOTE = ("Beside the paper's columns, means over seeds: held-out loss (
                   "random and natural repeated spans (chance 25%), synth_facts 5-shot and its gain over 0-shot (points).")
 
 
+UNITS_NOTE = ("Units (the line under the header): task scores and Average in % (accuracy); Δ is the percent change of "
+              "the Average relative to the LM-only baseline of the same group, 100·(Average / Average_LM − 1).")
+COMPUTE_NOTE = ("PFLOPs: total compute in 1e15 FLOPs, the teacher's share included; store GB: logit-store bytes "
+                "read (1e9 bytes); Δ per 10% extra compute: Δ (% vs LM-only) divided by the extra total FLOPs over "
+                "the LM-only baseline in units of 10%, i.e. Δ% per +10% FLOPs.")
+
+
 def footnote(table: pd.DataFrame) -> str:
     """The interval footnote for the method the table was computed with (and what the extra columns are)."""
     text = FOOTNOTES.get(table.attrs.get("ci", "welch"), FOOTNOTE) if _needs_interval_note(table) else ""
     if extra_columns(table):
         text = f"{text} {EXTRA_FOOTNOTE}".strip()
     return text
+
+
+def units_note(table: pd.DataFrame) -> str:
+    """What the units line means where it is not obvious: Δ relative to the baseline, the cost columns."""
+    return UNITS_NOTE + (" " + COMPUTE_NOTE if DELTA_PER_COMPUTE in table else "")
+
+
+def _join_labels(labels: list[str]) -> str:
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+
+
+def identical_notes(table: pd.DataFrame) -> list[str]:
+    """One sentence per set of rows whose results are exactly equal (`table.attrs["identical"]`, set by
+    `paper_table`), naming the rows and the reason when it is known."""
+    notes = []
+    for item in table.attrs.get("identical", []) or []:
+        labels = [str(lab) for lab in item["labels"]]
+        where = f" (group {item['group']})" if item.get("group") else ""
+        text = f"{_join_labels(labels)}{where} have identical results (every score equal over the same seeds)"
+        notes.append(f"{text}: {item['reason']}." if item.get("reason") else f"{text}.")
+    return notes
+
+
+def notes(table: pd.DataFrame) -> list[str]:
+    """The paragraphs printed under a table: intervals and extra columns, units, identical rows."""
+    first = footnote(table) if _needs_footnote(table) else ""
+    return [n for n in (first, units_note(table), *identical_notes(table)) if n]
 
 
 def _check_table(table: pd.DataFrame) -> None:
@@ -69,6 +103,12 @@ def _cost_cells(row: pd.Series, cols: list[str]) -> list[str]:
     fmt = {PFLOPS: lambda v: f"{float(v):.3g}", STORE_GB: lambda v: f"{float(v):.2f}",
            DELTA_PER_COMPUTE: lambda v: f"{float(v):+.2f}"}
     return [fmt[c](row[c]) if is_finite(row[c]) else "–" for c in cols]
+
+
+def _units(header: list[str]) -> list[str]:
+    """The units line under the header: one unit per column (the label column says "unit")."""
+    keys = {"Average": AVERAGE, "Δ": DELTA}
+    return ["unit"] + [column_unit(keys.get(h, h)) for h in header[1:]]
 
 
 def _layout(table: pd.DataFrame) -> tuple[list[str], list[tuple[str, object]]]:
@@ -113,14 +153,15 @@ def to_markdown(table: pd.DataFrame) -> str:
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
-    out = [line(header), "|" + "|".join([":--"] + ["--:"] * (len(header) - 1)) + "|"]
+    out = [line(header), "|" + "|".join([":--"] + ["--:"] * (len(header) - 1)) + "|",
+           line([f"*{u}*" for u in _units(header)])]
     for kind, content in items:
         if kind == "group":
             out.append(line([f"**{content}**"] + [""] * (len(header) - 1)))
         else:
             out.append(line(content))  # type: ignore[arg-type]
     text = "\n".join(out) + "\n"
-    return text + f"\n{footnote(table)}\n" if _needs_footnote(table) else text
+    return text + "".join(f"\n{n}\n" for n in notes(table))
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -128,7 +169,7 @@ _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
 # Symbols the paper's tables use, as math so that a plain pdflatex document compiles.
 _LATEX_SYMBOLS = {"α": r"$\alpha$", "β": r"$\beta$", "τ": r"$\tau$", "Δ": r"$\Delta$", "±": r"$\pm$",
                   "↑": r"$\uparrow$", "↓": r"$\downarrow$", "–": "--", "≥": r"$\geq$", "≤": r"$\leq$",
-                  "‖": r"$\|$"}
+                  "‖": r"$\|$", "−": "$-$", "·": r"$\cdot$"}
 
 
 def latex_escape(text: str) -> str:
@@ -144,7 +185,8 @@ def to_latex(table: pd.DataFrame, caption: str | None = None) -> str:
     if caption:
         out += [r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_escape(caption)}}}"]
     out += [rf"\begin{{tabular}}{{l{'r' * (ncol - 1)}}}", r"\toprule",
-            " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
+            " & ".join(latex_escape(h) for h in header) + r" \\",
+            " & ".join(r"\textit{" + latex_escape(u) + "}" for u in _units(header)) + r" \\", r"\midrule"]
     first = True
     for kind, content in items:
         if kind == "group":
@@ -155,8 +197,8 @@ def to_latex(table: pd.DataFrame, caption: str | None = None) -> str:
             out.append(" & ".join(latex_escape(c) for c in content) + r" \\")  # type: ignore[union-attr]
         first = False
     out += [r"\bottomrule", r"\end{tabular}"]
-    if _needs_footnote(table):
-        out.append(r"\\[2pt]{\footnotesize " + latex_escape(footnote(table)) + "}")
+    for note in notes(table):
+        out.append(r"\\[2pt]{\footnotesize " + latex_escape(note) + "}")
     if caption:
         out.append(r"\end{table}")
     return "\n".join(out) + "\n"
@@ -166,8 +208,8 @@ def to_html(table: pd.DataFrame) -> str:
     """An HTML <table class="paper-table"> (Δ cells carry class "up" or "down"; groups span the row)."""
     header, items = _layout(table)
     esc = html.escape
-    out = ['<table class="paper-table">', "<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr></thead>",
-           "<tbody>"]
+    out = ['<table class="paper-table">', "<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>",
+           '<tr class="units">' + "".join(f"<th>{esc(u)}</th>" for u in _units(header)) + "</tr></thead>", "<tbody>"]
     delta_at = header.index("Δ") if "Δ" in header else -1
     for kind, content in items:
         if kind == "group":
@@ -184,6 +226,8 @@ def to_html(table: pd.DataFrame) -> str:
     out.append("</tbody></table>")
     if _needs_footnote(table):
         out.append(f'<p class="footnote">{esc(footnote(table))}</p>')
+    out.append(f'<p class="footnote units">{esc(units_note(table))}</p>')
+    out += [f'<p class="note identical">{esc(n)}</p>' for n in identical_notes(table)]
     return "\n".join(out) + "\n"
 
 

@@ -7,6 +7,7 @@ previous report at `out_dir` untouched.
 
 from __future__ import annotations
 
+import base64
 import html
 import shutil
 import tempfile
@@ -26,11 +27,14 @@ _TITLES = {"sizes": "Average by student size (Fig. 1)", "delta_vs_p": "Δ vs p (
            "delta_vs_student": "Δ vs student size (Fig. 4)", "compute": "Average vs total compute",
            "delta_vs_bytes": "Δ vs bytes per token of the targets (top-p-k and sampled)"}
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table.paper-table{border-collapse:collapse;font-size:14px;margin:1em 0}
-.paper-table th,.paper-table td{padding:4px 8px;text-align:right;border-bottom:1px solid #ddd}
+.table-wrap{overflow-x:auto;max-width:100%;margin:1em 0}
+table.paper-table{border-collapse:collapse;font-size:14px;margin:0 0 .5em 0}
+.paper-table th,.paper-table td{padding:4px 8px;text-align:right;border-bottom:1px solid #ddd;white-space:nowrap}
+.paper-table tr.units th{font-weight:normal;font-style:italic;font-size:12px;color:#555}
 .paper-table thead th{border-bottom:2px solid #222}.paper-table tbody th{text-align:left;font-weight:normal}
 .paper-table tr.group td{text-align:left;font-style:italic;background:#f4f4f4}
-td.up{color:#1a7f37}td.down{color:#cf222e}.footnote{font-size:12px;color:#555}
+td.up{color:#1a7f37}td.down{color:#cf222e}.footnote{font-size:12px;color:#555;white-space:normal}
+.note.identical{font-size:13px;background:#fff8c5;border-left:3px solid #d4a72c;padding:4px 8px}
 figure{margin:1.5em 0}figure img{max-width:100%}figcaption{font-size:13px;color:#444}"""
 
 
@@ -102,21 +106,29 @@ def _caption(name: str) -> str:
     return _TITLES[name]
 
 
-def _page(title: str, description: str, table_html: str, figs: list[tuple[str, str]]) -> str:
-    """The self-contained index.html (inline CSS, relative links to the table files and figures)."""
+def _data_uri(png: Path) -> str:
+    """A PNG as a base64 `data:` URI, so the page shows its figures where relative links do not resolve
+    (MLflow's artifact HTML preview)."""
+    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+
+
+def _page(title: str, description: str, table_html: str, figs: list[tuple[str, str]], folder: Path) -> str:
+    """The self-contained index.html: inline CSS, figures inlined as PNG data URIs (read from `folder`),
+    the table in a horizontally scrollable wrapper, links to the table files and the PNG/SVG files beside it."""
     esc = html.escape
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{esc(title)}</title>",
              f"<style>{_CSS}</style></head><body>", f"<h1>{esc(title)}</h1>"]
     if description:
         parts += [f"<p>{esc(p)}</p>" for p in description.split("\n\n") if p.strip()]
-    parts += ["<h2>Table</h2>", table_html,
+    parts += ["<h2>Table</h2>", f'<div class="table-wrap">\n{table_html}</div>',
               '<p>Download: <a href="table.md">table.md</a> · <a href="table.csv">table.csv</a> · '
               '<a href="table.tex">table.tex</a></p>']
     if figs:
         parts.append("<h2>Figures</h2>")
     for stem, caption in figs:
-        parts.append(f'<figure><img src="{stem}.png" alt="{esc(caption)}"><figcaption>{esc(caption)} '
-                     f'(<a href="{stem}.svg">SVG</a>)</figcaption></figure>')
+        parts.append(f'<figure><img src="{_data_uri(folder / (stem + ".png"))}" alt="{esc(caption)}">'
+                     f'<figcaption>{esc(caption)} (<a href="{stem}.png">PNG</a> · <a href="{stem}.svg">SVG</a>)'
+                     '</figcaption></figure>')
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
@@ -146,8 +158,8 @@ def build_report(runs: pd.DataFrame, out_dir: str | Path, *, title: str, descrip
                  reliability: pd.DataFrame | None = None) -> Path:
     """Write a report of `runs` into `out_dir` and return the path of its index.html.
 
-    Files: index.html (title, description, the paper table, links, figures as <img> with relative
-    paths), table.md, table.csv, table.tex, and fig_<name>.png/.svg per figure. `figures`: names
+    Files: index.html (title, description, the paper table, links, figures inlined as PNG data URIs with
+    links to the files beside it, so it renders inside MLflow's artifact preview), table.md, table.csv, table.tex, and fig_<name>.png/.svg per figure. `figures`: names
     from FIGURE_NAMES ("param:<column>" for Δ vs any run column); default: `auto_figures`.
     `baseline`, `group_by`, `rows`: as in `paper_table` (which is computed with cost columns when
     the runs carry cost metrics). `curves`: `checkpoint_curves(...)` of runs scored at several
@@ -184,7 +196,7 @@ def build_report(runs: pd.DataFrame, out_dir: str | Path, *, title: str, descrip
                 drawn.append(("fig_reliability", "Reliability diagram per configuration: held-out next-token accuracy "
                                                  "vs top-1 confidence, 15 equal-mass bins, mean over seeds (diagonal: "
                                                  "calibrated)"))
-        (tmp / "index.html").write_text(_page(title, description, to_html(table), drawn), encoding="utf-8")
+        (tmp / "index.html").write_text(_page(title, description, to_html(table), drawn, tmp), encoding="utf-8")
         _swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

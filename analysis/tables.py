@@ -48,6 +48,21 @@ EXTRA_METRICS = {
     "eval.icl.fewshot_gain": ("5-shot gain", 1.0, 1),
 }
 EXTRA_LABELS = {label: digits for label, _, digits in EXTRA_METRICS.values()}
+# Units of the printed columns (the renderers' units line under the header). Task scores are percent.
+TASK_UNIT = "%"
+COLUMN_UNITS = {AVERAGE: "%", DELTA: "% vs LM-only", "n": "seeds", PFLOPS: "1e15 FLOPs", STORE_GB: "1e9 bytes",
+                DELTA_PER_COMPUTE: "Δ% per +10% FLOPs"}
+EXTRA_UNITS = {"loss": "nats/token", "top-1 %": "%", "ECE": "unitless", "Brier": "unitless", "agree %": "%",
+               "KL(T‖S)": "nats/token", "copy rand": "%", "copy nat": "%", "facts 5-shot": "%", "5-shot gain": "points"}
+# Why two configurations can give identical results by construction (the note under the table).
+NLL_KLD_REASON = ("with a fixed, offline teacher, loss.kind=nll and loss.kind=kld differ by a constant (the teacher's "
+                  "entropy), so their gradients and results are identical")
+SAME_CONFIG_REASON = "they are the same configuration (equal pd.config_hash)"
+
+
+def column_unit(column: str) -> str:
+    """The unit printed under a paper-table column: COLUMN_UNITS, EXTRA_UNITS, else a task score (%)."""
+    return COLUMN_UNITS.get(column) or EXTRA_UNITS.get(column) or TASK_UNIT
 
 
 def task_name(column: str) -> str:
@@ -280,7 +295,46 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None, tasks: Sequence[s
         for label in labels:
             row = _config_row(g[g["_label"] == label], base, task_cols, keep, pooled, ci, extra)
             rows.append({"group": group, "label": label, **row})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    table.attrs["identical"] = identical_configurations(work, task_cols)
+    return table
+
+
+def _reason(runs: pd.DataFrame) -> str:
+    """Why these configurations' runs are identical, when it follows from their design tags; else ""."""
+    def values(col: str) -> set[str]:
+        return set(runs[col].dropna().astype(str)) if col in runs else set()
+
+    hashes = values("pd.config_hash") - {""}
+    if len(hashes) == 1 and runs["pd.config_hash"].notna().all():
+        return SAME_CONFIG_REASON
+    if values("pd.loss") == {"nll", "kld"} and values("pd.logits_mode") == {"offline"}:
+        return NLL_KLD_REASON
+    return ""
+
+
+def identical_configurations(work: pd.DataFrame, task_cols: Sequence[str]) -> list[dict[str, object]]:
+    """Sets of configurations within a group whose results are exactly equal: the same seeds and, seed by
+    seed, every task score (and every beyond-accuracy metric logged) equal. Each: group, labels, reason."""
+    scores = list(task_cols) + [k for k in EXTRA_METRICS if k in work and k not in task_cols]
+    found = []
+    for group in dict.fromkeys(work["_group"]):
+        g = work[work["_group"] == group]
+        buckets: dict[tuple, list[str]] = {}
+        for label in dict.fromkeys(g["_label"]):
+            cfg = g[g["_label"] == label]
+            seeds = cfg["pd.seed"].astype(str) if "pd.seed" in cfg else pd.Series("", index=cfg.index)
+            if "pd.seed" in cfg and cfg["pd.seed"].isna().any():
+                continue  # unknown seeds: "over the same seeds" cannot be checked
+            values = cfg[scores].apply(pd.to_numeric, errors="coerce").astype(float)
+            key_rows = sorted(zip(seeds, map(tuple, np.where(values.isna(), np.inf, values).tolist())))
+            if not key_rows or values[list(task_cols)].isna().any().any():
+                continue
+            buckets.setdefault(tuple(key_rows), []).append(label)
+        for labels in buckets.values():
+            if len(labels) > 1:
+                found.append({"group": group, "labels": labels, "reason": _reason(g[g["_label"].isin(labels)])})
+    return found
 
 
 def _select_rows(table: pd.DataFrame, rows: Sequence[str]) -> pd.DataFrame:
@@ -314,6 +368,8 @@ def paper_table(runs: pd.DataFrame, baseline: str | None = None, tasks: Sequence
     Δ ci excludes 0 (bool), n (seeds), baseline (bool; baseline rows have no Δ). With `cost=True`
     also PFLOPs (cost.total_flops), store GB (cost.store_bytes_read) and Δ per 10% extra compute
     (Δ% divided by the extra compute over the baseline in units of 10%) — NaN where not logged.
+    `table.attrs["identical"]`: configurations whose results are exactly equal (`identical_configurations`),
+    with the reason when their tags give it (nll vs kld with a fixed, offline teacher).
 
     `baseline`: a label; default: the runs tagged pd.baseline=true in each group. `tasks`: task
     names (default: every percent `eval.<task>` scored in all runs). `rows`: labels to show, in
@@ -323,11 +379,16 @@ def paper_table(runs: pd.DataFrame, baseline: str | None = None, tasks: Sequence
     the runs logged; default none (the paper's layout).
     """
     table = summarize(runs, baseline, tasks, group_by=group_by, ci=ci, extra=extra)
+    identical = table.attrs.get("identical", [])
     if rows is not None:
         table = _select_rows(table, rows)
+        shown = set(zip(table["group"], table["label"]))
+        identical = [{**d, "labels": [lab for lab in d["labels"] if (d["group"], lab) in shown]} for d in identical]
+        identical = [d for d in identical if len(d["labels"]) > 1]
     if not cost:
         table = table.drop(columns=COST_COLUMNS)
     table.attrs["ci"] = ci  # the renderers' footnote names the method
+    table.attrs["identical"] = identical  # the renderers' note under rows identical by construction
     return table
 
 

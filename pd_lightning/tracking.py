@@ -39,6 +39,29 @@ HELDOUT_METRIC_PREFIX = "eval.heldout."  # pd_lightning.metrics: their own units
 # Harness metrics that are fractions in [0, 1]: accuracy-like, shown in percent, averaged into eval.average.
 ACCURACY_METRICS = frozenset({"acc", "acc_norm", "acc_mutual_info", "exact_match", "em", "f1", "mc1", "mc2", "mcc"})
 EVAL_UNIT_TAG, EVAL_UNIT = "eval.unit", "fraction"  # the unit of a run's accuracy-like eval.* metrics
+# MLflow 3 opens an experiment in its GenAI view (traces, evaluations) unless told otherwise: this tag selects
+# the classic training view (runs, metrics, models). Values the UI knows: custom_model_development,
+# genai_development, finetuning (mlflow/server/js: ExperimentKind).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def ensure_experiment(client, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment `name`, created if missing, tagged for MLflow's training view. An existing
+    experiment without the tag gets it; one whose kind a user already chose keeps it."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:  # another process created it between the lookup and here
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def tracking_settings(cfg: PDLConfig) -> dict[str, str | None]:

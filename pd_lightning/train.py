@@ -381,12 +381,11 @@ def _mlflow_run(cfg: PDLConfig, out: Path, digest: str, teacher: str | None, ext
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow.tracking import MlflowClient
 
-    from pd_lightning.tracking import design_tags, tracking_settings
+    from pd_lightning.tracking import design_tags, ensure_experiment, tracking_settings
 
     s = tracking_settings(cfg)
     client = MlflowClient(tracking_uri=s["tracking_uri"])
-    if client.get_experiment_by_name(s["experiment"]) is None:
-        client.create_experiment(s["experiment"], artifact_location=s["artifact_location"])
+    ensure_experiment(client, s["experiment"], s["artifact_location"])  # tagged for MLflow's training view
     state_path = out / RUN_STATE
     run_id = None
     if state_path.is_file():

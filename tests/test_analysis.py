@@ -437,7 +437,8 @@ def test_figures_write_png_and_svg_of_the_right_data(paper_store, tmp_path):
 
 
 def _linked_files(page: str) -> list[str]:
-    return re.findall(r'(?:src|href)="([^"]+)"', page)
+    """Relative links of a page (figures are inlined as data: URIs, which are not files)."""
+    return [link for link in re.findall(r'(?:src|href)="([^"]+)"', page) if not link.startswith("data:")]
 
 
 def test_build_report_writes_a_self_contained_page(paper_store, tmp_path):
@@ -453,6 +454,15 @@ def test_build_report_writes_a_self_contained_page(paper_store, tmp_path):
         assert (index.parent / link).is_file(), link
     assert (index.parent / "table.md").read_text(encoding="utf-8") == analysis.to_markdown(analysis.paper_table(runs))
     assert not [p for p in tmp_path.iterdir() if p.name != "report"]  # no temp dirs left beside it
+    # Figures inlined (MLflow's artifact preview resolves no relative <img src>), the files still beside it.
+    import base64
+
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    assert srcs and all(src.startswith("data:image/png;base64,") for src in srcs)
+    assert base64.b64decode(srcs[0].split(",", 1)[1]) == (index.parent / "fig_alpha.png").read_bytes()
+    # The table scrolls sideways instead of clipping its last column.
+    assert ".table-wrap{overflow-x:auto" in page
+    assert re.search(r'<div class="table-wrap">\s*<table class="paper-table">', page)
 
     # Chosen figures: each student size and the compute plot appear when the runs have them.
     sizes = analysis.report.build_report(analysis.load_runs(paper_store, sweep="table11_sizes"), tmp_path / "sizes",
@@ -571,3 +581,93 @@ def test_extra_columns_and_reliability_diagram_in_the_report(tmp_path):
     page = index.read_text(encoding="utf-8")
     assert "fig_reliability.png" in _linked_files(page) and (index.parent / "fig_reliability.svg").is_file()
     assert "<th>ECE</th>" in page and "<th>copy rand</th>" in page
+
+
+# ----------------------------------------------------------------------------------------------
+# Identical rows, units, overlapping points
+
+
+def _nll_kld_store(tmp_path: Path) -> str:
+    """LM, Vanilla PD (nll) and LLM-KLD (kld) with equal scores seed by seed (offline teacher), a different
+    α = 0.9 row, and Same Scores: Vanilla PD's scores over other seeds; all with cost metrics."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("nllkld", artifact_location=(tmp_path / "art").as_uri())
+    parent = _log(client, exp, {"pd.role": "sweep", "pd.sweep": "nllkld", "pd.scale": "tiny", "pd.study": "nllkld"}, {})
+    rows = {"LM": ("nll", "", (31.0, 33.0), (0, 1)), "Vanilla PD": ("nll", "offline", (40.0, 42.0), (0, 1)),
+            "LLM-KLD": ("kld", "offline", (40.0, 42.0), (0, 1)), "α = 0.9": ("nll", "offline", (38.0, 39.0), (0, 1)),
+            "Same Scores": ("nll", "offline", (40.0, 42.0), (5, 6))}
+    for label, (loss, mode, averages, seeds) in rows.items():
+        for seed, avg in zip(seeds, averages):
+            tags = _child_tags("nllkld", parent, label, seed, loss=loss, logits_mode=mode)
+            cost = {"cost.total_flops": 1e12 if label == "LM" else 2.6e12, "eval.heldout.loss": 1.2 + avg / 1000}
+            _log(client, exp, tags, _scores(avg) | cost)
+    return uri
+
+
+def test_identical_rows_are_noted_under_the_table(tmp_path):
+    runs = analysis.load_runs(_nll_kld_store(tmp_path), sweep="nllkld")
+    table = analysis.paper_table(runs, extra="auto")
+    identical = table.attrs["identical"]
+    assert [d["labels"] for d in identical] == [["Vanilla PD", "LLM-KLD"]]  # Same Scores: other seeds, not identical
+    assert "loss.kind=nll and loss.kind=kld differ by a constant" in identical[0]["reason"]
+    md = analysis.to_markdown(table)
+    note = ("Vanilla PD and LLM-KLD have identical results (every score equal over the same seeds): with a fixed, "
+            "offline teacher, loss.kind=nll and loss.kind=kld differ by a constant (the teacher's entropy), so their "
+            "gradients and results are identical.")
+    assert note in md and md.index(note) > md.index("| LLM-KLD |")  # under the table
+    assert note.replace("'", "&#x27;") in analysis.to_html(table) and r"loss.kind=nll" in analysis.to_latex(table)
+    # rows shown without one of the pair: no note; a pair whose tags give no reason: "identical results"
+    assert analysis.paper_table(runs, rows=["LM", "Vanilla PD", "α = 0.9"]).attrs["identical"] == []
+    plain = analysis.paper_table(runs.assign(**{"pd.loss": "nll"}))
+    assert analysis.to_markdown(plain).count("have identical results (every score equal over the same seeds).") == 1
+    unrelated = analysis.paper_table(analysis.load_runs(_nll_kld_store(tmp_path / "b"), sweep="nllkld"),
+                                     rows=["LM", "α = 0.9"])
+    assert "identical" not in analysis.to_markdown(unrelated)
+    index = analysis.build_report(runs, tmp_path / "report", title="nll vs kld")
+    assert '<p class="note identical">Vanilla PD and LLM-KLD have identical results' in index.read_text(encoding="utf-8")
+
+
+def test_every_column_has_a_unit(tmp_path):
+    runs = analysis.load_runs(_nll_kld_store(tmp_path), sweep="nllkld")
+    table = analysis.paper_table(runs, cost=True, extra="auto")
+    lines = analysis.to_markdown(table).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    units = [c.strip().strip("*") for c in lines[2].strip("|").split("|")]
+    assert len(units) == len(header) and all(units)
+    unit = dict(zip(header, units))
+    assert unit[""] == "unit" and unit["synth_facts"] == "%" and unit["Average"] == "%"
+    assert unit["Δ"] == "% vs LM-only" and unit["n"] == "seeds" and unit["loss"] == "nats/token"
+    assert unit["PFLOPs"] == "1e15 FLOPs" and unit["Δ per 10% extra compute"] == "Δ% per +10% FLOPs"
+    md = "\n".join(lines)
+    assert "relative to the LM-only baseline" in md and "Δ% per +10% FLOPs" in md
+    assert list(table.columns[:2]) == ["group", "label"] and "Δ per 10% extra compute" in table  # keys unchanged
+    assert analysis.tables.column_unit("ECE") == analysis.tables.column_unit("Brier") == "unitless"
+    assert analysis.tables.column_unit("KL(T‖S)") == "nats/token"
+    page = analysis.to_html(table)
+    assert '<tr class="units"><th>unit</th>' in page and "<th>% vs LM-only</th>" in page
+    tex = analysis.to_latex(table)
+    assert r"\textit{\% vs LM-only}" in tex and tex.index(r"\textit{unit}") < tex.index(r"\midrule")
+
+
+def test_series_on_equal_points_are_both_visible(tmp_path):
+    runs = analysis.load_runs(_nll_kld_store(tmp_path), sweep="nllkld")
+    fig = analysis.fig_compute(runs, tmp_path / "compute")
+    _assert_written(tmp_path / "compute")
+    ax = fig.axes[0]
+    by_label = dict(zip([t.get_text() for t in ax.get_legend().get_texts()][1:], ax.collections))
+    vanilla, kld = by_label["Vanilla PD"].get_offsets(), by_label["LLM-KLD"].get_offsets()
+    assert list(vanilla[:, 1]) == list(kld[:, 1])  # the same Averages ...
+    assert (kld[:, 0] > vanilla[:, 0]).all() and (kld[:, 0] < vanilla[:, 0] * 1.1).all()  # ... drawn a little right
+    assert list(by_label["α = 0.9"].get_offsets()[:, 0]) == pytest.approx([2.6e-3] * 2)  # alone: exact x
+    paths = {label: c.get_paths()[0].vertices.tobytes() for label, c in by_label.items()}
+    assert len(set(paths.values())) == len(paths)  # one marker shape per configuration
+    # Δ per configuration over a numeric parameter, one series per hue: equal series are dodged too
+    twins = runs.assign(p=np.where(runs["pd.label"] == "LLM-KLD", 0.5, 0.9),
+                        k=np.where(runs["pd.label"].isin(["Vanilla PD", "LLM-KLD"]), 10.0, 20.0),
+                        **{"pd.label": np.where(runs["pd.label"] == "LLM-KLD", "twin", runs["pd.label"])})
+    twins = twins[twins["pd.label"].isin(["LM", "Vanilla PD", "twin"])]
+    fig = analysis.fig_delta_vs_param(twins, "k", hue="p")
+    first, second = (container.lines[0] for container in fig.axes[0].containers)  # the two series' data lines
+    assert list(first.get_ydata()) == list(second.get_ydata()) and list(first.get_xdata()) == [10.0]
+    assert 10.0 < second.get_xdata()[0] < 10.5 and first.get_marker() != second.get_marker()

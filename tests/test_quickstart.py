@@ -41,9 +41,12 @@ def test_quickstart_prints_the_table_report_and_ui_command(quickstart_dir):
     assert "LLM-LM" in index and "Vanilla PD" in index
     for name in ("table.md", "table.csv", "table.tex"):
         assert (out / "report" / name).is_file()
-    assert 'src="fig_reliability.png"' in index  # the reliability diagram, a panel per row
-    for src in [line.split('src="')[1].split('"')[0] for line in index.split("\n") if 'src="' in line]:
-        assert (out / "report" / src).is_file(), src
+    # the reliability diagram, a panel per row: inlined (renders in MLflow's preview), its files beside it
+    assert 'href="fig_reliability.svg"' in index and (out / "report" / "fig_reliability.png").is_file()
+    srcs = [line.split('src="')[1].split('"')[0] for line in index.split("\n") if 'src="' in line]
+    assert srcs and all(src.startswith("data:image/png;base64,") for src in srcs)
+    for href in [part.split('"')[0] for part in index.split('href="')[1:]]:
+        assert (out / "report" / href).is_file(), href
     # 5 configurations x 2 seeds, each a finished MLflow child run with scores, under one parent
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     exp = client.get_experiment_by_name("quickstart")

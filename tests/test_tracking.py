@@ -68,3 +68,25 @@ def test_which_eval_metrics_are_accuracy_like():
              "val/loss", "cost.total_flops"]
     assert [k for k in accuracy if not is_accuracy_metric(k)] == []
     assert [k for k in other if is_accuracy_metric(k)] == []
+
+
+def test_experiments_open_in_mlflows_training_view(tmp_path):
+    """A training run's experiment (created by the lab, real sqlite store) carries mlflow.experimentKind."""
+    from mlflow.tracking import MlflowClient
+
+    from pd_lightning.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ensure_experiment
+    from pd_lightning.train import _mlflow_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config("tiny", [f"tracking.config_file={tmp_path / 'none.yaml'}", f"tracking.tracking_uri={uri}",
+                               "tracking.experiment=kinds"])
+    logger, resumed = _mlflow_run(cfg, tmp_path / "out", "digest", None)
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(logger.run_id)
+    assert not resumed and EXPERIMENT_KIND == "custom_model_development"
+    assert client.get_experiment(run.info.experiment_id).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    # An experiment made before the tag existed gets it; a kind the user chose is kept.
+    old = client.create_experiment("old")
+    assert ensure_experiment(client, "old") == old and client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    mine = client.create_experiment("mine", tags={EXPERIMENT_KIND_TAG: "finetuning"})
+    assert ensure_experiment(client, "mine") == mine and client.get_experiment(mine).tags[EXPERIMENT_KIND_TAG] == "finetuning"

@@ -38,7 +38,7 @@ def _client(spec: SweepSpec):
 
 def parent_run(spec: SweepSpec, study, storage_url: str) -> str:
     """The sweep's MLflow parent run (created once; its id is kept in the study)."""
-    from pd_lightning.tracking import tracking_settings
+    from pd_lightning.tracking import ensure_experiment, tracking_settings
 
     with study_lock(storage_url, spec.study_name):
         run_id = study.user_attrs.get(PARENT_ATTR)
@@ -46,9 +46,7 @@ def parent_run(spec: SweepSpec, study, storage_url: str) -> str:
             return run_id
         s = tracking_settings(spec.base_config())
         client = _client(spec)
-        experiment = client.get_experiment_by_name(spec.experiment)
-        exp_id = experiment.experiment_id if experiment else client.create_experiment(
-            spec.experiment, artifact_location=s["artifact_location"])
+        exp_id = ensure_experiment(client, spec.experiment, s["artifact_location"])  # MLflow's training view
         run = client.create_run(exp_id, run_name=f"{spec.name} [{spec.scale}]", tags={
             "pd.role": "sweep", "pd.sweep": spec.name, "pd.scale": spec.scale, "pd.study": spec.study_name,
             "pd.table": spec.table, "mlflow.note.content": spec.description})
