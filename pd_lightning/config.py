@@ -190,6 +190,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # Tiny CPU sizes for tests and the quickstart; nominal sizes at the default 2,048-token BPE.
     "tiny-1m": Preset("tiny-1m", 128, 384, 4, 4, 2, True, 1024, 1.0e6, 2048),
+    "tiny-2m": Preset("tiny-2m", 192, 576, 4, 6, 2, True, 1024, 2.0e6, 2048),
     "tiny-5m": Preset("tiny-5m", 256, 768, 6, 8, 4, True, 1024, 5.0e6, 2048),
     "tiny-20m": Preset("tiny-20m", 384, 1152, 11, 6, 2, False, 1024, 20.0e6, 2048),
     # The paper's Table 7 (all GQA, BF16 on GPU), nominal sizes at the GLM-4 vocabulary.

@@ -28,7 +28,7 @@ def test_table7_shapes_are_the_papers():
         assert (p.hidden, p.ffn, p.layers, p.heads, p.query_groups, p.tied_embeddings) == shape
 
 
-@pytest.mark.parametrize("name", ["tiny-1m", "tiny-5m", "tiny-20m"])
+@pytest.mark.parametrize("name", ["tiny-1m", "tiny-2m", "tiny-5m", "tiny-20m"])
 def test_tiny_presets_are_about_their_size(name):
     preset = PRESETS[name]
     assert abs(count_parameters(preset) / preset.nominal_params - 1) <= 0.06
