@@ -270,7 +270,8 @@ def _sweep_and_place(args: argparse.Namespace):
     from pd_lightning.sweep import load_sweep, resolve_place
 
     spec = load_sweep(args.sweep, args.scale, tracking_uri=getattr(args, "tracking_uri", None))
-    return spec, resolve_place(spec, out=args.out, cache=args.cache, storage=args.storage)
+    return spec, resolve_place(spec, out=args.out, cache=args.cache, storage=args.storage,
+                               reuse_runs=getattr(args, "reuse_runs", False))
 
 
 class SweepIncomplete(UserError):
@@ -503,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
               pdl sweep run quickstart --workers 2                     # a shipped sweep, by name
               pdl sweep run table4_alpha --scale tiny --tracking-uri sqlite:///runs/mlflow.db
               pdl sweep run my_sweep.yaml                              # your own file
+              pdl sweep run table4_alpha --reuse-runs                  # copy rows another sweep already ran
               pdl sweep run table8_top_p_k --scale paper --storage postgresql://pdl@db-host/pdl   # on every machine
             browse: mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
                     optuna-dashboard sqlite:///optuna.db --host 127.0.0.1
@@ -515,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "machine each gets its own trainer.devices GPUs")
     sr.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
     sr.add_argument("--retry-failed", action="store_true", help="also re-run trials that failed with an error")
+    sr.add_argument("--reuse-runs", action="store_true", help="a trial whose configuration (seed included) already "
+                    "ran to the end in another experiment of the same MLflow store, from the same cache, gets a copy "
+                    "of that run (params, tags, metric histories, tag pd.reused_from) instead of training again")
     sr.set_defaults(func=cmd_sweep_run)
     ss = sweep_sub.add_parser(
         "status", formatter_class=fmt, help="table of the sweep's trials: state, objective, MLflow run or error",

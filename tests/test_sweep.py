@@ -370,3 +370,62 @@ def test_every_sweep_file_named_in_docs_and_help_exists():
     named = {(where, m) for where, text in texts.items() for m in re.findall(r"sweeps/([A-Za-z0-9_.-]+\.yaml)", text)}
     assert named, "no sweep file is named anywhere"
     assert [(where, m) for where, m in sorted(named) if not (SWEEPS / m).is_file()] == []
+
+
+def test_reuse_runs_copies_a_finished_identical_configuration_from_another_sweep(tmp_path, cache):
+    from pd_lightning.artifacts import RUN_STATE
+    from pd_lightning.sweep.reuse import finished_copy
+
+    first = write_sweep(tmp_path, "first", baseline={"label": "LLM-LM", "set": {"loss.alpha": 0.0}},
+                        rows=[{"label": "PD", "set": {"loss.alpha": 1.0}}], seeds=[0],
+                        set={"trainer.export_every_n_steps": 10})
+    assert pdl("sweep", "run", str(first), "--cache", str(cache), cwd=tmp_path).returncode == 0
+    # the same LM-only configuration under another label (τ means nothing at α = 0), beside a row no sweep has run
+    second = write_sweep(tmp_path, "second", baseline={"label": "α = 0", "set": {"loss.alpha": 0.0, "logits.tau": 2.0}},
+                         rows=[{"label": "α = 0.5", "set": {"loss.alpha": 0.5}}], seeds=[0],
+                         set={"trainer.export_every_n_steps": 10})
+    result = pdl("sweep", "run", str(second), "--cache", str(cache), "--reuse-runs", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    src = {r.data.tags["pd.label"]: r for r in child_runs(tmp_path, "first")}
+    new = {r.data.tags["pd.label"]: r for r in child_runs(tmp_path, "second")}
+    copy, trained = new["α = 0"], new["α = 0.5"]
+    assert copy.data.tags["pd.reused_from"] == src["LLM-LM"].info.run_id
+    assert "pd.reused_from" not in trained.data.tags  # nothing identical ran before: it trained
+    assert copy.data.tags["pd.result_key"] == src["LLM-LM"].data.tags["pd.result_key"]
+    assert len({src["PD"].data.tags["pd.result_key"], trained.data.tags["pd.result_key"],
+                copy.data.tags["pd.result_key"]}) == 3
+    assert copy.data.metrics == src["LLM-LM"].data.metrics
+    where = {"trainer.out", "tracking.experiment", "tracking.run_name", "logits.tau"}  # its own config's params
+    assert set(copy.data.params) == set(src["LLM-LM"].data.params)
+    assert {k for k, v in copy.data.params.items() if src["LLM-LM"].data.params[k] != v} == where
+    assert copy.data.params["tracking.experiment"] == "second"
+    assert copy.data.tags["mlflow.parentRunId"] == study_of(tmp_path, "second").user_attrs["pdl.parent_run_id"]
+    histories = [[(m.step, m.value) for m in client.get_metric_history(r.info.run_id, "eval.average")]
+                 for r in (copy, src["LLM-LM"])]
+    assert histories[0] == histories[1] and [s for s, _ in histories[0]] == [10, 20]  # checkpoint scores copied
+    study = assert_each_task_once(tmp_path, "second", 2)
+    values = {t.user_attrs["pdl.run_id"]: t.value for t in study.trials}
+    assert values[copy.info.run_id] == copy.data.metrics["eval.average"]
+    # a copy a killed worker left half-made is deleted before the task is copied again
+    exp = client.get_experiment_by_name("second").experiment_id
+    partial = client.create_run(exp, tags={"pd.reused_from": src["LLM-LM"].info.run_id}).info.run_id
+    trial_dir = tmp_path / "partial"
+    trial_dir.mkdir()
+    (trial_dir / RUN_STATE).write_text(json.dumps({"run_id": partial, "reused_from": src["LLM-LM"].info.run_id}))
+    assert finished_copy(client, trial_dir) is None
+    assert client.get_run(partial).info.lifecycle_stage == "deleted" and not (trial_dir / RUN_STATE).exists()
+
+
+def test_result_key_ignores_where_a_run_writes_and_an_lm_only_runs_logits_fields():
+    from pd_lightning.config import load_config
+    from pd_lightning.sweep.reuse import result_key
+
+    def key(*overrides):
+        return result_key(load_config("tiny", list(overrides)))
+
+    base = key("loss.alpha=1.0")
+    assert key("loss.alpha=1.0", "trainer.out=/elsewhere", "tracking.experiment=other", "tracking.run_name=x") == base
+    assert key("loss.alpha=1.0", "logits.k=50") != base and key("loss.alpha=1.0", "trainer.seed=1") != base
+    assert key("loss.alpha=0.0", "logits.p=1.0", "logits.store_p=1.0", "loss.kind=kld") == key("loss.alpha=0.0")
+    assert key("loss.alpha=0.0", "teacher.preset=tiny-20m") != key("loss.alpha=0.0")  # held-out KL is against it

@@ -29,6 +29,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cache", required=True)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (the coordinator's share of the cores)")
     parser.add_argument("--retry-failed", action="store_true")
+    parser.add_argument("--reuse-runs", action="store_true")
     parser.add_argument("--tracking-uri", help="the MLflow store of every run (the coordinator's --tracking-uri)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -44,7 +45,7 @@ def main(argv: list[str]) -> int:
     logs.setup()
     try:
         spec = load_sweep(args.sweep, args.scale, tracking_uri=args.tracking_uri)
-        ran = worker(spec, Place(Path(args.out), Path(args.cache), args.storage), retry_failed=args.retry_failed)
+        ran = worker(spec, Place(Path(args.out), Path(args.cache), args.storage, args.reuse_runs), retry_failed=args.retry_failed)
     except UserError as exc:
         print(f"{OUTAGE_PREFIX}{exc}", file=sys.stderr, flush=True)
         return exc.exit_code

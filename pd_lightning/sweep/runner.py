@@ -208,6 +208,8 @@ def _start_workers(spec: SweepSpec, place: Place, workers: int, *, retry_failed:
                "--threads", str(threads)]
         if retry_failed:
             cmd.append("--retry-failed")
+        if place.reuse_runs:
+            cmd.append("--reuse-runs")
         if spec.tracking_uri:  # the coordinator's --tracking-uri (None: the store the sweep's config names)
             cmd += ["--tracking-uri", spec.tracking_uri]
         procs.append((subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env), handle))

@@ -54,11 +54,13 @@ REDO = ("pending", "crashed", "interrupted")  # what a claim enqueues again (plu
 
 @dataclass
 class Place:
-    """Where a sweep writes: its own dir (trial runs, logs), the shared prerequisite cache, the Optuna storage."""
+    """Where a sweep writes: its own dir (trial runs, logs), the shared prerequisite cache, the Optuna storage;
+    and whether a task may take a finished run of the same configuration instead of training (`--reuse-runs`)."""
 
     out: Path
     cache: Path
     storage: str
+    reuse_runs: bool = False
 
     def trial_dir(self, task_id: str) -> Path:
         """A task's training run directory: named by the task, so a re-run resumes it."""
@@ -74,11 +76,12 @@ def default_storage(cfg: PDLConfig) -> str:
     return f"sqlite:///{folder / 'optuna.db'}"
 
 
-def resolve_place(spec: SweepSpec, *, out: str | None, cache: str | None, storage: str | None) -> Place:
+def resolve_place(spec: SweepSpec, *, out: str | None, cache: str | None, storage: str | None,
+                  reuse_runs: bool = False) -> Place:
     """Output dir, cache dir and Optuna storage URL for a sweep (defaults beside the working dir's runs/)."""
     return Place(out=Path(out) if out else Path("runs") / "sweeps" / spec.name / spec.scale,
                  cache=Path(cache) if cache else Path("runs") / "cache",
-                 storage=storage or default_storage(spec.base_config()))
+                 storage=storage or default_storage(spec.base_config()), reuse_runs=reuse_runs)
 
 
 def open_storage(url: str, spec: SweepSpec):

@@ -21,6 +21,7 @@ from pd_lightning.artifacts import MODEL_DIR
 from pd_lightning.errors import UserError
 from pd_lightning.sweep.cache import quiet_builds, reference_teacher, with_prerequisites
 from pd_lightning.sweep.records import child_tags
+from pd_lightning.sweep.reuse import RESULT_KEY_TAG, copy_run, find_source, finished_copy, result_key
 from pd_lightning.sweep.spec import SweepSpec, Task
 from pd_lightning.sweep.study import Place
 
@@ -45,10 +46,14 @@ def run_task(spec: SweepSpec, task: Task, place: Place, *, parent_id: str, trial
     cfg.trainer.out = str(place.trial_dir(task.task_id))
     cfg.tracking.experiment = spec.experiment
     cfg.tracking.run_name = f"{task.label} seed {task.seed}"
-    info = train(cfg, tags=child_tags(spec, task, parent_id, trial_number), callbacks=callbacks or None,
-                 heldout_teacher=reference_teacher(cfg, place.cache))
+    tags = child_tags(spec, task, parent_id, trial_number) | {RESULT_KEY_TAG: result_key(cfg)}
     uri = tracking_settings(cfg)["tracking_uri"]
     client = MlflowClient(tracking_uri=uri)
+    if place.reuse_runs:
+        reused = _reused_run(client, spec, cfg, tags, place.trial_dir(task.task_id))
+        if reused is not None:
+            return reused
+    info = train(cfg, tags=tags, callbacks=callbacks or None, heldout_teacher=reference_teacher(cfg, place.cache))
     run = client.get_run(info["run_id"])
     if run.data.tags.get("pd.trial") != str(trial_number):  # a re-run trial reuses the run: point it here
         client.set_tag(info["run_id"], "pd.trial", str(trial_number))
@@ -72,6 +77,20 @@ def run_task(spec: SweepSpec, task: Task, place: Place, *, parent_id: str, trial
                         f"{', '.join(sorted(metrics)) or 'nothing'}")
     return {"run_id": info["run_id"], "value": float(metrics[spec.objective_metric]),
             "curve": learning_curve(client, info["run_id"])}
+
+
+def _reused_run(client, spec: SweepSpec, cfg, tags: dict[str, str], trial_dir: Path) -> dict[str, Any] | None:
+    """The task's result as a copy of a finished run of the same configuration (`--reuse-runs`), or None."""
+    run_id = finished_copy(client, trial_dir)
+    if run_id is None:
+        experiment = client.get_experiment_by_name(spec.experiment)
+        source = find_source(client, tags[RESULT_KEY_TAG], spec.objective_metric,
+                             exclude_experiment=experiment.experiment_id)
+        if source is None:
+            return None
+        run_id = copy_run(client, source, cfg, experiment.experiment_id, tags=tags, trial_dir=trial_dir)
+    metrics = client.get_run(run_id).data.metrics
+    return {"run_id": run_id, "value": float(metrics[spec.objective_metric]), "curve": learning_curve(client, run_id)}
 
 
 def learning_curve(client, run_id: str) -> dict[int, float]:
