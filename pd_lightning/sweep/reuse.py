@@ -11,9 +11,12 @@ student's HF dir) stay with the source; `pd.artifacts_of` gives its artifact URI
 The result key (`pd.result_key`, tagged on every sweep run) is the content hash of the trial's whole
 configuration with the fields that only say where it writes blanked: `trainer.out` (the sweep's own
 trial dir), `tracking.experiment` and `tracking.run_name` (the sweep's names) and the tracking URI.
-The inputs' paths (`data.out`, `teacher.out`, `logits.store`) stay in the key: in a sweep cache they are
-named by the hash of what built them, so equal paths are equal data, teacher and store; two caches
-never share a run. The seed is part of the configuration, so a copy is the same replicate.
+The inputs' paths (`data.out`, `teacher.out`) stay in the key: in a sweep cache they are named by the
+hash of what built them, so equal paths are equal data and teacher; two caches never share a run. The
+store is named by its teacher, data and codec (its cache marker), not its path; its cut (`store_p`,
+`store_k`, set to the store's own by the cache) is in the key anyway. Two stores of the same teacher,
+data, codec and cut hold the same entries whatever else one holds (the power sums AdaKD adds), and the
+cache hands a sweep whichever of them it finds first. The seed is part of the configuration, so a copy is the same replicate.
 
 Training is deterministic per configuration on one machine, so a copy stands for exactly the run it
 replaces; across commits the copy is of the source's code (the source run's tags say which).
@@ -27,7 +30,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pd_lightning.artifacts import RUN_STATE
+from pd_lightning.artifacts import CACHE_MARKER, RUN_STATE
 from pd_lightning.config import PDLConfig, config_hash
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,20 @@ def result_key(cfg: PDLConfig) -> str:
     if cfg.loss.alpha == 0:
         same.logits = type(cfg.logits)()
         same.loss = type(cfg.loss)(alpha=0.0)
+    else:
+        same.logits.store = _store_identity(cfg.logits.store)
     return config_hash("result", same)
+
+
+def _store_identity(store: str) -> str:
+    """A cached store's teacher, data and codec (its marker) instead of its path (module doc); a store
+    outside a sweep cache is named by its path."""
+    marker = Path(store) / CACHE_MARKER
+    if not marker.is_file():
+        return store
+    info = json.loads(marker.read_text())
+    return json.dumps({k: info.get(k) for k in ("teacher_id", "data", "encoding_version", "sampling", "samples",
+                                                 "sample_seed")}, sort_keys=True)
 
 
 def find_source(client, key: str, objective: str, *, exclude_experiment: str | None = None):
