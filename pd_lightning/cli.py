@@ -331,6 +331,15 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"\nreport: {index}")
 
 
+def cmd_findings(args: argparse.Namespace) -> None:
+    from analysis.findings import export_all, write_findings
+
+    if args.tracking_uris:
+        exported = export_all(args.tracking_uris, args.runs, scale=args.scale)
+        print(f"findings: exported {len(exported)} sweep(s) to {args.runs}: {', '.join(exported) or 'none'}")
+    print(f"findings: {write_findings(args.runs, args.out)}")
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from pd_lightning.quickstart import quickstart
 
@@ -562,6 +571,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report dir (default runs/sweeps/NAME/SCALE/report)")
     _add_tracking_uri(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "findings", formatter_class=fmt, help="re-test the paper's claims on the sweeps' runs: docs/findings.md",
+        description="Every claim of analysis/claims.py (the paper's C1-C10, our C11-C12) as contrasts of one sweep's "
+                    "configurations, paired by seed, with 95% intervals on the local-suite Average and the held-out "
+                    "loss, and a verdict (replicated / contradicted / unresolved) from the intervals. With "
+                    "--tracking-uri the sweeps' finished runs are first exported to --runs (runs.csv, checkpoints.csv, "
+                    "sweep.json per sweep); the report is always built from those files, so the committed results "
+                    "regenerate it byte for byte.",
+        epilog=textwrap.dedent("""\
+            examples:
+              pdl findings                                              # from the committed results/tiny
+              pdl findings --tracking-uri sqlite:///runs/mlflow.db      # export the store's sweeps, then report
+              pdl findings --runs results/tiny --out docs/findings.md
+        """))
+    p.add_argument("--runs", default="results/tiny", metavar="DIR",
+                   help="the exported results: one folder per sweep (default results/tiny)")
+    p.add_argument("--out", default="docs/findings.md", metavar="FILE",
+                   help="the report (default docs/findings.md; figures go to findings/ beside it)")
+    p.add_argument("--tracking-uri", action="append", metavar="URI", dest="tracking_uris",
+                   help="MLflow store(s) to export the sweeps from first (repeatable: a sweep is taken from the first "
+                        "store that has it); without it the report reads --runs only")
+    p.add_argument("--scale", default="tiny", help="the sweeps' scale to export (default tiny)")
+    p.set_defaults(func=cmd_findings)
 
     p = sub.add_parser(
         "quickstart", formatter_class=fmt, help="the whole lab on one CPU: teacher, logits, LM vs PD sweep, report",
