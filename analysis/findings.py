@@ -285,8 +285,29 @@ def evaluate_claim(claim: Claim, sweep: dict[str, Any] | None) -> ClaimResult:
             ece = estimate(values, c, "ece", c.test).mean
         rows.append({"contrast": c, "average": avg, "loss": loss, "ece": ece})
     storage = _storage(sweep["runs"]) if claim.storage and sweep is not None else []
-    return ClaimResult(claim, rows, combine([r["average"].verdict for r in rows]),
-                       combine([r["loss"].verdict for r in rows]), storage)
+    extra = [storage_verdict(storage)] if claim.key == "C7" and storage else []  # "storage falls steeply"
+    return ClaimResult(claim, rows, combine([r["average"].verdict for r in rows] + extra),
+                       combine([r["loss"].verdict for r in rows] + extra), storage)
+
+
+STEEP = 3.0  # "storage falls steeply": the narrowest top-0.95-k takes at most 1/STEEP of top-0.95-100's bytes
+
+
+def storage_verdict(storage: list[tuple[str, float]]) -> str:
+    """C7's storage half, measured (no seeds involved): bytes per token rise with k at p = 0.95 and with p at
+    k = 100, and top-0.95-100 takes at least STEEP times the narrowest top-0.95-k's bytes."""
+    cuts = {}
+    for label, value in storage:
+        parts = label.split("-")
+        if len(parts) == 3 and parts[0] == "top":
+            cuts[(float(parts[1]), int(parts[2]))] = value
+    by_k = [cuts[key] for key in sorted(key for key in cuts if key[0] == 0.95)]
+    by_p = [cuts[key] for key in sorted(key for key in cuts if key[1] == 100)]
+    if len(by_k) < 2 or (0.95, 100) not in cuts:
+        return "unresolved"
+    monotone = all(a <= b for a, b in zip(by_k, by_k[1:])) and all(a <= b for a, b in zip(by_p, by_p[1:]))
+    steep = cuts[(0.95, 100)] >= STEEP * by_k[0]
+    return "replicated" if monotone and steep else "contradicted"
 
 
 def _storage(runs: pd.DataFrame) -> list[tuple[str, float]]:
@@ -450,6 +471,10 @@ def _claim_section(r: ClaimResult, fig: str | None, sweep: dict[str, Any] | None
     if r.storage:
         lines += ["", "Bytes per token of each configuration's own targets (`store.target_bytes_per_token`, egsqrt):",
                   "", " · ".join(f"{label} {value:.1f}" for label, value in r.storage)]
+        if c.key == "C7":
+            lines += ["", f"Storage: {_verdict_cell(storage_verdict(r.storage))} (bytes per token must rise with k at "
+                      f"p = 0.95 and with p at k = 100, and top-0.95-100 must take at least {STEEP:g}x the narrowest "
+                      "top-0.95-k's bytes); it counts in the claim's verdict on both metrics."]
     if fig:
         lines += ["", f"![{c.key}]({fig})"]
     return lines + [""]

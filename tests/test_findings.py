@@ -110,3 +110,13 @@ def test_findings_refuses_a_missing_results_dir_in_one_line(tmp_path):
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "--runs=" in result.stderr and not (tmp_path / "docs").exists()
+
+
+def test_storage_half_of_c7_is_measured_not_tested():
+    from analysis.findings import storage_verdict
+
+    falls = [("top-0.95-1", 4.0), ("top-0.95-10", 20.0), ("top-0.95-100", 90.0), ("top-0.5-100", 30.0)]
+    assert storage_verdict(falls) == "replicated"
+    assert storage_verdict([("top-0.95-1", 40.0), ("top-0.95-100", 90.0)]) == "contradicted"  # not steep
+    assert storage_verdict([("top-0.95-1", 4.0), ("top-0.95-10", 95.0), ("top-0.95-100", 90.0)]) == "contradicted"
+    assert storage_verdict([("top-0.95-100", 90.0)]) == "unresolved"
