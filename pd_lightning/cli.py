@@ -67,6 +67,15 @@ def _add_tracking_uri(parser: argparse.ArgumentParser, what: str = "") -> None:
     parser.add_argument("--tracking-uri", default=None, metavar="URI", help=TRACKING_URI_HELP + what)
 
 
+def _add_register(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--register", metavar="NAME", default=None, help=(
+        f"also register {what} as a new version of the MLflow registered model NAME (created if missing; a "
+        "student already registered there is not registered twice). Every run logs its student as an MLflow "
+        "logged model anyway (the experiment's Models tab; mlflow.pyfunc.load_model): the weights, tokenizer and "
+        "config of trainer.out/model, stored once in the MLflow artifact store — a few MB at tiny scale, several "
+        "GB per student at the paper's; a version only references those files."))
+
+
 def _with_tracking_uri(cfg, uri: str | None):
     """`cfg` with `--tracking-uri` as its tracking.tracking_uri; unchanged when the URI names the store it records
     to anyway (a run's identity includes the tracking section: a run started without the flag resumes with it)."""
@@ -84,7 +93,7 @@ def _with_tracking_uri(cfg, uri: str | None):
 def cmd_train(args: argparse.Namespace) -> None:
     from pd_lightning.train import train
 
-    train(_with_tracking_uri(_load(args), args.tracking_uri))
+    train(_with_tracking_uri(_load(args), args.tracking_uri), register=args.register)
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
@@ -271,7 +280,7 @@ def _sweep_and_place(args: argparse.Namespace):
 
     spec = load_sweep(args.sweep, args.scale, tracking_uri=getattr(args, "tracking_uri", None))
     return spec, resolve_place(spec, out=args.out, cache=args.cache, storage=args.storage,
-                               reuse_runs=getattr(args, "reuse_runs", False))
+                               reuse_runs=getattr(args, "reuse_runs", False), register=getattr(args, "register", None))
 
 
 class SweepIncomplete(UserError):
@@ -452,8 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train", formatter_class=fmt,
         help="one training run: LM-only (loss.alpha=0) or distilled from the logit store; tracked in MLflow",
         description="Train model.preset on data.out with L = (1-alpha) L_lm + alpha L_kd, the KD targets derived from "
-                    "logits.store at logits.p/k/tau/method. Logs params, design-space tags, metrics and the exported "
-                    "student (trainer.out/model, an HF dir) to MLflow (mlflow.yaml: sqlite:///mlflow.db by default). "
+                    "logits.store at logits.p/k/tau/method. Logs params, design-space tags, the code's git commit, metrics "
+                    "and the exported student (trainer.out/model, an HF dir) as the run's MLflow logged model (a "
+                    "pyfunc: mlflow.pyfunc.load_model) to MLflow (mlflow.yaml: sqlite:///mlflow.db by default). "
                     "Checkpoints every trainer.checkpoint_every_n_steps; the same command after a kill resumes.",
         epilog=textwrap.dedent("""\
             examples:
@@ -462,11 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
               pdl train tiny loss.alpha_schedule=wsd_alpha optim.lr_schedule=wsd trainer.out=runs/tiny/wsd
               pdl train paper.yaml model.preset=1.9B trainer.strategy=fsdp trainer.precision=bf16-mixed trainer.devices=8
               pdl train tiny loss.alpha=0.9 --tracking-uri http://127.0.0.1:5000   # record to a tracking server
+              pdl train tiny loss.alpha=0.9 trainer.out=runs/tiny/pd --register tiny-students   # + a model version
             """),
     )
     _add_config_args(tr)
     _add_tracking_uri(tr, "; naming the store the config already records to changes nothing (a run started "
                           "without it resumes with it). Put it before CONFIG or after the overrides.")
+    _add_register(tr, "the student")
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser(
@@ -514,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
               pdl sweep run table4_alpha --scale tiny --tracking-uri sqlite:///runs/mlflow.db
               pdl sweep run my_sweep.yaml                              # your own file
               pdl sweep run table4_alpha --reuse-runs                  # copy rows another sweep already ran
+              pdl sweep run quickstart --register quickstart-students  # every student a registered model version
               pdl sweep run table8_top_p_k --scale paper --storage postgresql://pdl@db-host/pdl   # on every machine
             browse: mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
                     optuna-dashboard sqlite:///optuna.db --host 127.0.0.1
@@ -529,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--reuse-runs", action="store_true", help="a trial whose configuration (seed included) already "
                     "ran to the end in another experiment of the same MLflow store, from the same cache, gets a copy "
                     "of that run (params, tags, metric histories, tag pd.reused_from) instead of training again")
+    _add_register(sr, "every trial's student (a reused run's: its source's)")
     sr.set_defaults(func=cmd_sweep_run)
     ss = sweep_sub.add_parser(
         "status", formatter_class=fmt, help="table of the sweep's trials: state, objective, MLflow run or error",

@@ -54,5 +54,19 @@ def quickstart(out: str | Path = "pdl-quickstart", *, workers: int | None = None
     print(f"report:     {index}")
     print(f"browse:     mlflow ui --backend-store-uri {absolute_tracking_uri(sweep_tracking_uri(spec))} --host 127.0.0.1 "
           "--port 5000")
+    print(f"then open:  {_experiment_page(spec)}   (the training view; the sweep's summary is its parent run)")
     print(f"study:      optuna-dashboard {place.storage} --host 127.0.0.1   (pip install optuna-dashboard)")
     return index
+
+
+def _experiment_page(spec) -> str:
+    """The quickstart experiment's runs in MLflow's training view (`tracking.training_view_url`)."""
+    from mlflow.tracking import MlflowClient
+
+    from pd_lightning.sweep.outages import redact
+    from pd_lightning.sweep.records import tracking_uri
+    from pd_lightning.tracking import training_view_url
+
+    uri = tracking_uri(spec)
+    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(spec.experiment)
+    return training_view_url(redact(uri), experiment.experiment_id)

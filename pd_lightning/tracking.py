@@ -39,10 +39,29 @@ HELDOUT_METRIC_PREFIX = "eval.heldout."  # pd_lightning.metrics: their own units
 # Harness metrics that are fractions in [0, 1]: accuracy-like, shown in percent, averaged into eval.average.
 ACCURACY_METRICS = frozenset({"acc", "acc_norm", "acc_mutual_info", "exact_match", "em", "f1", "mc1", "mc2", "mcc"})
 EVAL_UNIT_TAG, EVAL_UNIT = "eval.unit", "fraction"  # the unit of a run's accuracy-like eval.* metrics
-# MLflow 3 opens an experiment in its GenAI view (traces, evaluations) unless told otherwise: this tag selects
-# the classic training view (runs, metrics, models). Values the UI knows: custom_model_development,
-# genai_development, finetuning (mlflow/server/js: ExperimentKind).
+# The experiment's kind as MLflow 3's UI records it: "Machine learning" (runs, metrics, models), not GenAI
+# (traces, evaluations). Values the UI knows: custom_model_development, genai_development, finetuning
+# (mlflow/server/js: ExperimentKind). Without it the UI asks, or guesses from what the experiment holds.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+# What `#/experiments/<id>` shows is decided in MLflow 3.17 by the UI's own switch (sidebar "GenAI | Model
+# training", kept per browser, GenAI in a fresh one), not by the tag above: a fresh browser gets the GenAI
+# overview (checked in headless Chromium, tests/test_mlflow_ui.py). A link that names the workflow type opens
+# the training view in any browser (`training_view_url`); the lab prints those.
+UI_WORKFLOW_PARAM = "workflowType=machine_learning"
+MLFLOW_UI_DEFAULT = "http://127.0.0.1:5000"  # `mlflow ui`'s address unless told otherwise
+
+
+def training_view_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page of an experiment's runs (or of one run) in the classic training view.
+
+    A tracking server serves the UI at its own address; for a sqlite store the page is that of
+    `mlflow ui --backend-store-uri ... --port 5000` (MLFLOW_UI_DEFAULT).
+    """
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else MLFLOW_UI_DEFAULT
+    page = f"experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return f"{base}/#/{page}?{UI_WORKFLOW_PARAM}"
 
 
 def ensure_experiment(client, name: str, artifact_location: str | None = None) -> str:
@@ -210,17 +229,18 @@ def _log_json(client, run_id: str, name: str, obj: Any, **dumps: Any) -> None:
 
 
 def log_to_mlflow(result: dict[str, Any], run_id: str, *, tracking_uri: str | None = None,
-                  tracking_config_file: str | Path = "mlflow.yaml", step: int = 0) -> None:
+                  tracking_config_file: str | Path = "mlflow.yaml", step: int = 0, model_id: str | None = None) -> None:
     """Log an evaluation's metrics to an existing MLflow run, and the raw harness JSON as an artifact.
 
     `step` is the training step the scores belong to (a run scored at several checkpoints keeps a
-    history; MLflow's latest value is the one of the highest step).
+    history; MLflow's latest value is the one of the highest step). `model_id`: the logged model the
+    scores are of (the run's final student, `student_model`), so MLflow's Models tab shows them beside it.
     """
     from lm_eval.utils import handle_non_serializable
 
     client = mlflow_client(tracking_uri, tracking_config_file)
     for key, value in metric_items(result).items():
-        client.log_metric(run_id, key, value, step=step)
+        client.log_metric(run_id, key, value, step=step, model_id=model_id)
     # Tags say what the eval.* numbers mean: which suite and harness model, and which tasks are missing
     # from eval.average because their data could not be loaded.
     client.set_tag(run_id, EVAL_UNIT_TAG, EVAL_UNIT)

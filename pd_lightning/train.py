@@ -1,10 +1,12 @@
 """Training entry points: `pdl teacher train` (pre-train a teacher) and `pdl train` (one LM or PD run).
 
 A `pdl train` run is a complete MLflow record: params = the flattened resolved config, tags = the
-design-space coordinates, per-step metrics, and the resolved config and exported student as
-artifacts. It checkpoints every `trainer.checkpoint_every_n_steps` steps and on exceptions; running
-the same command again after a kill resumes from the last checkpoint in the same MLflow run and,
-on CPU, ends with the weights an uninterrupted run would have.
+design-space coordinates and the code version (`mlflow.source.git.commit`, `pd.version`), per-step
+metrics, the resolved config as an artifact and the exported student as the run's MLflow logged model
+(`student_model`; optionally registered, `--register`). It checkpoints every
+`trainer.checkpoint_every_n_steps` steps and on exceptions; running the same command again after a
+kill resumes from the last checkpoint in the same MLflow run and, on CPU, ends with the weights an
+uninterrupted run would have.
 
 Cost (issue 11): every run also logs what it cost (`pd_lightning.cost` FLOP convention), as metrics
 at its last step:
@@ -381,6 +383,7 @@ def _mlflow_run(cfg: PDLConfig, out: Path, digest: str, teacher: str | None, ext
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow.tracking import MlflowClient
 
+    from pd_lightning._source import source_tags
     from pd_lightning.tracking import design_tags, ensure_experiment, tracking_settings
 
     s = tracking_settings(cfg)
@@ -394,13 +397,18 @@ def _mlflow_run(cfg: PDLConfig, out: Path, digest: str, teacher: str | None, ext
             raise ConfigError(f"trainer.out={str(out)!r} holds a run of another config ({state.get('config_hash')}, this "
                               f"one is {digest}); choose another trainer.out or delete it")
         run_id = state["run_id"]
-    tags = design_tags(cfg, teacher=teacher) | {"pd.config_hash": digest} | dict(extra_tags or {})
+    # the code that trains it (MLflow's source commit and the package version): a resumed run gets the latest
+    source = source_tags()
+    tags = design_tags(cfg, teacher=teacher) | {"pd.config_hash": digest} | source | dict(extra_tags or {})
     logger = MLFlowLogger(experiment_name=s["experiment"], run_name=cfg.tracking.run_name, tracking_uri=s["tracking_uri"],
                           tags=tags, run_id=run_id, artifact_location=s["artifact_location"])
     if run_id is None:
         out.mkdir(parents=True, exist_ok=True)
         state_path.write_text(json.dumps({"run_id": logger.run_id, "config_hash": digest}))
         logger.log_hyperparams(flatten(cfg))
+    else:
+        for key, value in source.items():
+            client.set_tag(run_id, key, value)
     return logger, run_id is not None
 
 
@@ -490,7 +498,12 @@ def _finish(cfg: PDLConfig, plan: RunPlan, trainer: pl.Trainer, module: Distilla
         client.log_metric(run_id, key, value, step=steps)
     client.set_tag(run_id, "cost.device", _device_tag(trainer))
     client.set_tag(run_id, "cost.flops_convention", cost.FLOP_CONVENTION)  # runs costed before the head counted lack it
-    client.log_artifacts(run_id, str(out / MODEL_DIR), MODEL_DIR)
+    # the student as the run's MLflow logged model (Models tab, mlflow.pyfunc.load_model), its weights stored once
+    from pd_lightning.student_model import log_student
+    from pd_lightning.tracking import design_tags
+
+    log_student(client, run_id, out / MODEL_DIR, step=steps, name=cfg.tracking.run_name,
+                tags=design_tags(cfg, teacher=plan.teacher))
     client.set_terminated(run_id, "FINISHED")
     from pd_lightning.metrics import format_heldout
 
@@ -500,24 +513,30 @@ def _finish(cfg: PDLConfig, plan: RunPlan, trainer: pl.Trainer, module: Distilla
 
 
 def train(cfg: PDLConfig, *, tags: dict[str, str] | None = None, callbacks: list | None = None,
-          heldout_teacher: str | Path | None = None) -> RunSummary | None:
+          heldout_teacher: str | Path | None = None, register: str | None = None) -> RunSummary | None:
     """One training run (α = 0: the LM-only baseline); returns its summary (run id, held-out loss, paths).
 
     `tags` are added to the MLflow run (a sweep passes its study, trial and `mlflow.parentRunId`);
     `callbacks` are extra Lightning callbacks (a sweep worker's heartbeat stop). `heldout_teacher`:
     the teacher an LM-only run's held-out metrics are measured against when `eval.heldout_teacher`
     is auto (a sweep passes its PD rows' teacher, so the baseline row has agreement and KL too).
+    `register`: also make the student (the run's logged model) a version of this registered model,
+    `pdl train --register` (not part of the run's identity: a finished run is registered as it is).
     A finished run of the same config is returned as it is. None on ranks other than 0 of a
     distributed run: only rank 0 measures, exports and records.
     """
+    from pd_lightning.student_model import check_registered_name
+
     tr = cfg.trainer
     validate(cfg)  # a config built in code gets the checks a loaded one had (cross-field rules included)
     check_devices(cfg)
+    check_registered_name(register)
     plan = plan_run(cfg, heldout_teacher)
     out = Path(tr.out)
     finished = _finished_run(out, plan.digest)
     if finished is not None:
         log.info(f"train: {out} is finished (run {finished.run_id}); nothing to do")
+        _register(cfg, finished.run_id, register)
         return finished
     logger, resumed = _mlflow_run(cfg, out, plan.digest, plan.teacher, tags)
     run_id, client = logger.run_id, logger.experiment
@@ -553,7 +572,21 @@ def train(cfg: PDLConfig, *, tags: dict[str, str] | None = None, callbacks: list
     seconds = _fit(trainer, module, data, last, client, run_id, ckpt_dir)
     if trainer.global_rank != 0:
         return None
-    return _finish(cfg, plan, trainer, module, tokenizer, run, step, clock, seconds, client)
+    summary = _finish(cfg, plan, trainer, module, tokenizer, run, step, clock, seconds, client)
+    _register(cfg, run_id, register)
+    return summary
+
+
+def _register(cfg: PDLConfig, run_id: str, name: str | None) -> None:
+    """`--register NAME`: the run's student as a version of registered model NAME (once; see student_model)."""
+    if name is None:
+        return
+    from mlflow.tracking import MlflowClient
+
+    from pd_lightning.student_model import register_student
+    from pd_lightning.tracking import tracking_settings
+
+    register_student(MlflowClient(tracking_uri=tracking_settings(cfg)["tracking_uri"]), run_id, name)
 
 
 def _device_tag(trainer: pl.Trainer) -> str:

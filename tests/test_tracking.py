@@ -90,3 +90,12 @@ def test_experiments_open_in_mlflows_training_view(tmp_path):
     assert ensure_experiment(client, "old") == old and client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
     mine = client.create_experiment("mine", tags={EXPERIMENT_KIND_TAG: "finetuning"})
     assert ensure_experiment(client, "mine") == mine and client.get_experiment(mine).tags[EXPERIMENT_KIND_TAG] == "finetuning"
+
+
+def test_training_view_links_name_the_workflow_type():
+    """MLflow 3.17's UI picks GenAI or training view by its own per-browser switch: the lab's links name it."""
+    from pd_lightning.tracking import training_view_url
+
+    assert training_view_url("sqlite:///mlflow.db", "3") == "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
+    assert (training_view_url("http://mlflow.lab:5000/", "3", "abc")
+            == "http://mlflow.lab:5000/#/experiments/3/runs/abc?workflowType=machine_learning")

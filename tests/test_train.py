@@ -15,6 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
+from pd_lightning._source import source_commit
 from pd_lightning.artifacts import RUN_INFO
 from pd_lightning.config import load_config
 from pd_lightning.data.prepare import prepare
@@ -60,7 +61,11 @@ def test_runs_are_complete_mlflow_records(lm_and_pd):
         assert len(history) >= 10
         assert run.info.artifact_uri.startswith(root.resolve().as_uri())  # beside the sqlite store, not in the cwd
         artifacts = {a.path for a in client.list_artifacts(summary["run_id"])}
-        assert {"config.yaml", "model"} <= artifacts
+        assert "config.yaml" in artifacts and "model" not in artifacts  # the student is the run's logged model
+        model = client.get_logged_model(run.data.tags["pd.model_id"])
+        assert model.source_run_id == summary["run_id"] and model.status == "READY"
+        assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
+        assert run.data.tags["mlflow.source.git.commit"] == source_commit()
     pd_run = client.get_run(pd["run_id"])
     assert pd_run.data.metrics["train/alpha"] == pytest.approx(0.9)
     assert 1 <= pd_run.data.metrics["train/teacher_support"] <= 100

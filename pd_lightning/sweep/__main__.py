@@ -31,6 +31,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--retry-failed", action="store_true")
     parser.add_argument("--reuse-runs", action="store_true")
     parser.add_argument("--tracking-uri", help="the MLflow store of every run (the coordinator's --tracking-uri)")
+    parser.add_argument("--register", metavar="NAME", help="registered model every student becomes a version of")
     args = parser.parse_args(argv)
     if args.threads:
         import torch
@@ -45,7 +46,8 @@ def main(argv: list[str]) -> int:
     logs.setup()
     try:
         spec = load_sweep(args.sweep, args.scale, tracking_uri=args.tracking_uri)
-        ran = worker(spec, Place(Path(args.out), Path(args.cache), args.storage, args.reuse_runs), retry_failed=args.retry_failed)
+        place = Place(Path(args.out), Path(args.cache), args.storage, args.reuse_runs, args.register)
+        ran = worker(spec, place, retry_failed=args.retry_failed)
     except UserError as exc:
         print(f"{OUTAGE_PREFIX}{exc}", file=sys.stderr, flush=True)
         return exc.exit_code

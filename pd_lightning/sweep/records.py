@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 
+from pd_lightning._source import source_tags
 from pd_lightning.artifacts import RUN_STATE
 from pd_lightning.sweep.locks import study_lock
 from pd_lightning.sweep.outages import one_line
@@ -37,7 +38,7 @@ def _client(spec: SweepSpec):
 
 
 def parent_run(spec: SweepSpec, study, storage_url: str) -> str:
-    """The sweep's MLflow parent run (created once; its id is kept in the study)."""
+    """The sweep's MLflow parent run (created once; its id is kept in the study; `summary` fills it in)."""
     from pd_lightning.tracking import ensure_experiment, tracking_settings
 
     with study_lock(storage_url, spec.study_name):
@@ -49,7 +50,9 @@ def parent_run(spec: SweepSpec, study, storage_url: str) -> str:
         exp_id = ensure_experiment(client, spec.experiment, s["artifact_location"])  # MLflow's training view
         run = client.create_run(exp_id, run_name=f"{spec.name} [{spec.scale}]", tags={
             "pd.role": "sweep", "pd.sweep": spec.name, "pd.scale": spec.scale, "pd.study": spec.study_name,
-            "pd.table": spec.table, "mlflow.note.content": spec.description})
+            "pd.table": spec.table, "mlflow.note.content": spec.description,
+            # its source in MLflow's terms: the sweep file and the code's commit (the summary adds the rest)
+            "mlflow.source.name": str(spec.path.resolve()), "mlflow.source.type": "LOCAL", **source_tags()})
         client.log_text(run.info.run_id, spec.path.read_text(), "sweep.yaml")
         study.set_user_attr(PARENT_ATTR, run.info.run_id)
         study.set_user_attr("pdl.sweep_file", str(spec.path.resolve()))
@@ -81,7 +84,7 @@ def _write_failure(spec: SweepSpec, task: Task, place: Place, parent_id: str, tr
         run_id = json.loads(state.read_text())["run_id"]
     else:
         experiment = client.get_experiment_by_name(spec.experiment)
-        tags = child_tags(spec, task, parent_id, trial_number) | {"pd.seed": str(task.seed)}
+        tags = child_tags(spec, task, parent_id, trial_number) | {"pd.seed": str(task.seed)} | source_tags()
         run_id = client.create_run(experiment.experiment_id, run_name=f"{task.label} seed {task.seed}", tags=tags).info.run_id
         for key, value in task.overrides.items():
             client.log_param(run_id, key, value)

@@ -5,8 +5,10 @@ and 13, and at one scale they are the same configuration. With `--reuse-runs` a 
 matches a finished, evaluated run anywhere in the same MLflow store gets a copy of that run in its own
 sweep's experiment, under its own parent: every metric's full history (checkpoint scores by step, the
 learning curve) and tag of the source, its own configuration's params and design tags, and the tag
-`pd.reused_from` naming the source run. Artifacts (the
-student's HF dir) stay with the source; `pd.artifacts_of` gives its artifact URI.
+`pd.reused_from` naming the source run. Artifacts stay with the source: `pd.artifacts_of` gives its
+artifact URI, and the inherited `pd.model_id` its student (the source's MLflow logged model), which
+`--register` registers for the copy too. The copy keeps the source's `mlflow.source.git.commit`: its
+results are of the source's code.
 
 The result key (`pd.result_key`, tagged on every sweep run) is the content hash of the trial's whole
 configuration with the fields that only say where it writes blanked: `trainer.out` (the sweep's own
@@ -30,6 +32,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pd_lightning._source import COMMIT_TAG
 from pd_lightning.artifacts import CACHE_MARKER, RUN_STATE
 from pd_lightning.config import PDLConfig, config_hash
 
@@ -110,7 +113,8 @@ def copy_run(client, source, cfg: PDLConfig, experiment_id: str, *, tags: dict[s
     from pd_lightning.config import flatten
     from pd_lightning.tracking import design_tags
 
-    kept = {k: v for k, v in source.data.tags.items() if not k.startswith("mlflow.") and k not in _WHERE_TAGS}
+    kept = {k: v for k, v in source.data.tags.items()
+            if (not k.startswith("mlflow.") or k == COMMIT_TAG) and k not in _WHERE_TAGS}  # the source's code
     kept |= design_tags(cfg, teacher=source.data.tags.get("pd.teacher") or None)
     note = (f"A copy of run {source.info.run_id} (experiment {source.info.experiment_id}): the same configuration "
             f"(result key {source.data.tags.get(RESULT_KEY_TAG)}), taken by `pdl sweep run --reuse-runs` instead of "

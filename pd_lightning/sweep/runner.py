@@ -30,6 +30,7 @@ from pd_lightning.sweep.records import (parent_run, record_failure, set_parent_s
 from pd_lightning.sweep.space import design_space
 from pd_lightning.sweep.spec import SweepSpec, Task, check_points
 from pd_lightning.sweep.status import Progress, status_table
+from pd_lightning.sweep.summary import write_summary
 from pd_lightning.sweep.study import (ERROR_ATTR, OUTAGE_ATTR, PARENT_ATTR, Heartbeat, Place, claim, create_study,
                                       failed_trials, make_sampler, nothing_to_do, open_storage, task_states)
 from pd_lightning.sweep.trial import mean_curve, report_learning_curve, run_task, validation_loss_reporter
@@ -158,6 +159,7 @@ def _coordinate(spec: SweepSpec, place: Place, *, workers: int, retry_failed: bo
           .rstrip(" -"), flush=True)
     print(f"sweep: {total} trials ({done} already complete), {workers} worker(s); study {spec.study_name!r} in "
           f"{redact(place.storage)}; MLflow experiment {spec.experiment!r}, parent run {parent_id}", flush=True)
+    print(f"sweep: its summary in MLflow's training view: {_parent_page(spec, parent_id)}", flush=True)
     place.out.mkdir(parents=True, exist_ok=True)
     if nothing_to_do(study, spec, tasks, retry_failed):
         print(status_table(study, spec), flush=True)
@@ -210,6 +212,8 @@ def _start_workers(spec: SweepSpec, place: Place, workers: int, *, retry_failed:
             cmd.append("--retry-failed")
         if place.reuse_runs:
             cmd.append("--reuse-runs")
+        if place.register:
+            cmd += ["--register", place.register]
         if spec.tracking_uri:  # the coordinator's --tracking-uri (None: the store the sweep's config names)
             cmd += ["--tracking-uri", spec.tracking_uri]
         procs.append((subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env), handle))
@@ -243,8 +247,21 @@ def _last_error(path: Path) -> str:
     return lines[-1][len(OUTAGE_PREFIX):] if lines else f"a worker stopped because a server did not answer; see {path}"
 
 
+def _parent_page(spec: SweepSpec, parent_id: str) -> str:
+    """The parent run's page in the MLflow UI (a tracking server's, else `mlflow ui`'s default address)."""
+    from mlflow.tracking import MlflowClient
+
+    from pd_lightning.tracking import training_view_url
+
+    uri = tracking_uri(spec)
+    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(spec.experiment)
+    return training_view_url(redact(uri), experiment.experiment_id, parent_id)
+
+
 def _close_parent(spec: SweepSpec, parent_id: str, study, tasks: list[Task]) -> None:
-    """The parent run is FINISHED when every trial completed, FAILED when some failed or are missing."""
+    """The parent run gets the sweep's summary (`summary`: best configuration, its Δ, trials by state, source), then
+    is FINISHED when every trial completed, FAILED when some failed or are missing."""
+    write_summary(spec, study, parent_id)  # a warning, never an error, when it cannot be written
     states = task_states(study, tasks)
     complete = all(states[t.task_id] == "complete" for t in tasks) and not failed_trials(study)
     set_parent_status(spec, parent_id, "FINISHED" if complete else "FAILED")

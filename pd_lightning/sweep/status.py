@@ -10,8 +10,8 @@ from pd_lightning.sweep.spec import SweepSpec
 from pd_lightning.sweep.study import ERROR_ATTR, TASK_ATTR, failed_trials, trial_state
 
 
-def status_table(study, spec: SweepSpec) -> str:
-    """Plain-text table of every task (and search trial): label, seed, state, objective, run id, error."""
+def _status_rows(study, spec: SweepSpec) -> list[tuple[str, ...]]:
+    """One row per task (its latest trial, a complete one first) and per search trial: what the table lists."""
     from optuna.trial import TrialState
 
     latest: dict[str, Any] = {}
@@ -24,6 +24,18 @@ def status_table(study, spec: SweepSpec) -> str:
         if key.startswith("search-"):
             rows.append(_status_row(trial.user_attrs.get("pdl.label", f"trial {trial.number}"),
                                     ",".join(map(str, spec.seeds)), trial))
+    return rows
+
+
+def state_counts(study, spec: SweepSpec) -> Counter:
+    """How many tasks (and search trials) are in each state, as the table's `total:` line counts them:
+    complete, running, waiting, failed, interrupted, crashed, pending (a task with no trial yet)."""
+    return Counter(r[3] for r in _status_rows(study, spec))
+
+
+def status_table(study, spec: SweepSpec) -> str:
+    """Plain-text table of every task (and search trial): label, seed, state, objective, run id, error."""
+    rows = _status_rows(study, spec)
     header = ("trial", "configuration", "seed", "state", spec.objective_metric, "minutes", "run / error")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header) - 1)]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(header[:-1], widths)) + "  " + header[-1]]

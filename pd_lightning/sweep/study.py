@@ -55,12 +55,14 @@ REDO = ("pending", "crashed", "interrupted")  # what a claim enqueues again (plu
 @dataclass
 class Place:
     """Where a sweep writes: its own dir (trial runs, logs), the shared prerequisite cache, the Optuna storage;
-    and whether a task may take a finished run of the same configuration instead of training (`--reuse-runs`)."""
+    whether a task may take a finished run of the same configuration instead of training (`--reuse-runs`);
+    and the registered model every trial's student becomes a version of (`--register`, None: none)."""
 
     out: Path
     cache: Path
     storage: str
     reuse_runs: bool = False
+    register: str | None = None
 
     def trial_dir(self, task_id: str) -> Path:
         """A task's training run directory: named by the task, so a re-run resumes it."""
@@ -77,11 +79,14 @@ def default_storage(cfg: PDLConfig) -> str:
 
 
 def resolve_place(spec: SweepSpec, *, out: str | None, cache: str | None, storage: str | None,
-                  reuse_runs: bool = False) -> Place:
+                  reuse_runs: bool = False, register: str | None = None) -> Place:
     """Output dir, cache dir and Optuna storage URL for a sweep (defaults beside the working dir's runs/)."""
+    from pd_lightning.student_model import check_registered_name
+
     return Place(out=Path(out) if out else Path("runs") / "sweeps" / spec.name / spec.scale,
                  cache=Path(cache) if cache else Path("runs") / "cache",
-                 storage=storage or default_storage(spec.base_config()), reuse_runs=reuse_runs)
+                 storage=storage or default_storage(spec.base_config()), reuse_runs=reuse_runs,
+                 register=check_registered_name(register))
 
 
 def open_storage(url: str, spec: SweepSpec):

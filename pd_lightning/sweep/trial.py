@@ -19,6 +19,7 @@ from typing import Any
 
 from pd_lightning.artifacts import MODEL_DIR
 from pd_lightning.errors import UserError
+from pd_lightning.student_model import MODEL_ID_TAG, register_student
 from pd_lightning.sweep.cache import quiet_builds, reference_teacher, with_prerequisites
 from pd_lightning.sweep.records import child_tags
 from pd_lightning.sweep.reuse import RESULT_KEY_TAG, copy_run, find_source, finished_copy, result_key
@@ -52,8 +53,11 @@ def run_task(spec: SweepSpec, task: Task, place: Place, *, parent_id: str, trial
     if place.reuse_runs:
         reused = _reused_run(client, spec, cfg, tags, place.trial_dir(task.task_id))
         if reused is not None:
+            if place.register:  # a copy's student is its source's logged model (the inherited pd.model_id tag)
+                register_student(client, reused["run_id"], place.register)
             return reused
-    info = train(cfg, tags=tags, callbacks=callbacks or None, heldout_teacher=reference_teacher(cfg, place.cache))
+    info = train(cfg, tags=tags, callbacks=callbacks or None, heldout_teacher=reference_teacher(cfg, place.cache),
+                 register=place.register)
     run = client.get_run(info["run_id"])
     if run.data.tags.get("pd.trial") != str(trial_number):  # a re-run trial reuses the run: point it here
         client.set_tag(info["run_id"], "pd.trial", str(trial_number))
@@ -70,7 +74,8 @@ def run_task(spec: SweepSpec, task: Task, place: Place, *, parent_id: str, trial
         if before_scoring:
             before_scoring()
         result = evaluate_with_config(Path(cfg.trainer.out) / MODEL_DIR, cfg)
-        log_to_mlflow(result, info["run_id"], tracking_uri=uri, step=final_step)
+        log_to_mlflow(result, info["run_id"], tracking_uri=uri, step=final_step,
+                      model_id=run.data.tags.get(MODEL_ID_TAG))  # the scores of the run's logged model
     metrics = client.get_run(info["run_id"]).data.metrics
     if spec.objective_metric not in metrics:
         raise UserError(f"objective.metric={spec.objective_metric!r} was not logged by the run; it logged "
