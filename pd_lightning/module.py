@@ -192,11 +192,12 @@ def heldout_metrics(model: torch.nn.Module, root: str | Path, *, teacher: torch.
     acc = TokenMetricAccumulator(bins=bins)
     for start in range(0, n, batch_size):
         ids = torch.from_numpy(shards.batch(range(start, min(start + batch_size, n)))).to(device)
-        logits = model(input_ids=ids).logits[:, :-1]
+        # no KV cache: exported dirs turn use_cache on for generation, and one scoring pass never reads it back
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
         teacher_logits = None
         if teacher is not None:
             t_device = next(teacher.parameters()).device
-            teacher_logits = teacher(input_ids=ids.to(t_device)).logits[:, :-1].to(logits.device)
+            teacher_logits = teacher(input_ids=ids.to(t_device), use_cache=False).logits[:, :-1].to(logits.device)
         acc.update(logits, ids[:, 1:], teacher_logits)
     for m, mode in zip(models, was_training):
         m.train(mode)

@@ -91,7 +91,12 @@ def test_heldout_metrics_one_pass_on_a_real_model(tiny_teacher: Path, tiny_data:
     from pd_lightning.module import heldout_loss, heldout_metrics, lm_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    model.config.use_cache = True  # as an exported dir has it (for generation)
+    caches = []
+    hook = model.register_forward_hook(lambda m, args, out: caches.append(out.past_key_values))
     got = heldout_metrics(model, tiny_data, teacher=model, max_sequences=40, batch_size=16)
+    hook.remove()
+    assert caches and all(c is None for c in caches)  # scoring builds no KV cache (it would never be read)
     ids = torch.from_numpy(TokenShards(tiny_data, "heldout").batch(range(40)))
     with torch.no_grad():
         reference = lm_loss(model(input_ids=ids).logits, ids).item()
