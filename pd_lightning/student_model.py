@@ -16,6 +16,8 @@ explicit MLflow client: nothing here reads or sets MLflow's global tracking URI.
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import re
 import tempfile
@@ -144,12 +146,28 @@ def register_student(client, run_id: str, name: str) -> str | None:
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
-    version = client.create_model_version(name, source=source, run_id=run_id, model_id=model_id)
+    with _global_tracking_uri(client._tracking_client.tracking_uri):
+        version = client.create_model_version(name, source=source, run_id=run_id, model_id=model_id)
     listed = client.get_logged_model(model_id).tags.get("mlflow.modelVersions")  # what MLflow's own register sets
     entries = (json.loads(listed) if listed else []) + [{"name": name, "version": version.version}]
     client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps(entries)})
     log.info("register: run %s's student is version %s of registered model %r", run_id, version.version, name)
     return str(version.version)
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str):
+    """MLflow's registry resolves a `models:/<id>` source through the *global* tracking URI, not the client's:
+    point it at the client's store for the call (an MLFLOW_TRACKING_URI of another store would not find the
+    model), then put back what was there."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
 
 
 def _quoted(text: str) -> str:

@@ -111,8 +111,12 @@ def test_students_are_logged_models_that_pyfunc_loads_and_scores(sweep, monkeypa
     assert list(scored["prompt"]) == ["the cat sat on the mat", "one two three four"]
     assert (scored["tokens"] > 1).all() and scored["nll"].between(0.1, 20).all()
     assert scored["continuation"].map(lambda t: isinstance(t, str)).all()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", sweep["uri"])  # models:/ URIs resolve through the store
-    again = mlflow.pyfunc.load_model(f"models:/{model.model_id}").predict(["the cat sat on the mat"])
+    before = mlflow.get_tracking_uri()  # models:/ URIs resolve through the global store (another test may have set it)
+    mlflow.set_tracking_uri(sweep["uri"])
+    try:
+        again = mlflow.pyfunc.load_model(f"models:/{model.model_id}").predict(["the cat sat on the mat"])
+    finally:
+        mlflow.set_tracking_uri(before)
     assert again["nll"].iloc[0] == pytest.approx(scored["nll"].iloc[0])
 
 
