@@ -41,7 +41,7 @@ import pandas as pd
 
 from analysis.claims import CLAIMS, Claim, Contrast
 from analysis.stats import t975
-from analysis.tables import percent_task_columns
+from analysis.tables import percent_task_columns, run_averages
 from pd_lightning.errors import ConfigError
 
 RUNS_FILE, CHECKPOINTS_FILE, SWEEP_FILE = "runs.csv", "checkpoints.csv", "sweep.json"
@@ -76,7 +76,8 @@ def export_sweep(tracking_uri: str, sweep: str, out_dir: str | Path, *, scale: s
     is still running (its parent run is RUNNING: a partial sweep would publish a table with rows missing)."""
     from mlflow.tracking import MlflowClient
 
-    from analysis.runs import load_runs, metric_history
+    from analysis.runs import load_runs, metric_history, percent_scale
+    from pd_lightning.tracking import is_accuracy_metric
 
     client = MlflowClient(tracking_uri=tracking_uri)
     parents = [p for p in _sweep_parents(client, sweep) if p.data.tags.get("pd.scale") == scale]
@@ -98,7 +99,7 @@ def export_sweep(tracking_uri: str, sweep: str, out_dir: str | Path, *, scale: s
         for key in sorted(k for k in run.data.metrics if k.startswith("eval.")):
             hist = metric_history(tracking_uri, run_id, key)
             if len(hist) > 1:  # scored at several checkpoints (Table 12)
-                scale_by = 100.0 if _is_fraction(run, key) else 1.0
+                scale_by = percent_scale(run.data.tags) if is_accuracy_metric(key) else 1.0
                 curves += [(run_id, key, int(s), float(v) * scale_by) for s, v in zip(hist["step"], hist["value"])]
     if curves:
         pd.DataFrame(curves, columns=["run_id", "key", "step", "value"]).to_csv(
@@ -119,12 +120,6 @@ def export_sweep(tracking_uri: str, sweep: str, out_dir: str | Path, *, scale: s
     }
     (folder / SWEEP_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     return folder
-
-
-def _is_fraction(run, key: str) -> bool:
-    from pd_lightning.tracking import EVAL_UNIT, EVAL_UNIT_TAG, is_accuracy_metric
-
-    return run.data.tags.get(EVAL_UNIT_TAG) == EVAL_UNIT and is_accuracy_metric(key)
 
 
 def _parent_hours(parents: list) -> float | None:
@@ -210,13 +205,12 @@ def verdict(mean: float, ci95: float, test: str, margin: float) -> str:
 
 
 def per_run_values(runs: pd.DataFrame) -> pd.DataFrame:
-    """label, group, seed, average (mean of the task scores, %), loss, ece: one row per run."""
-    tasks = percent_task_columns(runs)
+    """label, group, seed, average (`run_averages`: the tables' Average, %), loss, ece: one row per run."""
     out = pd.DataFrame({
         "label": runs["pd.label"].astype(str),
         "group": runs["pd.group"].fillna("").astype(str) if "pd.group" in runs else "",
         "seed": pd.to_numeric(runs["pd.seed"]).astype(int),
-        "average": runs[tasks].astype(float).mean(axis=1, skipna=False) if tasks else np.nan,
+        "average": run_averages(runs) if percent_task_columns(runs) else np.nan,
     })
     for name, col in HELDOUT.items():
         out[name] = pd.to_numeric(runs[col], errors="coerce") if col in runs else np.nan

@@ -11,13 +11,14 @@ artifacts: at the paper's scale a student is several GB.
 
 `--register NAME` (`pdl train`, `pdl sweep run`) also makes each student a version of the registered
 model NAME (the registry references the logged model's files; nothing is copied). Everything takes an
-explicit MLflow client: nothing here reads or sets MLflow's global tracking URI.
+explicit MLflow client; the one exception is registering, which points MLflow's global tracking URI at
+the client's store for the duration of the call and restores it (`_global_tracking_uri`: MLflow
+resolves a `models:/` source through the global URI, whatever client is asked).
 """
 
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import re
 import tempfile
