@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py                      # ~2 min on a loaded 2-core CPU box (setup ~50 s)
     python benchmarks/bench_train.py --quick              # ~1 min
     python benchmarks/bench_train.py --workdir /tmp/bt    # keep (and reuse) the dataset, teacher and store
+    python benchmarks/bench_train.py --encoding ctxans    # the same with the store entropy-coded (issue 22)
 
 Setup (skipped for the parts already in --workdir): the test suite's recipe (tests/conftest.py) --
 `prepare` a built-in-corpus dataset (default 300k train tokens, 2,048-token BPE, sequences of 128,
@@ -68,7 +69,8 @@ def data_overrides(a, work: Path) -> list[str]:
             "data.tokenizer_train_chars=400000", f"data.seq_len={a.seq_len}", "data.sequences_per_shard=1024",
             f"data.out={work / 'data'}", f"teacher.out={work / 'teacher'}", "teacher.preset=tiny-1m",
             f"teacher.max_steps={a.teacher_steps}", "teacher.batch_size=16", "teacher.lr=5e-3",
-            f"logits.store={work / 'store'}", "logits.batch_size=32", "logits.store_p=0.95", "logits.store_k=100",
+            f"logits.store={work / ('store' if a.encoding == 'egsqrt' else f'store-{a.encoding}')}",
+            f"logits.encoding={a.encoding}", "logits.batch_size=32", "logits.store_p=0.95", "logits.store_k=100",
             "logits.p=0.95", "logits.k=100", f"model.preset={a.preset}"]
 
 
@@ -283,6 +285,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--batches", type=int, default=4, help="pre-decoded batches cycled in the step timing")
     ap.add_argument("--loader-batches", type=int, default=None)
     ap.add_argument("--workers", default="0,1", help="num_workers values to measure")
+    ap.add_argument("--encoding", default="egsqrt", choices=("egsqrt", "ctxans"),
+                    help="the store's encoding (logits.encoding); each has its own store in --workdir")
     ap.add_argument("--recommended-workers", type=int, default=1,
                     help="num_workers whose ratio is reported as loader_throughput_ratio")
     a = ap.parse_args(argv)
@@ -329,6 +333,7 @@ def main(argv=None) -> dict:
         "loader_throughput_ratio_num_workers": rec,
         **{f"loader_throughput_ratio_workers{w}": r["throughput_ratio"] for w, r in loaders.items()},
         "loader_target_met": loaders[rec]["throughput_ratio"] >= 10,
+        "store_encoding": a.encoding,
         # Load-independent view: CPU seconds of a PD step / CPU seconds to build one batch in-process,
         # i.e. how many steps one free core of loader work keeps fed (wall ratios move with machine load).
         "loader_throughput_ratio_cpu": round(steps["step_cpu_s_median"]["pd"] / breakdown["getitem_cpu_s"], 3),

@@ -325,8 +325,10 @@ def cmd_sweep_validate(args: argparse.Namespace) -> None:
         varied = [k for k, d in space.distributions.items() if not d.single()]
         p, k = spec.loosest_truncation()
         search = f" + {spec.search['trials']} {spec.search['sampler']} trials" if spec.search else ""
+        draws = spec.sampled_draws()
+        sampled = f" + sampled stores N = {', '.join(map(str, draws))}" if draws else ""
         print(f"ok: {spec.name} [{spec.scale}]: {len(spec.tasks())} trials{search}, seeds {spec.seeds}, "
-              f"store top-{p}-{k}, objective {spec.direction} {spec.objective_metric}; "
+              f"store top-{p}-{k}{sampled}, objective {spec.direction} {spec.objective_metric}; "
               f"{len(space.distributions)} parameters per trial, varied: {', '.join(varied) or 'none'}")
 
 

@@ -193,6 +193,15 @@ def test_cli_validate_and_bad_scale(tmp_path):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "optuna.db").exists()
 
 
+def test_cli_validate_names_every_store(tmp_path):
+    """A sweep with sampled targets builds one sampled store per N beside the top-p-k one: validate says so."""
+    path = write_sweep(tmp_path, "draws", grid={"logits.samples": [12, 8]},
+                       set={"logits.sampling": "sample", "loss.alpha": 1.0})
+    ok = pdl("sweep", "validate", str(path), cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert " + sampled stores N = 8, 12, objective" in ok.stdout and "store top-" in ok.stdout
+
+
 # ------------------------------------------------------------------------------------------ runs
 
 

@@ -166,6 +166,15 @@ class SweepSpec:
         base = self.base_config()
         return max(ps + [base.logits.p]), max(ks + [base.logits.k])
 
+    def sampled_draws(self) -> list[int]:
+        """The draw counts N of the configurations with sampled targets: each needs its own sampled store."""
+        found = set()
+        for t in self.baseline_points() + self.grid_points():
+            logits = self.base_config({k: v for k, v in (self.common | t.overrides).items() if k.startswith("logits.")}).logits
+            if logits.sampling == "sample":
+                found.add(int(logits.samples))
+        return sorted(found)
+
     def power_exponents(self) -> list[float]:
         """The power sums the store must keep for every configuration's targets (WTTM's full-vocabulary U)."""
         from pd_lightning.logits.processing import power_exponents_for  # torch: not for reading a file
