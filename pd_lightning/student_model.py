@@ -5,7 +5,8 @@ are invisible there. So `pdl train` logs the exported student (`trainer.out/mode
 as a pyfunc logged model (`student_pyfunc`: loads the dir with transformers, scores and continues
 prompts), linked to its run as the run's output at its last step, with the run's params, design tags
 and final metrics, so `mlflow.pyfunc.load_model(f"models:/{model_id}")` gives it back. The run's tag
-`pd.model_id` names it (a `--reuse-runs` copy inherits its source's). The weights are stored once, in
+`pd.model_id` names it (a `--reuse-runs` copy inherits its source's) and `pd.model_dir` the dir it was
+logged from, so `pdl eval DIR --run-id RUN` links its scores to the model when DIR is that dir. The weights are stored once, in
 the logged model (`<artifact root>/models/<model_id>/artifacts/artifacts/model/`), not also as run
 artifacts: at the paper's scale a student is several GB.
 
@@ -30,6 +31,7 @@ from pd_lightning.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MODEL_ID_TAG = "pd.model_id"  # on a run: the logged model of its student
+MODEL_DIR_TAG = "pd.model_dir"  # on a run: the absolute path of the student dir that model was logged from
 MODEL_TYPE = "causal-lm"
 _LOGGED_NAME_BAD = re.compile(r"[/:.%\"']")  # what MLflow refuses in a logged model's name
 HF_DIR = "hf_dir"  # the student dir's key among the model's artifacts (student_pyfunc.HF_DIR)
@@ -118,7 +120,17 @@ def log_student(client, run_id: str, model_dir: Path, *, step: int, name: str | 
     for i in range(0, len(metrics), 1000):  # MLflow's limit per batch
         client.log_batch(run_id, metrics=metrics[i:i + 1000])
     client.set_tag(run_id, MODEL_ID_TAG, model.model_id)
+    client.set_tag(run_id, MODEL_DIR_TAG, str(model_dir.resolve()))
     return model.model_id
+
+
+def logged_model_of_dir(run, model_dir: str | Path) -> str | None:
+    """The run's logged model when `model_dir` is the student dir it was logged from, else None (a
+    checkpoint or another model scored into the run is not that model)."""
+    logged_from = run.data.tags.get(MODEL_DIR_TAG)
+    if logged_from is None or Path(model_dir).resolve() != Path(logged_from):
+        return None
+    return run.data.tags.get(MODEL_ID_TAG)
 
 
 def register_student(client, run_id: str, name: str) -> str | None:

@@ -314,6 +314,33 @@ def test_pdl_eval_prints_and_logs_heldout_metrics(tiny_teacher: Path, tiny_data:
         cli.cmd_eval(eval_args(str(tiny_teacher), "--heldout", str(tmp_path)))
 
 
+def test_pdl_eval_links_scores_to_the_runs_logged_student(tiny_teacher: Path, mlflow_run: tuple[str, str],
+                                                         tmp_path: Path):
+    """`pdl eval DIR --run-id RUN`: the scores go to the run and, when DIR is the student dir the run's logged
+    model came from, to that model too (what the Models tab shows); any other dir scores the run alone."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from pd_lightning.student_model import MODEL_DIR_TAG, log_student
+
+    uri, run_id = mlflow_run
+    client = MlflowClient(tracking_uri=uri)
+    student = tmp_path / "out" / "model"
+    shutil.copytree(tiny_teacher, student)
+    model_id = log_student(client, run_id, student, step=7)
+    assert client.get_run(run_id).data.tags[MODEL_DIR_TAG] == str(student.resolve())
+    other = tmp_path / "checkpoint"
+    shutil.copytree(tiny_teacher, other)
+    cli.cmd_eval(eval_args(str(other), "--tasks", "synth_facts", "--limit", "8", "--heldout", "none",
+                           "--run-id", run_id, "--tracking-uri", uri))
+    assert not [m for m in client.get_logged_model(model_id).metrics or [] if m.key == "eval.synth_facts"]
+    result = cli.cmd_eval(eval_args(str(student), "--tasks", "synth_facts", "--limit", "8", "--heldout", "none",
+                                    "--run-id", run_id, "--tracking-uri", uri))
+    linked = {m.key: m.value for m in client.get_logged_model(model_id).metrics}
+    assert linked["eval.synth_facts"] == pytest.approx(result["tasks"]["synth_facts"]["value"] / 100)
+
+
 def test_unavailable_dataset_fails_alone_with_one_line(tiny_teacher: Path, mlflow_run: tuple[str, str],
                                                         capsys: pytest.CaptureFixture, tmp_path: Path):
     uri, run_id = mlflow_run

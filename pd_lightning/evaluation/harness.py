@@ -196,7 +196,12 @@ def evaluate(
                             "teacher": None if heldout_teacher is None else str(heldout_teacher)},
     }
     if run_id is not None:
-        log_to_mlflow(result, run_id, tracking_uri=tracking_uri, tracking_config_file=tracking_config_file)
+        from pd_lightning.student_model import logged_model_of_dir
+        from pd_lightning.tracking import mlflow_client
+
+        run = mlflow_client(tracking_uri, tracking_config_file).get_run(run_id)
+        log_to_mlflow(result, run_id, tracking_uri=tracking_uri, tracking_config_file=tracking_config_file,
+                      model_id=logged_model_of_dir(run, model_dir))  # the run's own student: its scores, in the Models tab
     return result
 
 
