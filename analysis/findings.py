@@ -76,8 +76,7 @@ def export_sweep(tracking_uri: str, sweep: str, out_dir: str | Path, *, scale: s
     is still running (its parent run is RUNNING: a partial sweep would publish a table with rows missing)."""
     from mlflow.tracking import MlflowClient
 
-    from analysis.runs import load_runs, metric_history, percent_scale
-    from pd_lightning.tracking import is_accuracy_metric
+    from analysis.runs import load_runs, metric_history
 
     client = MlflowClient(tracking_uri=tracking_uri)
     parents = [p for p in _sweep_parents(client, sweep) if p.data.tags.get("pd.scale") == scale]
@@ -97,10 +96,9 @@ def export_sweep(tracking_uri: str, sweep: str, out_dir: str | Path, *, scale: s
     for run_id in table["run_id"]:
         run = client.get_run(run_id)
         for key in sorted(k for k in run.data.metrics if k.startswith("eval.")):
-            hist = metric_history(tracking_uri, run_id, key)
+            hist = metric_history(tracking_uri, run_id, key)  # accuracy-like scores already in percent
             if len(hist) > 1:  # scored at several checkpoints (Table 12)
-                scale_by = percent_scale(run.data.tags) if is_accuracy_metric(key) else 1.0
-                curves += [(run_id, key, int(s), float(v) * scale_by) for s, v in zip(hist["step"], hist["value"])]
+                curves += [(run_id, key, int(s), float(v)) for s, v in zip(hist["step"], hist["value"])]
     if curves:
         pd.DataFrame(curves, columns=["run_id", "key", "step", "value"]).to_csv(
             folder / CHECKPOINTS_FILE, index=False, float_format="%.10g")
@@ -218,12 +216,18 @@ def per_run_values(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def at_step(runs: pd.DataFrame, checkpoints: pd.DataFrame | None, step: int) -> pd.DataFrame:
-    """The runs as they scored at checkpoint `step` (their metrics replaced by those logged at that step)."""
+    """The runs as they scored at checkpoint `step` (their metrics replaced by those logged at that step).
+
+    The held-out metrics are measured once, at the end of training: a run keeps them at its last checkpoint
+    only (earlier checkpoints have none, and their held-out contrasts read "not run")."""
     if checkpoints is None:
         return runs.iloc[0:0]
     here = checkpoints[checkpoints["step"] == step].pivot_table(index="run_id", columns="key", values="value",
                                                                aggfunc="last")
-    tags = runs[[c for c in runs.columns if c.startswith("pd.") or c == "run_id"]]
+    last = checkpoints.groupby("run_id")["step"].max()
+    tags = runs[[c for c in runs.columns if c.startswith("pd.") or c == "run_id" or c in HELDOUT.values()]].copy()
+    for col in set(HELDOUT.values()) & set(tags.columns):
+        tags.loc[tags["run_id"].map(last).ne(step), col] = np.nan
     return tags.merge(here, left_on="run_id", right_index=True, how="inner")
 
 

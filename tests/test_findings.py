@@ -88,13 +88,19 @@ def test_every_claim_names_rows_its_sweep_has():
 
 def test_export_and_report_round_trip_through_a_real_mlflow_store(tmp_path):
     """The paper's printed tables logged as MLflow runs, exported, reported: C1 is the paper's own +0.6."""
-    from analysis.paper_data import log_paper_runs
+    from analysis.paper_data import CHECKPOINTS, log_paper_runs
 
     uri = f"sqlite:///{tmp_path / 'paper.db'}"
-    log_paper_runs(uri, sweeps=["table1_lm_vs_kd", "table5_loss_schedules"])
-    assert export_all([uri], tmp_path / "results", scale="paper") == ["table1_lm_vs_kd", "table5_loss_schedules"]
-    runs = load_results(tmp_path / "results")["table1_lm_vs_kd"]["runs"]
+    log_paper_runs(uri, sweeps=["table1_lm_vs_kd", "table5_loss_schedules", "table12_checkpoints"])
+    assert export_all([uri], tmp_path / "results", scale="paper") == ["table1_lm_vs_kd", "table5_loss_schedules",
+                                                                       "table12_checkpoints"]
+    results = load_results(tmp_path / "results")
+    runs = results["table1_lm_vs_kd"]["runs"]
     assert sorted(runs["pd.label"]) == ["LLM-KD", "LLM-LM"]
+    # checkpoint scores in percent, as printed (MLflow holds fractions; once a bug scaled them twice)
+    curves = results["table12_checkpoints"]["checkpoints"]
+    first = curves[(curves["key"] == "eval.hellaswag") & (curves["step"] == 10_000)]["value"]
+    assert sorted(first.round(6)) == sorted(rows[0][0] for rows in CHECKPOINTS.values())
     text = write_findings(tmp_path / "results", tmp_path / "docs" / "findings.md").read_text()
     c1 = next(line for line in text.splitlines() if line.startswith("| LLM-KD − LLM-LM"))
     assert "| +0.6 | +0.6 (n = 1, no interval) | unresolved |" in c1  # one run per row: no interval, no verdict
