@@ -185,6 +185,12 @@ CHECKPOINTS: dict[tuple[str, str], list[tuple[float, ...]]] = {
                      (69.1, 67.4, 77.3, 51.3, 6.7, 68.5, 50.9, 36.5), (69.5, 66.5, 77.7, 52.4, 6.8, 68.5, 52.3, 36.2)],
 }
 
+# Table 12's printed Average column (the paper's rounding of its eight scores' mean), per curve and checkpoint
+CHECKPOINT_AVERAGES: dict[tuple[str, str], tuple[float, ...]] = {
+    ("1.9B", "lm"): (37.7, 40.5, 42.4, 43.0, 44.2, 44.2), ("1.9B", "kd"): (38.2, 41.5, 43.3, 44.3, 45.5, 45.4),
+    ("3.8B", "lm"): (42.6, 46.5, 48.4, 48.9, 50.3, 50.2), ("3.8B", "kd"): (43.9, 48.4, 50.9, 52.4, 53.5, 53.7),
+}
+
 
 def tags_for(sweep: str, row: Row, trial: int, parent_id: str | None) -> dict[str, str]:
     """The tags a sweep child run of this row carries (the contract analysis relies on)."""

@@ -38,6 +38,9 @@ def test_committed_findings_regenerate_byte_identically(tmp_path):
     (0.6, 0.5, "eq", "replicated"),      # a significant but small difference is still "about equal"
     (-1.0, 0.9, "ge", "replicated"), (-3.0, 0.5, "ge", "contradicted"), (-1.0, 2.0, "ge", "unresolved"),
     (1.0, 0.9, "le", "replicated"), (3.0, 0.5, "le", "contradicted"),
+    # an interval that excludes 0 but reaches into the margin does not rule out "about equal" / "about no gain"
+    (-7.5, 6.9, "eq", "unresolved"), (7.5, 7.4, "le", "unresolved"), (-2.5, 0.6, "ge", "unresolved"),
+    (-2.5, 0.4, "ge", "contradicted"),
     (1.0, math.nan, "gt", "unresolved"),  # one seed: no interval, no verdict
 ])
 def test_verdict_rules(mean, ci, test, expected):
