@@ -387,6 +387,8 @@ def _same_row_note(sweeps: dict[str, dict[str, Any]]) -> str:
             return ""
         values = per_run_values(runs)
         means.append(values.loc[values["label"] == label, "average"].mean())
+    if not all(math.isfinite(m) for m in means):
+        return ""
     return (f" ({means[0]:.1f} Average points) while `table1_lm_vs_kd`'s LLM-KD, the same configuration, reads a "
             f"top-0.95-100 store ({means[1]:.1f})")
 
@@ -462,8 +464,8 @@ def _provenance(sweeps: dict[str, dict[str, Any]]) -> list[str]:
               f"hours: the sweep's parent run from start to last finish (teacher and store builds included). Machine: "
               f"the project's shared 2-core x86-64 CPU (no GPU). Scale: `sweeps/*.yaml`, `scales.tiny` (800k training "
               f"tokens, a tiny-5m teacher of 600 steps, tiny-1m students for 500 steps of 8 x 128 tokens, 600 items "
-              f"per task; `table11_sizes` varies the sizes, `table12_checkpoints` trains 1,500 steps and `iso_compute` "
-              f"sets the steps from its FLOP budget).", ""]
+              f"per task; `table11_sizes` varies the sizes, `table12_checkpoints` trains 1,500 steps from a 3,000-step "
+              f"teacher and `iso_compute` sets the steps from its FLOP budget).", ""]
     return lines
 
 
