@@ -190,7 +190,8 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="context window in tokens (default: the seq_len the export was trained at if "
                              "recorded, else the model's max_position_embeddings)")
     parser.add_argument("--corpus-seed", type=int, default=0, help="world of the built-in corpus for the local tasks")
-    parser.add_argument("--run-id", default=None, help="MLflow run to log eval.* metrics and the results JSON to")
+    parser.add_argument("--run-id", default=None, help="MLflow run to log eval.* metrics and the results JSON to (and to the run's logged "
+                        "student too, when model_dir is the dir that student was logged from)")
     parser.add_argument("--tracking-uri", default=None, metavar="URI",
                         help="MLflow tracking URI of --run-id (default: tracking_uri of ./mlflow.yaml, else "
                              "sqlite:///mlflow.db)")
@@ -325,8 +326,10 @@ def cmd_sweep_validate(args: argparse.Namespace) -> None:
         varied = [k for k, d in space.distributions.items() if not d.single()]
         p, k = spec.loosest_truncation()
         search = f" + {spec.search['trials']} {spec.search['sampler']} trials" if spec.search else ""
-        draws = spec.sampled_draws()
-        sampled = f" + sampled stores N = {', '.join(map(str, draws))}" if draws else ""
+        stores = spec.sampled_stores()
+        one_seed = len({seed for _, seed in stores}) == 1
+        sampled = (" + sampled stores N = " + ", ".join(str(n) if one_seed else f"{n} (seed {seed})" for n, seed in stores)
+                   if stores else "")
         print(f"ok: {spec.name} [{spec.scale}]: {len(spec.tasks())} trials{search}, seeds {spec.seeds}, "
               f"store top-{p}-{k}{sampled}, objective {spec.direction} {spec.objective_metric}; "
               f"{len(space.distributions)} parameters per trial, varied: {', '.join(varied) or 'none'}")

@@ -6,9 +6,9 @@ as a pyfunc logged model (`student_pyfunc`: loads the dir with transformers, sco
 prompts), linked to its run as the run's output at its last step, with the run's params, design tags
 and final metrics, so `mlflow.pyfunc.load_model(f"models:/{model_id}")` gives it back. The run's tag
 `pd.model_id` names it (a `--reuse-runs` copy inherits its source's) and `pd.model_dir` the dir it was
-logged from, so `pdl eval DIR --run-id RUN` links its scores to the model when DIR is that dir. The weights are stored once, in
-the logged model (`<artifact root>/models/<model_id>/artifacts/artifacts/model/`), not also as run
-artifacts: at the paper's scale a student is several GB.
+logged from, so `pdl eval DIR --run-id RUN` links its scores to the model when DIR is that dir. The
+weights are stored once, in the logged model (`<artifact root>/models/<model_id>/artifacts/artifacts/model/`),
+not also as run artifacts: at the paper's scale a student is several GB.
 
 `--register NAME` (`pdl train`, `pdl sweep run`) also makes each student a version of the registered
 model NAME (the registry references the logged model's files; nothing is copied). Everything takes an

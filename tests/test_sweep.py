@@ -200,6 +200,10 @@ def test_cli_validate_names_every_store(tmp_path):
     ok = pdl("sweep", "validate", str(path), cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert " + sampled stores N = 8, 12, objective" in ok.stdout and "store top-" in ok.stdout
+    seeds = write_sweep(tmp_path, "seeds", grid={"logits.sample_seed": [0, 1]},  # one store per (N, seed), as the cache
+                        set={"logits.sampling": "sample", "logits.samples": 8, "loss.alpha": 1.0})
+    ok = pdl("sweep", "validate", str(seeds), cwd=tmp_path)
+    assert ok.returncode == 0 and " + sampled stores N = 8 (seed 0), 8 (seed 1), objective" in ok.stdout, ok.stderr
 
 
 # ------------------------------------------------------------------------------------------ runs

@@ -166,13 +166,14 @@ class SweepSpec:
         base = self.base_config()
         return max(ps + [base.logits.p]), max(ks + [base.logits.k])
 
-    def sampled_draws(self) -> list[int]:
-        """The draw counts N of the configurations with sampled targets: each needs its own sampled store."""
+    def sampled_stores(self) -> list[tuple[int, int]]:
+        """(draws N, sample seed) of every sampled store the sweep builds: like the cache (`sweep.cache`), one
+        per (logits.samples, logits.sample_seed), since no looser store stands in for draws."""
         found = set()
         for t in self.baseline_points() + self.grid_points():
             logits = self.base_config({k: v for k, v in (self.common | t.overrides).items() if k.startswith("logits.")}).logits
             if logits.sampling == "sample":
-                found.add(int(logits.samples))
+                found.add((int(logits.samples), int(logits.sample_seed)))
         return sorted(found)
 
     def power_exponents(self) -> list[float]:
