@@ -546,3 +546,22 @@ def test_default_encoding_is_egsqrt_and_ctxans_reads_the_same_entries(tmp_path, 
     _build_v1(tmp_path / "v1", sparse, monkeypatch)  # a store of the version before power sums and exact cuts
     for old in ("eg", "v1"):
         assert_same_entries(LogitStore(tmp_path / old).sequences(range(N)), new)
+
+
+def test_ctxans_format_1_stores_refused_in_one_line(tmp_path, sparse):
+    """A ctxans store of the first format (constriction's coder; its manifest has no model_format) is refused at
+    open with an error naming the format and the fix, and a model section with format 1's magic likewise."""
+    build(tmp_path / "old", sparse, "ctxans")
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    assert manifest["encoding"]["model_format"] == ctxans.MODEL_FORMAT == 2
+    manifest["encoding"].pop("model_format")
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"ctxans format 1 .* reads format 2; delete it and run `pdl logits generate`") as e:
+        LogitStore(tmp_path / "old")
+    assert "\n" not in str(e.value)
+    import zlib
+
+    old_head = np.asarray([ctxans.OLD_MODEL_MAGIC, 0], "<u4").tobytes() + bytes(200)
+    layout = ctxans.model_layout(40, V, 1 / 64, 2)
+    with pytest.raises(codec.CorruptChunk, match="PCX1"):
+        ctxans.ShardModel.from_bytes(np.frombuffer(zlib.compress(old_head), np.uint8), layout)

@@ -4,8 +4,9 @@ What is coded is exactly what `egsqrt` keeps (`codec` module docstring), so the 
 same log-probabilities bit for bit and have the same KL: per token the kept-entry count K, the kept
 mass `round(-log Q · 4096)`, the float16 stats (entropy, logit std, power sums) and, per entry in
 ascending id order, the id and the square-root level `round(sqrt(q / Q) / δ)`. Only the bits change:
-every value is split into a symbol and raw bits, and the symbols are coded with `constriction`'s ANS
-coder (asymmetric numeral systems, Rust) under categorical models chosen by a context.
+every value is split into a symbol and raw bits, and the symbols are coded by an rANS coder
+(asymmetric numeral systems; the `rans` module, compiled by numba) under categorical models chosen by
+a context, a model per symbol.
 
 Split of an integer x >= 0 with t "top" bits (`split`): x < 2^(t+1) is its own symbol; otherwise, with
 n = bit length of x, the symbol is 2^(t+1) + (n - t - 2)·2^t + (the t bits after the leading one) and
@@ -40,27 +41,30 @@ whose candidates each get a kept / not flag, and only its other ("extra") ids ar
 contexts of their own. The clusters are kept only where they save more than their table costs.
 
 The fit: per shard, per stream and candidate context, the symbol counts of every context; the encoder
-keeps the candidate with the fewest bits in all: the data under the quantised counts, the table's
-compressed size, and GROUP_BITS = 16 bits for each (sequence, context) group, the decode call it
-costs (a speed-for-size rate: a context only stays when it saves that much). Counts are kept as 8-bit
-log-counts `1 + round(8·log2 c)` (0 = unseen; constriction gives unseen symbols its smallest
-probability); the decoder rebuilds the same models from the same bytes.
+keeps the candidate with the fewest bits in all: the data under the coder's frequency tables plus the
+table's compressed size. Counts are kept as 8-bit log-counts `1 + round(8·log2 c)` (0 = unseen: the
+model is fitted to exactly the symbols it codes, so an unseen symbol gets no probability at all);
+`rans.frequencies` turns them into integer frequencies (sum 2^15) by integer arithmetic, so the
+decoder rebuilds the same models from the same bytes on any machine.
 
 Shard sections (see `store` for the file layout):
 
-    model        uint8   zlib of: uint32 [magic, n streams, (candidate, alphabet, n contexts) per stream,
+    model        uint8   zlib of: uint32 [magic "PCX2", n streams, (candidate, alphabet, n contexts) per stream,
                          the used context ids], uint8 log-counts [n contexts, alphabet] per stream, then the
                          clusters: uint32 [n clusters, n candidates each, candidate ids (first, then
                          differences)], uint8 candidate buckets
     seq_entries  [S]     uint32 kept entries of each sequence (a cross-check; `verify` sums it)
     chunks       [2S+1]  uint64 byte offsets of each sequence's two payload chunks:
-                         ANS words (uint32 little-endian) and raw bits (MSB first, padded with 1 bits)
+                         ANS words (`rans`: uint32 little-endian) and raw bits (MSB first, padded with 1 bits)
 
-A sequence's symbols go into its own ANS stream in the stream order above (then context, then token
-order within a context), so any sequence decodes alone: random access is by sequence, as for egsqrt.
-Its raw bits follow the same order: the stats' low bytes, count, mass, gap. A decoded sequence is
-checked: the ANS stream must end exactly empty, raw fields must fit their chunk, counts must lie in
-[1, k] and sum to `seq_entries`, flags must not keep more ids than the count, ids must lie in [0, V).
+A sequence's symbols go into its own ANS stream in the stream order above, each stream in token
+order, so any sequence decodes alone (random access is by sequence, as for egsqrt) and a batch of
+sequences decodes each stream in one compiled loop, the model index computed per symbol. Its raw bits
+follow the same order: the stats' low bytes, count, mass, gap. A decoded sequence is checked: the ANS
+stream must end exactly at the encoder's initial state with every word read, raw fields must fit
+their chunk, counts must lie in [1, k] and sum to `seq_entries`, flags must not keep more ids than the
+count, ids must lie in [0, V). Format 1 (magic "PCX1": constriction's coder, each stream's symbols
+grouped by context; decoding ran at 0.46x egsqrt's speed) is refused with a one-line error naming it.
 
 Memory: the writer holds a shard's symbols until the shard is complete (about 6 bytes per entry,
 against egsqrt's ~2.4 of finished bits), and coding a shard takes a few times that in temporaries;
@@ -75,9 +79,14 @@ from dataclasses import dataclass
 import numpy as np
 
 import pd_lightning.logits.codec as codec
+from numba import njit
+
+from pd_lightning.logits import rans
 
 NAME = "ctxans"
-MODEL_MAGIC = 0x31584350  # "PCX1"
+MODEL_FORMAT = 2  # the manifest's encoding.model_format (format 1 stores, before it was recorded, lack it)
+MODEL_MAGIC = 0x32584350  # "PCX2": symbols coded by `rans`, in token order
+OLD_MODEL_MAGIC = 0x31584350  # "PCX1": the first ctxans (constriction's coder, symbols grouped by context)
 LOGCOUNT_SCALE = 8.0
 GAP_TOP, MASS_TOP, LEVEL_TOP, TOP_MAX = 2, 3, 8, 8
 STAT_BITS = 8  # raw low byte of each float16 stat
@@ -90,26 +99,25 @@ CANDIDATE_MIN_P = 1 / 8  # an id is a cluster's candidate when at least this sha
 BUCKET_STEP = 0.5  # flag contexts: the candidate's log-odds of being kept, in steps of 0.5 nats
 N_BUCKETS = 32
 EXTRA_CONTEXT = 1 << 12  # gap contexts of a clustered token's extra ids start here
-# The fit charges each (sequence, context) group of symbols this many bits beside the data: one decode call
-# per group costs about as much time as decoding a dozen symbols, so a context only pays for itself when
-# it saves that much space; a speed-for-size exchange rate (decode time matters, for the training loader)
-GROUP_BITS = 16
 HI_SHIFTS = (8, 4, 3, 2, 0)  # context candidates from the entropy's high byte (8: none)
-
-
-def _ans():
-    """constriction's ANS coder and categorical model (imported on first use)."""
-    import constriction
-
-    return constriction.stream.stack.AnsCoder, constriction.stream.model.Categorical
 
 
 # ----------------------------------------------------------------------------- symbols
 
 
+_BITLEN16 = np.concatenate([[0], np.frexp(np.arange(1, 1 << 16, dtype=np.float64))[1]]).astype(np.int64)
+
+
 def _bitlen(x: np.ndarray) -> np.ndarray:
-    """Bit length of non-negative integers (0 for 0), exact."""
+    """Bit length of non-negative integers (0 for 0), exact (a 16-bit table: decoding calls it on every entry)."""
     x = np.asarray(x, dtype=np.int64)
+    if x.size == 0:
+        return np.zeros(0, np.int64)
+    if int(x.max()) < 1 << 16:
+        return _BITLEN16[x]
+    if int(x.max()) < 1 << 32:
+        hi = x >> 16
+        return np.where(hi > 0, 16 + _BITLEN16[hi], _BITLEN16[x & 0xFFFF])
     return np.where(x > 0, np.frexp(np.maximum(x, 1).astype(np.float64))[1], 0).astype(np.int64)
 
 
@@ -228,27 +236,71 @@ def _mass_context(counts: np.ndarray, k: int, cand: int) -> np.ndarray:
     return _k_bucket(counts) + 8 * (counts == k)
 
 
-def _gap_context(j: np.ndarray, kk: np.ndarray, cand: int) -> np.ndarray:
-    res = (1, 4, 16)[cand % 3]
-    frac = (j * res) // kk
-    return frac * 8 + _k_bucket(kk) if cand >= 3 else frac
+@njit(cache=True, nogil=True)
+def _gap_contexts(n_gap, clustered, cand, out):
+    """Gap context of each gap-coded id (token t's n_gap[t] of them consecutive, at ranks j = 0..n-1): j·r // n for
+    r = 1, 4, 16 (cand % 3), times 8 plus bucket(n) if cand >= 3, plus EXTRA_CONTEXT for a clustered token's extra
+    ids."""
+    res = 1 if cand % 3 == 0 else (4 if cand % 3 == 1 else 16)
+    e = 0
+    for t in range(n_gap.size):
+        n = n_gap[t]
+        kb = min(_bitlen_one(n), 7)
+        for j in range(n):
+            ctx = (j * res) // n
+            if cand >= 3:
+                ctx = ctx * 8 + kb
+            out[e] = ctx + EXTRA_CONTEXT * clustered[t]
+            e += 1
 
 
-def _level_context(ids: np.ndarray, kk: np.ndarray, cand: int) -> np.ndarray:
-    ctx = np.zeros(len(ids), np.int64)
-    if cand & 1:
-        ctx = ctx + _k_bucket(kk)
-    if cand & 2:
-        ctx = ctx + 8 * _bitlen(ids)
-    return ctx
+def _gap_context(n_gap: np.ndarray, clustered: np.ndarray, cand: int) -> np.ndarray:
+    """Context of each gap (see `_gap_contexts`); n_gap, clustered: per token."""
+    out = np.empty(int(n_gap.sum()), np.int64)
+    _gap_contexts(np.ascontiguousarray(n_gap, np.int64), np.ascontiguousarray(clustered, np.int64), cand, out)
+    return out
 
 
-def _entry_index(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per entry: its token's row and its position j within the token."""
-    cnt = counts.astype(np.int64)
-    starts = codec._excl_cumsum(cnt)
-    tok = np.repeat(np.arange(len(cnt)), cnt)
-    return tok, np.arange(int(starts[-1])) - starts[:-1][tok]
+@njit(cache=True, nogil=True)
+def _level_contexts(ids, cnt, cand, out):
+    """Level context of each entry (tokens' entries consecutive, cnt[t] of token t): bucket(K) if cand & 1, plus
+    8 · bit length of the id if cand & 2."""
+    e = 0
+    for t in range(cnt.size):
+        kb = 0
+        if cand & 1:
+            kb = min(_bitlen_one(cnt[t]), 7)
+        for _ in range(cnt[t]):
+            ctx = kb
+            if cand & 2:
+                ctx += 8 * _bitlen_one(ids[e])
+            out[e] = ctx
+            e += 1
+
+
+@njit(cache=True, nogil=True)
+def _to_models(ctx, lookup, first):
+    """In place: context ids -> global model indices first + lookup[ctx] (lookup: -1 for a context the model lacks);
+    returns 1 if one is missing, else 0."""
+    for i in range(ctx.size):
+        c = ctx[i]
+        if c < 0 or c >= lookup.size or lookup[c] < 0:
+            return 1
+        ctx[i] = first + lookup[c]
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def _bitlen_one(x):
+    """Bit length of 0 <= x < 2^32 (the 16-bit table of `_bitlen`)."""
+    return _BITLEN16[x] if x < 65536 else 16 + _BITLEN16[x >> 16]
+
+
+def _level_context(ids: np.ndarray, cnt: np.ndarray, cand: int) -> np.ndarray:
+    """Context of each entry's level (see `_level_contexts`); cnt: entries per token."""
+    out = np.empty(len(ids), np.int64)
+    _level_contexts(np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(cnt, np.int64), cand, out)
+    return out
 
 
 # ----------------------------------------------------------------------------- the fitted model
@@ -257,11 +309,6 @@ def _entry_index(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _quantise_counts(c: np.ndarray) -> np.ndarray:
     q = np.rint(LOGCOUNT_SCALE * np.log2(np.maximum(c, 1))).astype(np.int64) + 1
     return np.where(c > 0, np.minimum(q, 255), 0).astype(np.uint8)
-
-
-def _dequantise(q: np.ndarray) -> np.ndarray:
-    """Log-counts back to (relative) probabilities, float64."""
-    return np.where(q > 0, np.exp2((q.astype(np.float64) - 1) / LOGCOUNT_SCALE), 0.0)
 
 
 class StreamModel:
@@ -273,24 +320,10 @@ class StreamModel:
         lookup_size = int(self.ctx_ids.max(initial=-1)) + 2
         self.lookup = np.full(lookup_size, -1, np.int64)  # context id -> used index (-1: never seen)
         self.lookup[self.ctx_ids] = np.arange(len(self.ctx_ids))
-        self._models = None
 
-    def models(self) -> list:
-        if self._models is None:
-            _, categorical = _ans()
-            probs = _dequantise(self.table)
-            self._models = [categorical(row / row.sum(), perfect=False) for row in probs]
-        return self._models
-
-    def used(self, ctx: np.ndarray) -> np.ndarray:
-        """Used-context index of each context id; CorruptChunk for a context the encoder never saw."""
-        try:
-            idx = self.lookup[ctx]
-        except IndexError:
-            raise codec.CorruptChunk(f"stream {self.name}: a context the shard's model does not have") from None
-        if idx.size and idx.min() < 0:
-            raise codec.CorruptChunk(f"stream {self.name}: a context the shard's model does not have")
-        return idx
+    def frequencies(self) -> np.ndarray:
+        """The coder's integer frequency table [n contexts, alphabet] (`rans.frequencies` of the log-counts)."""
+        return rans.frequencies(self.table)
 
 
 class Clusters:
@@ -347,6 +380,24 @@ class ShardModel:
     def __init__(self, layout: Layout, streams: list[StreamModel], clusters: Clusters):
         self.layout, self.streams, self.clusters = layout, {s.name: s for s in streams}, clusters
         self.order = [s.name for s in streams]
+        self.tables = rans.Tables([s.frequencies() for s in streams])
+        self.first_model = dict(zip(self.order, self.tables.first.tolist()))  # stream -> its first global model index
+        self._flag_models = None
+
+    def flag_models(self) -> np.ndarray:
+        """Global model index of each cluster candidate slot's flag (every slot of a kept cluster is coded)."""
+        if self._flag_models is None:
+            sm = self.streams["flag"]
+            self._flag_models = self.model_of("flag", self.clusters.buckets >> sm.cand) if self.clusters.n else np.zeros(0, np.int64)
+        return self._flag_models
+
+    def model_of(self, name: str, ctx: np.ndarray, in_place: bool = False) -> np.ndarray:
+        """Global model index of each symbol of stream `name` with context ids `ctx` (int64; overwritten if in_place);
+        CorruptChunk for a context the shard's model does not have."""
+        out = ctx if in_place else np.array(ctx, np.int64)
+        if _to_models(out, self.streams[name].lookup, self.first_model[name]):
+            raise codec.CorruptChunk(f"stream {name}: a context the shard's model does not have")
+        return out
 
     def to_bytes(self) -> np.ndarray:
         head = [MODEL_MAGIC, len(self.order)]
@@ -371,6 +422,9 @@ class ShardModel:
         if len(blob) < 4 * n_head:
             raise codec.CorruptChunk("model section is too short")
         head = np.frombuffer(blob[: 4 * n_head], "<u4").astype(np.int64)
+        if head[0] == OLD_MODEL_MAGIC:
+            raise codec.CorruptChunk("model section is ctxans format 1 (PCX1, an earlier pd-lightning's): this version "
+                                     "reads format 2 only; regenerate the store (pdl logits generate)")
         if head[0] != MODEL_MAGIC or head[1] != len(expect):
             raise codec.CorruptChunk("model section has a bad magic number or stream count")
         pos, streams, specs = 4 * n_head, [], head[2:].reshape(-1, 3)
@@ -406,28 +460,17 @@ def _dense_unique(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids, remap[x]
 
 
-def _stable_group_order(major: np.ndarray, minor: np.ndarray) -> np.ndarray:
-    """The stable argsort of (major, minor) pairs of small non-negative integers: two 16-bit radix passes
-    where both fit 16 bits, else one sort of the combined key."""
-    if major.size and major.max() < 1 << 16 and minor.max() < 1 << 16:
-        by_minor = np.argsort(minor.astype(np.uint16), kind="stable")
-        return by_minor[np.argsort(major[by_minor].astype(np.uint16), kind="stable")]
-    return np.argsort(major * (int(minor.max(initial=0)) + 1) + minor, kind="stable")
-
-
-def _fit_stream(name: str, size: int, candidates: list[np.ndarray], sym: np.ndarray, seq_of: np.ndarray) -> StreamModel:
-    """The candidate context with the fewest bits: the data under the quantised counts, the compressed table
-    and GROUP_BITS per (sequence, context) group."""
+def _fit_stream(name: str, size: int, candidates: list[np.ndarray], sym: np.ndarray) -> StreamModel:
+    """The candidate context with the fewest bits: the data under the coder's frequency tables, plus the
+    compressed table."""
     best = None
     for cand, ctx in enumerate(candidates):
         ids, inv = _dense_unique(ctx)
         counts = np.bincount(inv * size + sym, minlength=len(ids) * size).reshape(len(ids), size)
         table = _quantise_counts(counts)
-        p = _dequantise(table)
-        logp = np.log2(np.where(counts > 0, p, 1.0) / p.sum(axis=1, keepdims=True))
-        groups = int(np.count_nonzero(np.bincount(seq_of * max(len(ids), 1) + inv))) if len(ids) else 0
-        bits = (-(counts * logp).sum() + 8 * len(zlib.compress(table.tobytes() + ids.astype("<u4").tobytes(), 9))
-                + GROUP_BITS * groups)
+        freq = rans.frequencies(table) if len(ids) else np.ones((0, size))
+        logp = np.log2(np.maximum(freq, 1) / rans.TOTAL)
+        bits = -(counts * logp).sum() + 8 * len(zlib.compress(table.tobytes() + ids.astype("<u4").tobytes(), 9))
         if best is None or bits < best[0]:
             best = (bits, StreamModel(name, size, cand, ids, table))
     return best[1]
@@ -469,8 +512,7 @@ def _gap_bits(gaps: np.ndarray, ctx: np.ndarray, lengths: np.ndarray) -> np.ndar
     return _per_token_sum(np.log2(cc[ctx] / c[key]) + w, lengths)
 
 
-def _fit_clusters(cnt: np.ndarray, ids: np.ndarray, gaps: np.ndarray, j: np.ndarray, kk: np.ndarray,
-                  vocab_size: int) -> tuple[Clusters, np.ndarray]:
+def _fit_clusters(cnt: np.ndarray, ids: np.ndarray, gaps: np.ndarray, vocab_size: int) -> tuple[Clusters, np.ndarray]:
     """Clusters of the shard's supports, and each token's mode (0: plain gaps, c: cluster c - 1).
 
     A hard-EM mixture of independent Bernoullis over the ids (each cluster: the share of its tokens keeping
@@ -514,7 +556,7 @@ def _fit_clusters(cnt: np.ndarray, ids: np.ndarray, gaps: np.ndarray, j: np.ndar
     delta = np.where(keep, np.log2((1 - bp) / bp), extra_bits).astype(np.float32)  # kept id: flag 1 instead of 0
     base = np.where(keep, -np.log2(1 - bp), 0.0).sum(1) + np.log2(n_cl + 1)
     e_idx = _ranges(starts[cand_tok], cnt[cand_tok])
-    plain = _gap_bits(gaps[e_idx], _gap_context(j[e_idx], kk[e_idx], 5), cnt[cand_tok])
+    plain = _gap_bits(gaps[e_idx], _gap_context(cnt[cand_tok], np.zeros(len(cand_tok), np.int64), 5), cnt[cand_tok])
     best = np.empty(len(cand_tok), np.int64)
     best_cost = np.empty(len(cand_tok), np.float64)
     block = max(1, (1 << 21) // max(n_cl, 1) // max(int(cnt[cand_tok].mean()), 1))
@@ -566,18 +608,11 @@ def _plan(clusters: Clusters, modes: np.ndarray, cnt: np.ndarray, ids: np.ndarra
     return _Plan(modes, member, hit.astype(np.int64), clusters.buckets[slots], cand_tok)
 
 
-def _gap_layout(cnt: np.ndarray, tok: np.ndarray, member: np.ndarray, modes: np.ndarray) -> tuple:
-    """The gap-coded entries (not covered by flags): their token, position j among them, their token's count of
-    them, and whether that token is clustered."""
+def _gap_layout(cnt: np.ndarray, tok: np.ndarray, member: np.ndarray) -> tuple:
+    """The gap-coded entries (not covered by flags): which they are, their token, and how many each token has."""
     coded = ~member
     g_tok = tok[coded]
-    n_g = np.bincount(g_tok, minlength=len(cnt))
-    g_j = np.arange(len(g_tok)) - codec._excl_cumsum(n_g)[:-1][g_tok]
-    return coded, g_tok, g_j, n_g[g_tok], modes[g_tok] > 0
-
-
-def _gap_ctx(g_j: np.ndarray, g_n: np.ndarray, g_cl: np.ndarray, cand: int) -> np.ndarray:
-    return _gap_context(g_j, g_n, cand) + EXTRA_CONTEXT * g_cl
+    return coded, g_tok, np.bincount(g_tok, minlength=len(cnt))
 
 
 def _gaps_of(ids: np.ndarray, g_tok: np.ndarray) -> np.ndarray:
@@ -594,13 +629,12 @@ def _stream_symbols(s: Symbols, layout: Layout) -> tuple[dict, Clusters]:
     cnt = s.counts.astype(np.int64)
     stats = s.stats.astype(np.int64)
     e_hi = stats[:, 0] >> 8
-    tok, j = _entry_index(cnt)
-    kk = cnt[tok]
+    tok = np.repeat(np.arange(len(cnt)), cnt)
     ids = s.ids.astype(np.int64)
     all_tok = np.arange(len(cnt))
-    clusters, modes = _fit_clusters(cnt, ids, _gaps_of(ids, tok), j, kk, layout.vocab_size)
+    clusters, modes = _fit_clusters(cnt, ids, _gaps_of(ids, tok), layout.vocab_size)
     plan = _plan(clusters, modes, cnt, ids, tok, layout.vocab_size)
-    coded, g_tok, g_j, g_n, g_cl = _gap_layout(cnt, tok, plan.member, modes)
+    coded, g_tok, n_g = _gap_layout(cnt, tok, plan.member)
     no_raw = lambda n: (np.zeros(n, np.int64), np.zeros(n, np.int64))  # noqa: E731
     out: dict = {"stat0": (stats[:, 0] >> 8, [np.zeros(len(cnt), np.int64)], np.full(len(cnt), STAT_BITS), stats[:, 0] & 255, all_tok)}
     for c in range(1, layout.n_stats):
@@ -611,8 +645,8 @@ def _stream_symbols(s: Symbols, layout: Layout) -> tuple[dict, Clusters]:
     out["mode"] = (modes[mt], [_mode_context(cnt[mt], c) for c in range(2)], *no_raw(len(mt)), mt)
     out["mass"] = (*split_ctx(s.mass.astype(np.int64), MASS_TOP, [_mass_context(cnt, layout.k, c) for c in range(2)]), all_tok)
     out["flag"] = (plan.flags, [plan.flag_ctx >> r for r in range(3)], *no_raw(len(plan.flags)), plan.flag_tok)
-    out["gap"] = (*split_ctx(_gaps_of(ids[coded], g_tok), GAP_TOP, [_gap_ctx(g_j, g_n, g_cl, c) for c in range(6)]), g_tok)
-    out["level"] = (*split_ctx(s.levels.astype(np.int64), layout.level_top, [_level_context(ids, kk, c) for c in range(4)]), tok)
+    out["gap"] = (*split_ctx(_gaps_of(ids[coded], g_tok), GAP_TOP, [_gap_context(n_g, modes > 0, c) for c in range(6)]), g_tok)
+    out["level"] = (*split_ctx(s.levels.astype(np.int64), layout.level_top, [_level_context(ids, cnt, c) for c in range(4)]), tok)
     return out, clusters
 
 
@@ -650,40 +684,26 @@ def encode_shard(s: Symbols, positions: int, vocab_size: int, k: int, value_step
     layout = Layout(k, vocab_size, max_level(value_step), s.stats.shape[1])
     n_seq = s.num_sequences
     streams, clusters = _stream_symbols(s, layout)
-    model = ShardModel(layout, [_fit_stream(name, size, streams[name][1], streams[name][0], streams[name][4] // positions)
+    model = ShardModel(layout, [_fit_stream(name, size, streams[name][1], streams[name][0])
                                 for name, size, _ in layout.streams()], clusters)
     cnt = s.counts.astype(np.int64)
-    # every symbol's (sequence, global model index): coding order is sequence, then model index, then token order
-    seq_parts, key_parts, sym_parts, w_parts, raw_parts, raw_key = [], [], [], [], [], []
-    offset = 0
+    # coding order within a sequence: stream after stream, each in token order (a stable sort by sequence keeps it)
+    seq_parts, model_parts, sym_parts, w_parts, raw_parts, raw_key = [], [], [], [], [], []
     n_streams = len(layout.streams())
     for si, (name, _, _) in enumerate(layout.streams()):
         sym, ctxs, w, raw, tok_of = streams[name]
-        sm = model.streams[name]
         seq_of = tok_of // positions
         seq_parts.append(seq_of)
-        key_parts.append(offset + sm.used(ctxs[sm.cand]))
+        model_parts.append(model.model_of(name, ctxs[model.streams[name].cand]))
         sym_parts.append(sym)
         w_parts.append(w)
         raw_parts.append(raw)
         raw_key.append(seq_of * n_streams + si)
-        offset += len(sm.ctx_ids)
-    n_models = max(offset, 1)
-    seq_all, model_all = np.concatenate(seq_parts), np.concatenate(key_parts)
-    key = seq_all * n_models + model_all
-    order = _stable_group_order(seq_all, model_all)
-    sym_sorted = np.concatenate(sym_parts)[order].astype(np.int32)
-    group_sizes = np.bincount(key, minlength=n_seq * n_models).reshape(n_seq, n_models)
-    models = [m for name in model.order for m in model.streams[name].models()]
-    coder_cls, _ = _ans()
-    ans_chunks = []
-    bounds = codec._excl_cumsum(group_sizes.ravel())
-    for q in range(n_seq):
-        coder = coder_cls()
-        for g in np.flatnonzero(group_sizes[q])[::-1].tolist():  # a stack: the last group is pushed first
-            a, b = bounds[q * n_models + g], bounds[q * n_models + g + 1]
-            coder.encode_reverse(sym_sorted[a:b], models[g])
-        ans_chunks.append(coder.get_compressed().astype("<u4").view(np.uint8))
+    seq_all = np.concatenate(seq_parts)
+    order = np.argsort(seq_all, kind="stable")
+    bounds = np.searchsorted(seq_all[order], np.arange(n_seq + 1))
+    ans_chunks = [w.view(np.uint8) for w in rans.encode(np.concatenate(sym_parts)[order],
+                                                        np.concatenate(model_parts)[order], bounds, model.tables)]
     # raw bits: sequence-major, stream order, token order (a stable sort by sequence keeps the rest)
     rk = np.concatenate(raw_key)
     raw_order = np.argsort(rk, kind="stable")
@@ -715,24 +735,75 @@ def max_level(value_step: float) -> int:
 # ----------------------------------------------------------------------------- decode
 
 
-def _decode_stream(coders: list, sm: StreamModel, seq_of: np.ndarray, ctx: np.ndarray) -> np.ndarray:
-    """Symbols of one stream for a batch of sequences: each sequence's groups in context order, one call per group."""
-    n, nu = len(coders), len(sm.ctx_ids)
-    if seq_of.size == 0:
-        return np.zeros(0, np.int64)
-    models = sm.models()
-    if nu == 1:  # one context: the groups are the sequences, already in order
-        sizes = np.bincount(seq_of, minlength=n)
-        return np.concatenate([coders[q].decode(models[0], m) for q, m in enumerate(sizes.tolist()) if m]).astype(np.int64)
-    key = seq_of * nu + sm.used(ctx)
-    # a stable radix sort where the key fits 16 bits (the common case: a batch of sequences x a few contexts)
-    order = np.argsort(key.astype(np.uint16) if n * nu <= 1 << 16 else key, kind="stable")
-    sizes = np.bincount(key, minlength=n * nu)
-    nz = np.flatnonzero(sizes)
-    pieces = [coders[f // nu].decode(models[f % nu], m) for f, m in zip(nz.tolist(), sizes[nz].tolist())]
-    out = np.empty(len(key), np.int64)
-    out[order] = np.concatenate(pieces)
-    return out
+def _decode_stream(coders: rans.Decoder, model: ShardModel, name: str, seq_of: np.ndarray, ctx) -> np.ndarray:
+    """Symbols of one stream for a batch of sequences, in token order (ctx None: the stream has one context)."""
+    if ctx is None:
+        ctx = np.zeros(len(seq_of), np.int64)
+    return coders_decode(coders, name, seq_of, model.model_of(name, ctx))
+
+
+def coders_decode(coders: rans.Decoder, name: str, seq_of: np.ndarray, models: np.ndarray) -> np.ndarray:
+    try:
+        return coders.decode(seq_of, models)
+    except ValueError as e:
+        raise codec.CorruptChunk(f"stream {name}: {e}") from None
+
+
+@njit(cache=True, nogil=True)
+def _flag_inputs(ct, cl, positions, offsets, sizes, slot_models, seq_out, model_out):
+    """Coder and model of every flag: clustered token ct[i] (cluster cl[i]) has one per candidate slot of its cluster."""
+    f = 0
+    for i in range(ct.size):
+        q, c = ct[i] // positions, cl[i]
+        for slot in range(offsets[c], offsets[c] + sizes[c]):
+            seq_out[f] = q
+            model_out[f] = slot_models[slot]
+            f += 1
+
+
+@njit(cache=True, nogil=True)
+def _members(flags, ct, cl, offsets, sizes, cl_ids, n_member, out):
+    """The kept candidates' ids (token after token, ascending), each clustered token's count in n_member; returns
+    how many in all."""
+    f, o = 0, 0
+    for i in range(ct.size):
+        c = cl[i]
+        start = o
+        for slot in range(offsets[c], offsets[c] + sizes[c]):
+            if flags[f]:
+                out[o] = cl_ids[slot]
+                o += 1
+            f += 1
+        n_member[ct[i]] = o - start
+    return o
+
+
+@njit(cache=True, nogil=True)
+def _merge_ids(n_gap, gaps, n_member, member_ids, vocab_size, out):
+    """Per token, its gap-coded ids (the first id = its gap, then previous + gap + 1) merged with its flagged
+    cluster members (ascending) into `out`, ascending. Returns 0, 1 if an id repeats, 2 if one is >= vocab_size."""
+    gi, mi, o = 0, 0, 0
+    for t in range(n_gap.size):
+        g_end, m_end = gi + n_gap[t], mi + n_member[t]
+        gid = gaps[gi] if gi < g_end else -1
+        last = -1
+        while gi < g_end or mi < m_end:
+            if gi < g_end and (mi >= m_end or gid < member_ids[mi]):
+                v = gid
+                gi += 1
+                if gi < g_end:
+                    gid += gaps[gi] + 1
+            else:
+                v = member_ids[mi]
+                mi += 1
+            if v <= last:
+                return 1
+            if v >= vocab_size:
+                return 2
+            out[o] = v
+            o += 1
+            last = v
+    return 0
 
 
 class _RawReader:
@@ -750,25 +821,37 @@ class _RawReader:
             raise codec.CorruptChunk("raw fields run past the end of their chunk")
         return self.buf[start[:, None] + np.arange(count_per_seq)].astype(np.int64)
 
-    def fields(self, widths: np.ndarray, per_seq: np.ndarray) -> np.ndarray:
-        """Fields of the given widths, per_seq[i] of them belonging to sequence i (in order)."""
-        out = np.zeros(len(widths), np.int64)
-        if widths.size == 0:
-            return out
-        cum = codec._excl_cumsum(widths)
-        first = codec._excl_cumsum(per_seq)
-        start = self.pos - cum[first[:-1]]
-        self.pos += cum[first[1:]] - cum[first[:-1]]
-        if np.any(self.pos > self.end):
+    def join(self, split: "_Split", sym: np.ndarray, seq_of: np.ndarray) -> np.ndarray:
+        """Values of split symbols: each symbol's leading bits and its raw low bits, read from its sequence's chunk."""
+        if not split.any_raw:
+            return sym
+        out = np.empty(len(sym), np.int64)
+        if _join_raw(sym, seq_of, split.width, split.lead, self.buf, self.pos, self.end, out):
             raise codec.CorruptChunk("raw fields run past the end of their chunk")
-        if widths.max() > codec.MAX_FIELD_BITS:
-            raise codec.CorruptChunk("raw field wider than any valid code")
-        pos = np.repeat(start, per_seq) + cum[:-1]
-        some = np.flatnonzero(widths)
-        if 2 * len(some) >= len(widths):  # a width-0 field reads as 0: reading all is cheaper than selecting
-            return codec._read_fields(self.buf, pos, widths)
-        out[some] = codec._read_fields(self.buf, pos[some], widths[some])
         return out
+
+
+@njit(cache=True, nogil=True)
+def _join_raw(sym, seq_of, width, lead, buf, pos, end, out):
+    """out[i] = lead[s] << w | the next w = width[s] raw bits (MSB first) of sequence seq_of[i]'s chunk, s = sym[i];
+    pos, end: each chunk's bit position and end (buf ends in 8 zero bytes). Returns 1 if a chunk runs out, else 0."""
+    for i in range(sym.size):
+        s = sym[i]
+        w = width[s]
+        v = lead[s]
+        if w:
+            q = seq_of[i]
+            p = pos[q]
+            if p + w > end[q]:
+                return 1
+            b = p >> 3
+            acc = np.uint64(0)
+            for j in range(8):  # 64 bits from the field's first byte: any field of <= 56 bits lies inside
+                acc = (acc << np.uint64(8)) | np.uint64(buf[b + j])
+            v = (v << w) | np.int64((acc << np.uint64(p & 7)) >> np.uint64(64 - w))
+            pos[q] = p + w
+        out[i] = v
+    return 0
 
 
 class _Split:
@@ -781,44 +864,31 @@ class _Split:
         self.lead = np.where(sym >= d, (1 << top) | ((sym - d) & ((1 << top) - 1)), sym)
         self.any_raw = bool(self.width.any())
 
-    def join(self, sym: np.ndarray, raws: "_RawReader", per_seq: np.ndarray) -> np.ndarray:
-        if not self.any_raw:
-            return sym
-        w = self.width[sym]
-        return (self.lead[sym] << w) | raws.fields(w, per_seq)
-
 
 def decode_arrays(model: ShardModel, seq_entries: np.ndarray, chunk_offsets: np.ndarray, payload: np.ndarray,
                   seqs: np.ndarray, positions: int, vocab_size: int, k: int, value_step: float):
     """Decode local sequences `seqs` of one shard; the same tuple as `codec.decode_arrays`."""
-    coder_cls, _ = _ans()
     layout, st, clusters = model.layout, model.streams, model.clusters
     seqs = np.asarray(seqs, dtype=np.int64)
     n = len(seqs)
     n_tok = n * positions
-    coders = []
-    for q in seqs.tolist():
-        a, b = int(chunk_offsets[2 * q]), int(chunk_offsets[2 * q + 1])
-        if (b - a) % 4:
-            raise codec.CorruptChunk("an ANS chunk is not a whole number of 32-bit words")
-        try:
-            coders.append(coder_cls(np.frombuffer(np.asarray(payload[a:b]).tobytes(), "<u4").astype(np.uint32)))
-        except ValueError as e:  # constriction's word check ("never ends in a zero word")
-            raise codec.CorruptChunk(f"ANS chunk: {e}") from None
+    starts, ends = chunk_offsets[2 * seqs].astype(np.int64), chunk_offsets[2 * seqs + 1].astype(np.int64)
+    if np.any((ends - starts) % 4) or np.any(ends < starts + 8) or (n and ends.max() > len(payload)):
+        raise codec.CorruptChunk("an ANS chunk is not a whole number (>= 2) of 32-bit words inside the payload")
+    coders = rans.Decoder(payload, starts, ends, model.tables)
     raws = _RawReader(payload, chunk_offsets, seqs)
     tok_seq = np.repeat(np.arange(n), positions)
-    per_tok = np.full(n, positions, np.int64)
     # stats' high bytes (entropy first: it is the context of the others and of the count), then the count
     hi = np.empty((n_tok, layout.n_stats), np.int64)
-    hi[:, 0] = _decode_stream(coders, st["stat0"], tok_seq, None)
+    hi[:, 0] = _decode_stream(coders, model, "stat0", tok_seq, None)
     e_hi = hi[:, 0]
     for c in range(1, layout.n_stats):
         sm = st[f"stat{c}"]
-        hi[:, c] = _decode_stream(coders, sm, tok_seq, _hi_context(e_hi, sm.cand))
-    cnt_sym = _decode_stream(coders, st["count"], tok_seq, _hi_context(e_hi, st["count"].cand))
+        hi[:, c] = _decode_stream(coders, model, f"stat{c}", tok_seq, _hi_context(e_hi, sm.cand))
+    cnt_sym = _decode_stream(coders, model, "count", tok_seq, _hi_context(e_hi, st["count"].cand))
     lo = raws.bytes(positions * layout.n_stats).reshape(n, layout.n_stats, positions).transpose(0, 2, 1)
     stats = (hi << 8) | lo.reshape(n_tok, layout.n_stats)
-    cnt = _split_table(st["count"].alphabet, layout.count_top).join(cnt_sym, raws, per_tok) + 1
+    cnt = raws.join(_split_table(st["count"].alphabet, layout.count_top), cnt_sym, tok_seq) + 1
     if cnt.size and (cnt.min() < 1 or cnt.max() > k):
         raise codec.CorruptChunk(f"a kept-entry count lies outside [1, {k}]")
     per_entry = cnt.reshape(n, positions).sum(1)
@@ -827,45 +897,42 @@ def decode_arrays(model: ShardModel, seq_entries: np.ndarray, chunk_offsets: np.
     modes = np.zeros(n_tok, np.int64)
     mt = _mode_tokens(cnt, clusters)
     if len(mt):
-        modes[mt] = _decode_stream(coders, st["mode"], tok_seq[mt], _mode_context(cnt[mt], st["mode"].cand))
+        modes[mt] = _decode_stream(coders, model, "mode", tok_seq[mt], _mode_context(cnt[mt], st["mode"].cand))
         if modes.max() > clusters.n:
             raise codec.CorruptChunk("a token names a cluster the shard's model does not have")
-    mass_sym = _decode_stream(coders, st["mass"], tok_seq, _mass_context(cnt, k, st["mass"].cand))
+    mass_sym = _decode_stream(coders, model, "mass", tok_seq, _mass_context(cnt, k, st["mass"].cand))
     # clustered tokens: a flag per candidate of their cluster; the rest of their ids, and every id of the
     # other tokens, are gap-coded
     ct = np.flatnonzero(modes)
-    n_gap = cnt.copy()
+    n_gap, n_member = cnt.copy(), np.zeros(n_tok, np.int64)
+    member_ids = np.zeros(0, np.int64)
     if len(ct):
-        slots, lengths = clusters.slots(modes[ct])
-        flag_tok = np.repeat(ct, lengths)
-        flags = _decode_stream(coders, st["flag"], tok_seq[flag_tok], clusters.buckets[slots] >> st["flag"].cand).astype(bool)
-        member_tok, member_ids = flag_tok[flags], clusters.ids[slots[flags]]
-        n_gap[ct] -= np.bincount(member_tok, minlength=n_tok)[ct]
+        cl = modes[ct] - 1
+        n_flags = int(clusters.sizes[cl].sum())
+        flag_seq, flag_models = np.empty(n_flags, np.int64), np.empty(n_flags, np.int64)
+        _flag_inputs(ct, cl, positions, clusters.offsets, clusters.sizes, model.flag_models(), flag_seq, flag_models)
+        flags = coders_decode(coders, "flag", flag_seq, flag_models)
+        member_ids = np.empty(n_flags, np.int64)
+        member_ids = member_ids[: _members(flags, ct, cl, clusters.offsets, clusters.sizes, clusters.ids, n_member, member_ids)]
+        n_gap -= n_member
         if n_gap.min() < 0:
             raise codec.CorruptChunk("a token's flags keep more ids than its count")
-    g_tok, g_j = _entry_index(n_gap)
-    g_per_seq = n_gap.reshape(n, positions).sum(1)
-    gap_sym = _decode_stream(coders, st["gap"], tok_seq[g_tok], _gap_ctx(g_j, n_gap[g_tok], modes[g_tok] > 0, st["gap"].cand))
-    mass = _split_table(st["mass"].alphabet, MASS_TOP).join(mass_sym, raws, per_tok)
-    gaps = _split_table(st["gap"].alphabet, GAP_TOP).join(gap_sym, raws, g_per_seq)
-    # ids = per-token cumsum of (gap + 1) - 1
-    cs = np.cumsum(gaps + 1)
-    ids = cs - np.repeat(np.concatenate([[0], cs])[codec._excl_cumsum(n_gap)[:-1]], n_gap) - 1
-    if len(ct):  # merge each clustered token's flagged and gap-coded ids into one ascending list
-        all_tok = np.concatenate([g_tok, member_tok])
-        all_ids = np.concatenate([ids, member_ids])
-        order = _stable_group_order(all_tok, all_ids)
-        ids, sorted_tok = all_ids[order], all_tok[order]
-        if np.any((ids[1:] <= ids[:-1]) & (sorted_tok[1:] == sorted_tok[:-1])):
-            raise codec.CorruptChunk("a clustered token's extra id repeats a flagged one")
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise codec.CorruptChunk(f"a decoded id lies outside [0, {vocab_size})")
-    tok, _ = _entry_index(cnt)
-    kk = cnt[tok]
-    lev_sym = _decode_stream(coders, st["level"], tok_seq[tok], _level_context(ids, kk, st["level"].cand))
-    levels = _split_table(st["level"].alphabet, layout.level_top).join(lev_sym, raws, per_entry)
-    if not all(c.is_empty() for c in coders):
-        raise codec.CorruptChunk("an ANS stream holds more symbols than its counts say")
+    g_seq = np.repeat(np.arange(n), n_gap.reshape(n, positions).sum(1))
+    gap_models = model.model_of("gap", _gap_context(n_gap, modes > 0, st["gap"].cand), in_place=True)
+    gap_sym = coders_decode(coders, "gap", g_seq, gap_models)
+    mass = raws.join(_split_table(st["mass"].alphabet, MASS_TOP), mass_sym, tok_seq)
+    gaps = raws.join(_split_table(st["gap"].alphabet, GAP_TOP), gap_sym, g_seq)
+    ids = np.empty(int(per_entry.sum()), np.int64)
+    err = _merge_ids(n_gap, gaps, n_member, member_ids, vocab_size, ids)
+    if err:
+        raise codec.CorruptChunk("a clustered token's extra id repeats a flagged one" if err == 1
+                                 else f"a decoded id lies outside [0, {vocab_size})")
+    lev_models = model.model_of("level", _level_context(ids, cnt, st["level"].cand), in_place=True)
+    lev_seq = np.repeat(np.arange(n), per_entry)
+    lev_sym = coders_decode(coders, "level", lev_seq, lev_models)
+    levels = raws.join(_split_table(st["level"].alphabet, layout.level_top), lev_sym, lev_seq)
+    if not coders.finished():
+        raise codec.CorruptChunk("an ANS stream does not end where its counts say")
     if levels.size and levels.max() > layout.max_level:
         raise codec.CorruptChunk("a decoded level lies outside the quantiser's range")
     return codec.assemble(ids, levels, mass, cnt, stats.astype(np.uint16).view(np.float16), k, value_step)
