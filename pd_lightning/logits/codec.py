@@ -33,10 +33,9 @@ orders around log2 of the token's mean, stored as `params = m_gap | m_val << 5`.
 cumsum/gather: unary lengths come from the positions of zero bits, field positions from a cumsum.
 Chunks are padded to whole bytes with 1 bits (so padding never reads as a unary terminator).
 
-`ctxans` (encoding version 2, `logits.encoding=ctxans`; egsqrt stays the default: ctxans decodes at
-about half its speed): the same quantised symbols as egsqrt (so the same
-decoded entries, bit for bit), entropy-coded with constriction's ANS coder under a context model and
-support clusters fitted per shard; see the `ctxans` module. Its writer holds `ctxans.Symbols` per
+`ctxans` (encoding version 2, `logits.encoding=ctxans`, model format 2 in the manifest): the same
+quantised symbols as egsqrt (so the same decoded entries, bit for bit), entropy-coded by an rANS
+coder (`rans`) under a context model and support clusters fitted per shard; see the `ctxans` module. Its writer holds `ctxans.Symbols` per
 shard (`ctxans.symbolize` makes them) and codes the whole shard at once (`ctxans.encode_shard`).
 
 `fixed` v1 (plain). Entries in descending order; ids as ⌈log2 V⌉-bit fields, values as 16-bit

@@ -735,28 +735,30 @@ def max_level(value_step: float) -> int:
 # ----------------------------------------------------------------------------- decode
 
 
-def _decode_stream(coders: rans.Decoder, model: ShardModel, name: str, seq_of: np.ndarray, ctx) -> np.ndarray:
-    """Symbols of one stream for a batch of sequences, in token order (ctx None: the stream has one context)."""
+def _decode_stream(coders: rans.Decoder, model: ShardModel, name: str, per_seq: np.ndarray, ctx) -> np.ndarray:
+    """Symbols of one stream for a batch of sequences (per_seq[q] of sequence q), in token order; ctx: their
+    context ids (None: the stream has one context)."""
     if ctx is None:
-        ctx = np.zeros(len(seq_of), np.int64)
-    return coders_decode(coders, name, seq_of, model.model_of(name, ctx))
+        ctx = np.zeros(int(per_seq.sum()), np.int64)
+    return coders_decode(coders, name, per_seq, model.model_of(name, ctx))
 
 
-def coders_decode(coders: rans.Decoder, name: str, seq_of: np.ndarray, models: np.ndarray) -> np.ndarray:
+def coders_decode(coders: rans.Decoder, name: str, per_seq: np.ndarray, models: np.ndarray) -> np.ndarray:
     try:
-        return coders.decode(seq_of, models)
+        return coders.decode(per_seq, models)
     except ValueError as e:
         raise codec.CorruptChunk(f"stream {name}: {e}") from None
 
 
 @njit(cache=True, nogil=True)
-def _flag_inputs(ct, cl, positions, offsets, sizes, slot_models, seq_out, model_out):
-    """Coder and model of every flag: clustered token ct[i] (cluster cl[i]) has one per candidate slot of its cluster."""
+def _flag_models(ct, cl, positions, offsets, sizes, slot_models, per_seq, model_out):
+    """Model of every flag, and how many each sequence has: clustered token ct[i] (cluster cl[i]) has one per
+    candidate slot of its cluster."""
     f = 0
     for i in range(ct.size):
-        q, c = ct[i] // positions, cl[i]
+        c = cl[i]
+        per_seq[ct[i] // positions] += sizes[c]
         for slot in range(offsets[c], offsets[c] + sizes[c]):
-            seq_out[f] = q
             model_out[f] = slot_models[slot]
             f += 1
 
@@ -821,36 +823,41 @@ class _RawReader:
             raise codec.CorruptChunk("raw fields run past the end of their chunk")
         return self.buf[start[:, None] + np.arange(count_per_seq)].astype(np.int64)
 
-    def join(self, split: "_Split", sym: np.ndarray, seq_of: np.ndarray) -> np.ndarray:
-        """Values of split symbols: each symbol's leading bits and its raw low bits, read from its sequence's chunk."""
+    def join(self, split: "_Split", sym: np.ndarray, per_seq: np.ndarray) -> np.ndarray:
+        """Values of split symbols (per_seq[q] of sequence q, the sequences' runs one after another): each symbol's
+        leading bits and its raw low bits, read from its sequence's chunk."""
         if not split.any_raw:
             return sym
         out = np.empty(len(sym), np.int64)
-        if _join_raw(sym, seq_of, split.width, split.lead, self.buf, self.pos, self.end, out):
+        if _join_raw(sym, np.asarray(per_seq, np.int64), split.width, split.lead, self.buf, self.pos, self.end, out):
             raise codec.CorruptChunk("raw fields run past the end of their chunk")
         return out
 
 
 @njit(cache=True, nogil=True)
-def _join_raw(sym, seq_of, width, lead, buf, pos, end, out):
-    """out[i] = lead[s] << w | the next w = width[s] raw bits (MSB first) of sequence seq_of[i]'s chunk, s = sym[i];
-    pos, end: each chunk's bit position and end (buf ends in 8 zero bytes). Returns 1 if a chunk runs out, else 0."""
-    for i in range(sym.size):
-        s = sym[i]
-        w = width[s]
-        v = lead[s]
-        if w:
-            q = seq_of[i]
-            p = pos[q]
-            if p + w > end[q]:
-                return 1
-            b = p >> 3
-            acc = np.uint64(0)
-            for j in range(8):  # 64 bits from the field's first byte: any field of <= 56 bits lies inside
-                acc = (acc << np.uint64(8)) | np.uint64(buf[b + j])
-            v = (v << w) | np.int64((acc << np.uint64(p & 7)) >> np.uint64(64 - w))
-            pos[q] = p + w
-        out[i] = v
+def _join_raw(sym, per_seq, width, lead, buf, pos, end, out):
+    """out[i] = lead[s] << w | the next w = width[s] raw bits (MSB first) of its sequence's chunk, s = sym[i] (the
+    first per_seq[0] symbols are sequence 0's, ...); pos, end: each chunk's bit position and end (buf ends in 8
+    zero bytes). Returns 1 if a chunk runs out, else 0."""
+    i = 0
+    for q in range(per_seq.size):
+        p = pos[q]
+        for _ in range(per_seq[q]):
+            s = sym[i]
+            w = width[s]
+            v = lead[s]
+            if w:
+                if p + w > end[q]:
+                    return 1
+                b = p >> 3
+                acc = np.uint64(0)
+                for j in range(8):  # 64 bits from the field's first byte: any field of <= 56 bits lies inside
+                    acc = (acc << np.uint64(8)) | np.uint64(buf[b + j])
+                v = (v << w) | np.int64((acc << np.uint64(p & 7)) >> np.uint64(64 - w))
+                p += w
+            out[i] = v
+            i += 1
+        pos[q] = p
     return 0
 
 
@@ -877,18 +884,18 @@ def decode_arrays(model: ShardModel, seq_entries: np.ndarray, chunk_offsets: np.
         raise codec.CorruptChunk("an ANS chunk is not a whole number (>= 2) of 32-bit words inside the payload")
     coders = rans.Decoder(payload, starts, ends, model.tables)
     raws = _RawReader(payload, chunk_offsets, seqs)
-    tok_seq = np.repeat(np.arange(n), positions)
+    per_tok = np.full(n, positions, np.int64)  # a token-level stream: `positions` symbols per sequence
     # stats' high bytes (entropy first: it is the context of the others and of the count), then the count
     hi = np.empty((n_tok, layout.n_stats), np.int64)
-    hi[:, 0] = _decode_stream(coders, model, "stat0", tok_seq, None)
+    hi[:, 0] = _decode_stream(coders, model, "stat0", per_tok, None)
     e_hi = hi[:, 0]
     for c in range(1, layout.n_stats):
         sm = st[f"stat{c}"]
-        hi[:, c] = _decode_stream(coders, model, f"stat{c}", tok_seq, _hi_context(e_hi, sm.cand))
-    cnt_sym = _decode_stream(coders, model, "count", tok_seq, _hi_context(e_hi, st["count"].cand))
+        hi[:, c] = _decode_stream(coders, model, f"stat{c}", per_tok, _hi_context(e_hi, sm.cand))
+    cnt_sym = _decode_stream(coders, model, "count", per_tok, _hi_context(e_hi, st["count"].cand))
     lo = raws.bytes(positions * layout.n_stats).reshape(n, layout.n_stats, positions).transpose(0, 2, 1)
     stats = (hi << 8) | lo.reshape(n_tok, layout.n_stats)
-    cnt = raws.join(_split_table(st["count"].alphabet, layout.count_top), cnt_sym, tok_seq) + 1
+    cnt = raws.join(_split_table(st["count"].alphabet, layout.count_top), cnt_sym, per_tok) + 1
     if cnt.size and (cnt.min() < 1 or cnt.max() > k):
         raise codec.CorruptChunk(f"a kept-entry count lies outside [1, {k}]")
     per_entry = cnt.reshape(n, positions).sum(1)
@@ -897,10 +904,10 @@ def decode_arrays(model: ShardModel, seq_entries: np.ndarray, chunk_offsets: np.
     modes = np.zeros(n_tok, np.int64)
     mt = _mode_tokens(cnt, clusters)
     if len(mt):
-        modes[mt] = _decode_stream(coders, model, "mode", tok_seq[mt], _mode_context(cnt[mt], st["mode"].cand))
+        modes[mt] = _decode_stream(coders, model, "mode", np.bincount(mt // positions, minlength=n), _mode_context(cnt[mt], st["mode"].cand))
         if modes.max() > clusters.n:
             raise codec.CorruptChunk("a token names a cluster the shard's model does not have")
-    mass_sym = _decode_stream(coders, model, "mass", tok_seq, _mass_context(cnt, k, st["mass"].cand))
+    mass_sym = _decode_stream(coders, model, "mass", per_tok, _mass_context(cnt, k, st["mass"].cand))
     # clustered tokens: a flag per candidate of their cluster; the rest of their ids, and every id of the
     # other tokens, are gap-coded
     ct = np.flatnonzero(modes)
@@ -909,28 +916,27 @@ def decode_arrays(model: ShardModel, seq_entries: np.ndarray, chunk_offsets: np.
     if len(ct):
         cl = modes[ct] - 1
         n_flags = int(clusters.sizes[cl].sum())
-        flag_seq, flag_models = np.empty(n_flags, np.int64), np.empty(n_flags, np.int64)
-        _flag_inputs(ct, cl, positions, clusters.offsets, clusters.sizes, model.flag_models(), flag_seq, flag_models)
-        flags = coders_decode(coders, "flag", flag_seq, flag_models)
+        flag_per_seq, flag_models = np.zeros(n, np.int64), np.empty(n_flags, np.int64)
+        _flag_models(ct, cl, positions, clusters.offsets, clusters.sizes, model.flag_models(), flag_per_seq, flag_models)
+        flags = coders_decode(coders, "flag", flag_per_seq, flag_models)
         member_ids = np.empty(n_flags, np.int64)
         member_ids = member_ids[: _members(flags, ct, cl, clusters.offsets, clusters.sizes, clusters.ids, n_member, member_ids)]
         n_gap -= n_member
         if n_gap.min() < 0:
             raise codec.CorruptChunk("a token's flags keep more ids than its count")
-    g_seq = np.repeat(np.arange(n), n_gap.reshape(n, positions).sum(1))
+    g_per_seq = n_gap.reshape(n, positions).sum(1)
     gap_models = model.model_of("gap", _gap_context(n_gap, modes > 0, st["gap"].cand), in_place=True)
-    gap_sym = coders_decode(coders, "gap", g_seq, gap_models)
-    mass = raws.join(_split_table(st["mass"].alphabet, MASS_TOP), mass_sym, tok_seq)
-    gaps = raws.join(_split_table(st["gap"].alphabet, GAP_TOP), gap_sym, g_seq)
+    gap_sym = coders_decode(coders, "gap", g_per_seq, gap_models)
+    mass = raws.join(_split_table(st["mass"].alphabet, MASS_TOP), mass_sym, per_tok)
+    gaps = raws.join(_split_table(st["gap"].alphabet, GAP_TOP), gap_sym, g_per_seq)
     ids = np.empty(int(per_entry.sum()), np.int64)
     err = _merge_ids(n_gap, gaps, n_member, member_ids, vocab_size, ids)
     if err:
         raise codec.CorruptChunk("a clustered token's extra id repeats a flagged one" if err == 1
                                  else f"a decoded id lies outside [0, {vocab_size})")
     lev_models = model.model_of("level", _level_context(ids, cnt, st["level"].cand), in_place=True)
-    lev_seq = np.repeat(np.arange(n), per_entry)
-    lev_sym = coders_decode(coders, "level", lev_seq, lev_models)
-    levels = raws.join(_split_table(st["level"].alphabet, layout.level_top), lev_sym, lev_seq)
+    lev_sym = coders_decode(coders, "level", per_entry, lev_models)
+    levels = raws.join(_split_table(st["level"].alphabet, layout.level_top), lev_sym, per_entry)
     if not coders.finished():
         raise codec.CorruptChunk("an ANS stream does not end where its counts say")
     if levels.size and levels.max() > layout.max_level:

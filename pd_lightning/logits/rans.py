@@ -94,37 +94,48 @@ def _encode(sym, model, bounds, cum, offset, out, out_start):
 
 
 @njit(cache=True, nogil=True)
-def _decode(payload, ptr, end, state, seq_of, model, cum, offset, coarse, out):
-    """Symbol i from coder seq_of[i] under model[i], in order; returns 1 if a coder runs out of words, else 0.
-    ptr, end: each coder's byte position and chunk end in payload; state: its state (0: not started).
-    (One loop, no helper function: numba's call, even inlined, made a symbol 3-6x slower.)"""
-    for i in range(seq_of.size):
-        q, m = seq_of[i], model[i]
-        x = state[q]
-        if x == 0:  # first use: the two words the encoder ended with
-            p = ptr[q]
-            if p + 8 > end[q]:
-                return 1
-            for b in range(8):
-                x |= np.uint64(payload[p + b]) << np.uint64(8 * b)
-            ptr[q] = p + 8
-        slot = np.int64(x & np.uint64(TOTAL - 1))
-        o = offset[m]
-        s = np.int64(coarse[(m << COARSE_BITS) + (slot >> (PROB_BITS - COARSE_BITS))])
-        while cum[o + s + 1] <= slot:
-            s += 1
-        c = np.int64(cum[o + s])
-        x = np.uint64(cum[o + s + 1] - c) * (x >> np.uint64(PROB_BITS)) + np.uint64(slot - c)
-        if x < np.uint64(STATE_LOW):
-            p = ptr[q]
-            if p + 4 > end[q]:
-                return 1
-            x = (x << np.uint64(32)) | (np.uint64(payload[p]) | (np.uint64(payload[p + 1]) << np.uint64(8))
-                                        | (np.uint64(payload[p + 2]) << np.uint64(16))
-                                        | (np.uint64(payload[p + 3]) << np.uint64(24)))
-            ptr[q] = p + 4
-        state[q] = x
-        out[i] = s
+def _decode(payload, ptr, end, state, bounds, model, cum, offset, coarse, out):
+    """Symbols bounds[q]:bounds[q+1] from coder q, symbol i under model[i]; returns 1 if a coder runs out of words,
+    else 0. ptr, end: each coder's byte position and chunk end in payload; state: its state (0: not started).
+    The coders take turns, one symbol each: their state updates are independent, so the CPU overlaps them
+    (1.7x faster than one coder's symbols after another's). One loop, no helper function: numba's call, even
+    inlined, made a symbol 3-6x slower."""
+    n_seq = bounds.size - 1
+    nxt = bounds[:-1].copy()
+    left = bounds[-1] - bounds[0]
+    while left > 0:
+        for q in range(n_seq):
+            i = nxt[q]
+            if i >= bounds[q + 1]:
+                continue
+            nxt[q] = i + 1
+            left -= 1
+            m = model[i]
+            x = state[q]
+            if x == 0:  # first use: the two words the encoder ended with
+                p = ptr[q]
+                if p + 8 > end[q]:
+                    return 1
+                for b in range(8):
+                    x |= np.uint64(payload[p + b]) << np.uint64(8 * b)
+                ptr[q] = p + 8
+            slot = np.int64(x & np.uint64(TOTAL - 1))
+            o = offset[m]
+            s = np.int64(coarse[(m << COARSE_BITS) + (slot >> (PROB_BITS - COARSE_BITS))])
+            while cum[o + s + 1] <= slot:
+                s += 1
+            c = np.int64(cum[o + s])
+            x = np.uint64(cum[o + s + 1] - c) * (x >> np.uint64(PROB_BITS)) + np.uint64(slot - c)
+            if x < np.uint64(STATE_LOW):
+                p = ptr[q]
+                if p + 4 > end[q]:
+                    return 1
+                x = (x << np.uint64(32)) | (np.uint64(payload[p]) | (np.uint64(payload[p + 1]) << np.uint64(8))
+                                            | (np.uint64(payload[p + 2]) << np.uint64(16))
+                                            | (np.uint64(payload[p + 3]) << np.uint64(24)))
+                ptr[q] = p + 4
+            state[q] = x
+            out[i] = s
     return 0
 
 
@@ -148,12 +159,13 @@ class Decoder:
         self.state = np.zeros(len(self.ptr), np.uint64)
         self.tables = tables
 
-    def decode(self, seq_of: np.ndarray, model: np.ndarray) -> np.ndarray:
-        """Symbol i from coder seq_of[i] under global model model[i], in order; ValueError when a chunk runs out."""
-        out = np.empty(len(seq_of), np.int64)
-        if len(seq_of) and _decode(self.payload, self.ptr, self.end, self.state, np.ascontiguousarray(seq_of, np.int64),
-                               np.ascontiguousarray(model, np.int64), self.tables.cum, self.tables.offset,
-                               self.tables.coarse, out):
+    def decode(self, per_seq: np.ndarray, model: np.ndarray) -> np.ndarray:
+        """per_seq[q] symbols from coder q, the coders' runs one after another, symbol i under global model model[i];
+        ValueError when a chunk runs out."""
+        out = np.empty(len(model), np.int64)
+        bounds = np.concatenate([[0], np.cumsum(per_seq)]).astype(np.int64)
+        if len(model) and _decode(self.payload, self.ptr, self.end, self.state, bounds, np.ascontiguousarray(model, np.int64),
+                                  self.tables.cum, self.tables.offset, self.tables.coarse, out):
             raise ValueError("an ANS chunk ends before its symbols do")
         return out
 
