@@ -554,6 +554,10 @@ def test_ctxans_format_1_stores_refused_in_one_line(tmp_path, sparse):
     build(tmp_path / "old", sparse, "ctxans")
     manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
     assert manifest["encoding"]["model_format"] == ctxans.MODEL_FORMAT == 2
+    # the other encodings' manifests are as before (a store resumes only with identical settings)
+    for encoding, keys in (("egsqrt", {"name", "version", "index_bits", "value_step"}),
+                           ("fixed", {"name", "version", "index_bits", "value_scale"})):
+        assert set(build(tmp_path / encoding, sparse, encoding)["encoding"]) == keys
     manifest["encoding"].pop("model_format")
     (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"ctxans format 1 .* reads format 2; delete it and run `pdl logits generate`") as e:

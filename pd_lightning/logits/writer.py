@@ -82,10 +82,10 @@ def _encoding_info(encoding: str, value_step: float, vocab_size: int) -> dict[st
     info: dict[str, Any] = {"name": encoding, "version": codec.ENCODING_VERSION, "index_bits": codec.index_bits(vocab_size)}
     if encoding in ("egsqrt", "ctxans"):
         info["value_step"] = value_step
-    if encoding == "ctxans":
-        info["model_format"] = ctxans.MODEL_FORMAT
     else:
         info["value_scale"] = codec.FIXED_VALUE_SCALE
+    if encoding == "ctxans":
+        info["model_format"] = ctxans.MODEL_FORMAT
     return info
 
 
