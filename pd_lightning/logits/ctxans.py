@@ -66,6 +66,12 @@ their chunk, counts must lie in [1, k] and sum to `seq_entries`, flags must not 
 count, ids must lie in [0, V). Format 1 (magic "PCX1": constriction's coder, each stream's symbols
 grouped by context; decoding ran at 0.46x egsqrt's speed) is refused with a one-line error naming it.
 
+Speed (bench_store, 16-sequence batches, medians): decoding runs at 0.74x egsqrt's tokens/s on the tiny
+teacher's real store and 0.87x on the synthetic V = 151,552 one. Per stream the model index of every
+symbol comes from vectorised or compiled context functions (`_gap_contexts`, `_level_contexts`,
+`_flag_models`), then one `rans` call decodes the stream for the whole batch, the sequences' coders
+taking turns; ids are merged and raw fields read by compiled loops (`_merge_ids`, `_join_raw`).
+
 Memory: the writer holds a shard's symbols until the shard is complete (about 6 bytes per entry,
 against egsqrt's ~2.4 of finished bits), and coding a shard takes a few times that in temporaries;
 at the paper's 4,096 x 4,096-token shards prefer `logits.sequences_per_shard` of a few hundred.
@@ -98,6 +104,7 @@ CLUSTER_EM_ITERS = 8
 CANDIDATE_MIN_P = 1 / 8  # an id is a cluster's candidate when at least this share of its tokens keep it
 BUCKET_STEP = 0.5  # flag contexts: the candidate's log-odds of being kept, in steps of 0.5 nats
 N_BUCKETS = 32
+FLAG_GROUP = 4  # a clustered token's flags are coded 4 to a symbol (alphabet 16): a quarter of the decode steps
 EXTRA_CONTEXT = 1 << 12  # gap contexts of a clustered token's extra ids start here
 HI_SHIFTS = (8, 4, 3, 2, 0)  # context candidates from the entropy's high byte (8: none)
 
@@ -217,7 +224,7 @@ class Layout:
         """(name, alphabet, number of context candidates) in coding order."""
         out = [("stat0", 256, 1)] + [(f"stat{c}", 256, len(HI_SHIFTS)) for c in range(1, self.n_stats)]
         out += [("count", alphabet(max(self.k - 1, 1), self.count_top), len(HI_SHIFTS)), ("mode", MAX_CLUSTERS + 1, 2),
-                ("mass", alphabet(65535, MASS_TOP), 2), ("flag", 2, 3),
+                ("mass", alphabet(65535, MASS_TOP), 2), ("flag", 1 << FLAG_GROUP, 3),
                 ("gap", alphabet(self.vocab_size - 1, GAP_TOP), 6), ("level", alphabet(self.max_level, self.level_top), 4)]
         return out
 
@@ -335,13 +342,27 @@ class Clusters:
         self.offsets = codec._excl_cumsum(self.sizes)
         self.ids = np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
         self.buckets = np.concatenate(buckets).astype(np.int64) if buckets else np.zeros(0, np.int64)
+        # flag groups: each cluster's candidates by descending bucket (ascending id among equals), FLAG_GROUP at a time,
+        # so a group's flags are alike and its first candidate's bucket is its context
+        self.code_slot = (np.concatenate([o + np.argsort(-b, kind="stable") for o, b in zip(self.offsets[:-1], buckets)])
+                          if ids else np.zeros(0, np.int64)).astype(np.int64)
+        self.n_groups = -(-self.sizes // FLAG_GROUP)
+        self.group_offsets = codec._excl_cumsum(self.n_groups)
+        rank = _ranges(np.zeros(self.n, np.int64), self.n_groups) * FLAG_GROUP  # each group's first code rank
+        cluster_of = np.repeat(np.arange(self.n), self.n_groups)
+        self.group_len = np.minimum(FLAG_GROUP, self.sizes[cluster_of] - rank)
+        self.group_bucket = self.buckets[self.code_slot[self.offsets[:-1][cluster_of] + rank]] if self.n else np.zeros(0, np.int64)
 
     def slots(self, modes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For tokens coded against clusters (mode c >= 1 is cluster c - 1): the flat candidate slots, token after
-        token, and how many each token has."""
+        """For tokens coded against clusters (mode c >= 1 is cluster c - 1): their candidate slots in code order (id
+        order: `code_slot` of them), token after token, and how many each token has."""
         lengths = self.sizes[modes - 1]
-        starts = codec._excl_cumsum(lengths)
-        return np.repeat(self.offsets[modes - 1] - starts[:-1], lengths) + np.arange(int(starts[-1])), lengths
+        return _ranges(self.offsets[modes - 1], lengths), lengths
+
+    def groups(self, modes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The same for flag groups: the flat group indices, token after token, and how many each token has."""
+        lengths = self.n_groups[modes - 1]
+        return _ranges(self.group_offsets[modes - 1], lengths), lengths
 
     def to_bytes(self) -> bytes:
         deltas = self.ids.copy()
@@ -385,10 +406,12 @@ class ShardModel:
         self._flag_models = None
 
     def flag_models(self) -> np.ndarray:
-        """Global model index of each cluster candidate slot's flag (every slot of a kept cluster is coded)."""
+        """Global model index of each flag group's symbol (every group of a kept cluster is coded)."""
         if self._flag_models is None:
             sm = self.streams["flag"]
-            self._flag_models = self.model_of("flag", self.clusters.buckets >> sm.cand) if self.clusters.n else np.zeros(0, np.int64)
+            cl = self.clusters
+            self._flag_models = (self.model_of("flag", _flag_context(cl.group_bucket, cl.group_len, sm.cand)) if cl.n
+                                 else np.zeros(0, np.int64))
         return self._flag_models
 
     def model_of(self, name: str, ctx: np.ndarray, in_place: bool = False) -> np.ndarray:
@@ -588,7 +611,8 @@ class _Plan:
     modes: np.ndarray  # [T]
     member: np.ndarray  # [M] bool, entry covered by a flag
     flags: np.ndarray  # flat flags of clustered tokens over their cluster's candidates
-    flag_ctx: np.ndarray
+    flag_bucket: np.ndarray
+    flag_len: np.ndarray
     flag_tok: np.ndarray
 
 
@@ -597,15 +621,20 @@ def _plan(clusters: Clusters, modes: np.ndarray, cnt: np.ndarray, ids: np.ndarra
     member = np.zeros(len(ids), bool)
     if len(ct) == 0:
         z = np.zeros(0, np.int64)
-        return _Plan(modes, member, z, z, z)
-    slots, lengths = clusters.slots(modes[ct])
+        return _Plan(modes, member, z, z, z, z)
+    pos, lengths = clusters.slots(modes[ct])
     cand_tok = np.repeat(ct, lengths)
     keys = tok * vocab_size + ids  # ascending: tokens in order, ids ascending within each
-    want = cand_tok * vocab_size + clusters.ids[slots]
+    want = cand_tok * vocab_size + clusters.ids[clusters.code_slot[pos]]
     at = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
     hit = keys[at] == want
     member[at[hit]] = True
-    return _Plan(modes, member, hit.astype(np.int64), clusters.buckets[slots], cand_tok)
+    # rank r of each candidate in its token's code order: bit r % G of the token's group r // G
+    rank = pos - np.repeat(clusters.offsets[modes[ct] - 1], lengths)
+    groups, n_groups = clusters.groups(modes[ct])
+    row = np.repeat(codec._excl_cumsum(n_groups)[:-1], lengths) + rank // FLAG_GROUP
+    sym = np.bincount(row, weights=hit << (rank % FLAG_GROUP), minlength=len(groups)).astype(np.int64)
+    return _Plan(modes, member, sym, clusters.group_bucket[groups], clusters.group_len[groups], np.repeat(ct, n_groups))
 
 
 def _gap_layout(cnt: np.ndarray, tok: np.ndarray, member: np.ndarray) -> tuple:
@@ -644,7 +673,8 @@ def _stream_symbols(s: Symbols, layout: Layout) -> tuple[dict, Clusters]:
     mt = _mode_tokens(cnt, clusters)
     out["mode"] = (modes[mt], [_mode_context(cnt[mt], c) for c in range(2)], *no_raw(len(mt)), mt)
     out["mass"] = (*split_ctx(s.mass.astype(np.int64), MASS_TOP, [_mass_context(cnt, layout.k, c) for c in range(2)]), all_tok)
-    out["flag"] = (plan.flags, [plan.flag_ctx >> r for r in range(3)], *no_raw(len(plan.flags)), plan.flag_tok)
+    out["flag"] = (plan.flags, [_flag_context(plan.flag_bucket, plan.flag_len, r) for r in range(3)],
+                   *no_raw(len(plan.flags)), plan.flag_tok)
     out["gap"] = (*split_ctx(_gaps_of(ids[coded], g_tok), GAP_TOP, [_gap_context(n_g, modes > 0, c) for c in range(6)]), g_tok)
     out["level"] = (*split_ctx(s.levels.astype(np.int64), layout.level_top, [_level_context(ids, cnt, c) for c in range(4)]), tok)
     return out, clusters
@@ -653,6 +683,11 @@ def _stream_symbols(s: Symbols, layout: Layout) -> tuple[dict, Clusters]:
 def _mode_tokens(cnt: np.ndarray, clusters: Clusters) -> np.ndarray:
     """Tokens that code a mode symbol: those with >= CLUSTER_MIN_K entries, when the shard has clusters."""
     return np.flatnonzero(cnt >= CLUSTER_MIN_K) if clusters.n else np.zeros(0, np.int64)
+
+
+def _flag_context(bucket: np.ndarray, length: np.ndarray, cand: int) -> np.ndarray:
+    """A flag group's context: its first (likeliest) candidate's bucket >> cand, and how many candidates it has."""
+    return ((bucket >> cand) << 2) | (length - 1)
 
 
 def _mode_context(cnt: np.ndarray, cand: int) -> np.ndarray:
@@ -751,32 +786,50 @@ def coders_decode(coders: rans.Decoder, name: str, per_seq: np.ndarray, models: 
 
 
 @njit(cache=True, nogil=True)
-def _flag_models(ct, cl, positions, offsets, sizes, slot_models, per_seq, model_out):
-    """Model of every flag, and how many each sequence has: clustered token ct[i] (cluster cl[i]) has one per
-    candidate slot of its cluster."""
+def _flag_models(ct, cl, positions, group_offsets, n_groups, group_models, per_seq, model_out):
+    """Model of every flag group's symbol, and how many each sequence has: clustered token ct[i] (cluster cl[i]) has
+    one per group of its cluster."""
     f = 0
     for i in range(ct.size):
         c = cl[i]
-        per_seq[ct[i] // positions] += sizes[c]
-        for slot in range(offsets[c], offsets[c] + sizes[c]):
-            model_out[f] = slot_models[slot]
+        per_seq[ct[i] // positions] += n_groups[c]
+        for g in range(group_offsets[c], group_offsets[c] + n_groups[c]):
+            model_out[f] = group_models[g]
             f += 1
 
 
 @njit(cache=True, nogil=True)
-def _members(flags, ct, cl, offsets, sizes, cl_ids, n_member, out):
+def _members(syms, ct, cl, offsets, sizes, group_offsets, n_groups, group_len, code_slot, cl_ids, scratch, n_member, out):
     """The kept candidates' ids (token after token, ascending), each clustered token's count in n_member; returns
-    how many in all."""
+    how many in all, or -1 if a group's symbol keeps a candidate past the group's end. Bit b of group g's symbol
+    keeps the candidate of code rank FLAG_GROUP·g + b; scratch (zeros, one per candidate of the largest cluster)
+    marks them in id order."""
     f, o = 0, 0
     for i in range(ct.size):
         c = cl[i]
-        start = o
-        for slot in range(offsets[c], offsets[c] + sizes[c]):
-            if flags[f]:
-                out[o] = cl_ids[slot]
-                o += 1
+        base = offsets[c]
+        kept = 0
+        for g in range(group_offsets[c], group_offsets[c] + n_groups[c]):
+            sym = syms[f]
             f += 1
-        n_member[ct[i]] = o - start
+            if sym >> group_len[g]:
+                return -1
+            r = base + (g - group_offsets[c]) * FLAG_GROUP
+            while sym:
+                if sym & 1:
+                    scratch[code_slot[r] - base] = 1
+                    kept += 1
+                sym >>= 1
+                r += 1
+        start = o
+        slot = 0
+        while o - start < kept:  # the marked candidates, in id order
+            if scratch[slot]:
+                scratch[slot] = 0
+                out[o] = cl_ids[base + slot]
+                o += 1
+            slot += 1
+        n_member[ct[i]] = kept
     return o
 
 
@@ -915,12 +968,17 @@ def decode_arrays(model: ShardModel, seq_entries: np.ndarray, chunk_offsets: np.
     member_ids = np.zeros(0, np.int64)
     if len(ct):
         cl = modes[ct] - 1
-        n_flags = int(clusters.sizes[cl].sum())
-        flag_per_seq, flag_models = np.zeros(n, np.int64), np.empty(n_flags, np.int64)
-        _flag_models(ct, cl, positions, clusters.offsets, clusters.sizes, model.flag_models(), flag_per_seq, flag_models)
+        n_syms = int(clusters.n_groups[cl].sum())
+        flag_per_seq, flag_models = np.zeros(n, np.int64), np.empty(n_syms, np.int64)
+        _flag_models(ct, cl, positions, clusters.group_offsets, clusters.n_groups, model.flag_models(), flag_per_seq, flag_models)
         flags = coders_decode(coders, "flag", flag_per_seq, flag_models)
-        member_ids = np.empty(n_flags, np.int64)
-        member_ids = member_ids[: _members(flags, ct, cl, clusters.offsets, clusters.sizes, clusters.ids, n_member, member_ids)]
+        member_ids = np.empty(int(clusters.sizes[cl].sum()), np.int64)
+        n_members = _members(flags, ct, cl, clusters.offsets, clusters.sizes, clusters.group_offsets, clusters.n_groups,
+                             clusters.group_len, clusters.code_slot, clusters.ids, np.zeros(int(clusters.sizes.max()), np.uint8),
+                             n_member, member_ids)
+        if n_members < 0:
+            raise codec.CorruptChunk("a flag group keeps a candidate past its cluster's end")
+        member_ids = member_ids[:n_members]
         n_gap -= n_member
         if n_gap.min() < 0:
             raise codec.CorruptChunk("a token's flags keep more ids than its count")
