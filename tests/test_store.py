@@ -569,3 +569,20 @@ def test_ctxans_format_1_stores_refused_in_one_line(tmp_path, sparse):
     layout = ctxans.model_layout(40, V, 1 / 64, 2)
     with pytest.raises(codec.CorruptChunk, match="PCX1"):
         ctxans.ShardModel.from_bytes(np.frombuffer(zlib.compress(old_head), np.uint8), layout)
+
+
+def test_egsqrt_stores_never_import_the_ctxans_coder(tmp_path, sparse):
+    """numba (55 MiB resident, the ctxans coder's compiler) is imported only where a ctxans store is read or
+    written: generation's memory bound and a loader worker's footprint stay as they were for egsqrt."""
+    import subprocess
+    import sys
+
+    build(tmp_path / "eg", sparse, "egsqrt")
+    build(tmp_path / "cx", sparse, "ctxans")
+    code = ("import sys; from pd_lightning.logits.store import LogitStore, verify_store; "
+            "from pd_lightning.logits.writer import LogitStoreWriter; "
+            f"LogitStore({str(tmp_path / 'eg')!r}).sequences(range(3)); verify_store({str(tmp_path / 'eg')!r}); "
+            "print('numba' in sys.modules, end=' '); "
+            f"LogitStore({str(tmp_path / 'cx')!r}).sequences(range(3)); print('numba' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]

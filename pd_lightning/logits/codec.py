@@ -61,6 +61,7 @@ from pd_lightning.config import STORE_ENCODINGS as ENCODINGS  # noqa: F401  (log
 from pd_lightning.logits.processing import SparseLogits
 
 ENCODING_VERSION = 2
+CTXANS_MODEL_FORMAT = 2  # ctxans' model format (the manifest's encoding.model_format); `ctxans` codes it
 READABLE_VERSIONS = (1, 2)
 DEFAULT_VALUE_STEP = 1.0 / 384  # expected KL ≈ K δ² / 6 ≈ 5e-5 nats at K = 45 kept entries
 FIXED_VALUE_SCALE = 1024.0
@@ -119,6 +120,14 @@ class EncodedBatch:
 
 
 # ----------------------------------------------------------------------------- bit helpers
+
+
+def ctxans_module():
+    """The `ctxans` module, imported on first use: its compiled coder needs numba (55 MiB resident), which a
+    process reading or writing only egsqrt or fixed stores should not pay for."""
+    from pd_lightning.logits import ctxans
+
+    return ctxans
 
 
 def _excl_cumsum(x: np.ndarray) -> np.ndarray:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from pd_lightning.errors import DataError
-from pd_lightning.logits import codec, ctxans
+from pd_lightning.logits import codec
 from pd_lightning.logits.processing import SparseLogits
 
 FORMAT = "pd-lightning-logit-store"
@@ -119,9 +119,9 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
     if enc.get("name") not in codec.ENCODINGS or enc.get("version") not in codec.READABLE_VERSIONS:
         raise DataError(f"logit store {path}: encoding {enc.get('name')!r} v{enc.get('version')} is not supported; "
                         f"expected one of {', '.join(codec.ENCODINGS)} v{codec.ENCODING_VERSION}")
-    if enc.get("name") == "ctxans" and enc.get("model_format", 1) != ctxans.MODEL_FORMAT:
+    if enc.get("name") == "ctxans" and enc.get("model_format", 1) != codec.CTXANS_MODEL_FORMAT:
         raise DataError(f"logit store {path}: ctxans format {enc.get('model_format', 1)} (written by an earlier pd-lightning, "
-                        f"whose coder was constriction's) is not read by this version, which reads format {ctxans.MODEL_FORMAT}; "
+                        f"whose coder was constriction's) is not read by this version, which reads format {codec.CTXANS_MODEL_FORMAT}; "
                         "delete it and run `pdl logits generate` again")
     if enc.get("version") == 1 and float(m["p"]) >= 1.0:
         # v1's top-1.0-k cut kept one entry on confident tokens (an fp32 top-1 log-probability of 0)
@@ -207,6 +207,7 @@ class _Shard:
         if enc == "ctxans":
             if int(views["seq_entries"].astype(np.int64).sum()) != h["num_entries"]:
                 raise bad("per-sequence entry counts do not sum to the header's num_entries")
+            ctxans = codec.ctxans_module()
             try:
                 self.model = ctxans.ShardModel.from_bytes(views["model"], ctxans.model_layout(
                     manifest["k"], manifest["vocab_size"], self.value_step, n_stats))
@@ -217,9 +218,9 @@ class _Shard:
         v = self.views
         try:
             if self.encoding == "ctxans":
-                return ctxans.decode_arrays(self.model, v["seq_entries"], v["chunks"], v["payload"], local,
-                                            manifest["positions_per_sequence"], manifest["vocab_size"], manifest["k"],
-                                            self.value_step)
+                return codec.ctxans_module().decode_arrays(
+                    self.model, v["seq_entries"], v["chunks"], v["payload"], local, manifest["positions_per_sequence"],
+                    manifest["vocab_size"], manifest["k"], self.value_step)
             return codec.decode_arrays(v["counts"], v.get("params"), v.get("mass"), v["stats"], v["chunks"], v["payload"], local,
                                 manifest["positions_per_sequence"], manifest["vocab_size"], manifest["k"],
                                 self.encoding, self.value_step, self.samples)

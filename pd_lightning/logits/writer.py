@@ -23,7 +23,7 @@ import torch
 
 from pd_lightning.config import check_field
 from pd_lightning.errors import ConfigError, DataError, choice_error
-from pd_lightning.logits import codec, ctxans
+from pd_lightning.logits import codec
 from pd_lightning.logits.processing import SparseLogits, check_power_exponents, narrow, truncate_top_p_k
 from pd_lightning.logits.store import (CHECKSUM, FORMAT, FORMAT_VERSION, MAGIC, MANIFEST, _SETTINGS, LogitStore,
                                        _load_json, file_checksum, num_shards, sampling_of, shard_name, shard_range)
@@ -85,7 +85,7 @@ def _encoding_info(encoding: str, value_step: float, vocab_size: int) -> dict[st
     else:
         info["value_scale"] = codec.FIXED_VALUE_SCALE
     if encoding == "ctxans":
-        info["model_format"] = ctxans.MODEL_FORMAT
+        info["model_format"] = codec.CTXANS_MODEL_FORMAT
     return info
 
 
@@ -247,7 +247,8 @@ class LogitStoreWriter:
             if shard % self.world_size != self.rank or shard in self.finished:
                 raise ValueError(f"shard {shard} is not pending on rank {self.rank}; feed only pending_shards()")
             a, b = (seq - first_sequence) * self.positions, (stop - first_sequence) * self.positions
-            encode = ctxans.symbolize if self.encoding == "ctxans" else partial(codec.encode, encoding=self.encoding)
+            encode = (codec.ctxans_module().symbolize if self.encoding == "ctxans"
+                      else partial(codec.encode, encoding=self.encoding))
             enc = encode(sparse.rows(a, b), self.positions, self.vocab_size, self.k, value_step=self.value_step)
             with self._lock:
                 parts = self._parts.setdefault(shard, {})
@@ -268,6 +269,7 @@ class LogitStoreWriter:
     def _write_shard(self, index: int, parts: list) -> None:
         rng = self.shard_range(index)
         if self.encoding == "ctxans":  # the model is fitted to the whole shard, then each sequence is coded
+            ctxans = codec.ctxans_module()
             enc = ctxans.encode_shard(ctxans.Symbols.cat(parts), self.positions, self.vocab_size, self.k, self.value_step)
             cols = {"model": enc.model, "seq_entries": enc.seq_entries.astype("<u4"),
                     "chunks": codec._excl_cumsum(enc.chunk_sizes.astype(np.int64)).astype("<u8"), "payload": enc.payload}
@@ -380,6 +382,7 @@ def encoded_bytes(sparse: SparseLogits, positions: int, vocab_size: int, k: int,
     the per-token columns, the chunk offsets and the payload, as `_write_shard` lays them out."""
     n_seq = len(sparse) // positions
     if encoding == "ctxans":
+        ctxans = codec.ctxans_module()
         enc = ctxans.encode_shard(ctxans.symbolize(sparse, positions, vocab_size, k, value_step), positions, vocab_size,
                                   k, value_step)
         return int(enc.model.nbytes + 4 * n_seq + 8 * (len(enc.chunk_sizes) + 1) + enc.payload.nbytes)
