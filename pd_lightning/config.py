@@ -284,8 +284,8 @@ class LogitsConfig:
     store_power_exponents: list[float] = field(default_factory=list, metadata={"check": _power_exponents})
     batch_size: int = ranged(16, POSITIVE_INT)  # sequences per teacher forward during generation
     # how a new store codes its entries: egsqrt (Exp-Golomb, fastest decode) | ctxans (the same entries
-    # entropy-coded: 0.55x egsqrt's bytes on a real tiny-teacher store, decodes at ~0.75-0.8x egsqrt's
-    # speed, encodes at ~0.25x) | fixed (plain). Reading needs no setting: the manifest names the encoding.
+    # entropy-coded: 0.55x egsqrt's bytes on a real tiny-teacher store, decodes at ~0.75x egsqrt's
+    # speed, encodes at ~0.35x) | fixed (plain). Reading needs no setting: the manifest names the encoding.
     encoding: str = choice("egsqrt", STORE_ENCODINGS)
     # encoder processes per generation rank (encode + write off the GIL); null = auto: 0 (a thread) on CPU,
     # min(4, CPU cores per local rank - 2) and at least 1 on CUDA

@@ -71,8 +71,8 @@ their chunk, counts must lie in [1, k] and sum to `seq_entries`, flags must not 
 count, ids must lie in [0, V). Format 1 (magic "PCX1": constriction's coder, each stream's symbols
 grouped by context; decoding ran at 0.46x egsqrt's speed) is refused with a one-line error naming it.
 
-Speed (bench_store, 16-sequence batches, medians): decoding runs at 0.74x egsqrt's tokens/s on the tiny
-teacher's real store and 0.87x on the synthetic V = 151,552 one. Per stream the model index of every
+Speed (bench_store, 16-sequence batches, medians): decoding runs at 0.76x egsqrt's tokens/s on the tiny
+teacher's real store and 0.88x on the synthetic V = 151,552 one; encoding (the fit included) at ~0.35x. Per stream the model index of every
 symbol comes from vectorised or compiled context functions (`_gap_contexts`, `_level_contexts`,
 `_flag_models`), then one `rans` call decodes the stream for the whole batch, the sequences' coders
 taking turns; ids are merged and raw fields read by compiled loops (`_merge_ids`, `_join_raw`).
