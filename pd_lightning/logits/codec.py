@@ -122,14 +122,6 @@ class EncodedBatch:
 # ----------------------------------------------------------------------------- bit helpers
 
 
-def ctxans_module():
-    """The `ctxans` module, imported on first use: its compiled coder needs numba (55 MiB resident), which a
-    process reading or writing only egsqrt or fixed stores should not pay for."""
-    from pd_lightning.logits import ctxans
-
-    return ctxans
-
-
 def _excl_cumsum(x: np.ndarray) -> np.ndarray:
     out = np.zeros(len(x) + 1, dtype=np.int64)
     np.cumsum(x, out=out[1:])

@@ -207,7 +207,8 @@ class _Shard:
         if enc == "ctxans":
             if int(views["seq_entries"].astype(np.int64).sum()) != h["num_entries"]:
                 raise bad("per-sequence entry counts do not sum to the header's num_entries")
-            ctxans = codec.ctxans_module()
+            from pd_lightning.logits import ctxans  # here, not at the top: its coder needs numba (55 MiB resident)
+
             try:
                 self.model = ctxans.ShardModel.from_bytes(views["model"], ctxans.model_layout(
                     manifest["k"], manifest["vocab_size"], self.value_step, n_stats))
@@ -218,7 +219,9 @@ class _Shard:
         v = self.views
         try:
             if self.encoding == "ctxans":
-                return codec.ctxans_module().decode_arrays(
+                from pd_lightning.logits import ctxans
+
+                return ctxans.decode_arrays(
                     self.model, v["seq_entries"], v["chunks"], v["payload"], local, manifest["positions_per_sequence"],
                     manifest["vocab_size"], manifest["k"], self.value_step)
             return codec.decode_arrays(v["counts"], v.get("params"), v.get("mass"), v["stats"], v["chunks"], v["payload"], local,

@@ -247,8 +247,12 @@ class LogitStoreWriter:
             if shard % self.world_size != self.rank or shard in self.finished:
                 raise ValueError(f"shard {shard} is not pending on rank {self.rank}; feed only pending_shards()")
             a, b = (seq - first_sequence) * self.positions, (stop - first_sequence) * self.positions
-            encode = (codec.ctxans_module().symbolize if self.encoding == "ctxans"
-                      else partial(codec.encode, encoding=self.encoding))
+            if self.encoding == "ctxans":
+                from pd_lightning.logits import ctxans  # here, not at the top: its coder needs numba (55 MiB resident)
+
+                encode = ctxans.symbolize
+            else:
+                encode = partial(codec.encode, encoding=self.encoding)
             enc = encode(sparse.rows(a, b), self.positions, self.vocab_size, self.k, value_step=self.value_step)
             with self._lock:
                 parts = self._parts.setdefault(shard, {})
@@ -269,7 +273,8 @@ class LogitStoreWriter:
     def _write_shard(self, index: int, parts: list) -> None:
         rng = self.shard_range(index)
         if self.encoding == "ctxans":  # the model is fitted to the whole shard, then each sequence is coded
-            ctxans = codec.ctxans_module()
+            from pd_lightning.logits import ctxans
+
             enc = ctxans.encode_shard(ctxans.Symbols.cat(parts), self.positions, self.vocab_size, self.k, self.value_step)
             cols = {"model": enc.model, "seq_entries": enc.seq_entries.astype("<u4"),
                     "chunks": codec._excl_cumsum(enc.chunk_sizes.astype(np.int64)).astype("<u8"), "payload": enc.payload}
@@ -382,7 +387,8 @@ def encoded_bytes(sparse: SparseLogits, positions: int, vocab_size: int, k: int,
     the per-token columns, the chunk offsets and the payload, as `_write_shard` lays them out."""
     n_seq = len(sparse) // positions
     if encoding == "ctxans":
-        ctxans = codec.ctxans_module()
+        from pd_lightning.logits import ctxans
+
         enc = ctxans.encode_shard(ctxans.symbolize(sparse, positions, vocab_size, k, value_step), positions, vocab_size,
                                   k, value_step)
         return int(enc.model.nbytes + 4 * n_seq + 8 * (len(enc.chunk_sizes) + 1) + enc.payload.nbytes)
