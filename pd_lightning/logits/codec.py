@@ -35,8 +35,9 @@ Chunks are padded to whole bytes with 1 bits (so padding never reads as a unary 
 
 `ctxans` (encoding version 2, `logits.encoding=ctxans`, model format 2 in the manifest): the same
 quantised symbols as egsqrt (so the same decoded entries, bit for bit), entropy-coded by an rANS
-coder (`rans`) under a context model and support clusters fitted per shard; see the `ctxans` module. Its writer holds `ctxans.Symbols` per
-shard (`ctxans.symbolize` makes them) and codes the whole shard at once (`ctxans.encode_shard`).
+coder (`rans`) under a context model and support clusters fitted per shard; see the `ctxans` module.
+Its writer holds `ctxans.Symbols` per shard (`ctxans.symbolize` makes them) and codes the whole shard
+at once (`ctxans.encode_shard`).
 
 `fixed` v1 (plain). Entries in descending order; ids as ⌈log2 V⌉-bit fields, values as 16-bit
 `level = round(-logprob · 1024)` (|error| <= 2^-11 nats for logprob >= -64). Chunks: ids, values.

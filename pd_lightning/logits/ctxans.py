@@ -72,8 +72,8 @@ count, ids must lie in [0, V). Format 1 (magic "PCX1": constriction's coder, eac
 grouped by context; decoding ran at 0.46x egsqrt's speed) is refused with a one-line error naming it.
 
 Speed (bench_store, 16-sequence batches, medians): decoding runs at 0.76x egsqrt's tokens/s on the tiny
-teacher's real store and 0.88x on the synthetic V = 151,552 one; encoding (the fit included) at ~0.35x. Per stream the model index of every
-symbol comes from vectorised or compiled context functions (`_gap_contexts`, `_level_contexts`,
+teacher's real store and 0.88x on the synthetic V = 151,552 one; encoding (the fit included) at ~0.35x
+(bench_generate). Per stream the model index of every symbol comes from vectorised or compiled context functions (`_gap_contexts`, `_level_contexts`,
 `_flag_models`), then one `rans` call decodes the stream for the whole batch, the sequences' coders
 taking turns; ids are merged and raw fields read by compiled loops (`_merge_ids`, `_join_raw`).
 
@@ -88,14 +88,13 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-
-import pd_lightning.logits.codec as codec
 from numba import njit
 
+import pd_lightning.logits.codec as codec
 from pd_lightning.logits import rans
 
 NAME = "ctxans"
-MODEL_FORMAT = codec.CTXANS_MODEL_FORMAT  # the manifest's encoding.model_format (format 1 stores, before it was recorded, lack it)
+MODEL_FORMAT = codec.CTXANS_MODEL_FORMAT  # the manifest's encoding.model_format (format 1 stores lack it)
 MODEL_MAGIC = 0x32584350  # "PCX2": symbols coded by `rans`, in token order
 OLD_MODEL_MAGIC = 0x31584350  # "PCX1": the first ctxans (constriction's coder, symbols grouped by context)
 LOGCOUNT_SCALE = 8.0
@@ -249,6 +248,12 @@ def _mass_context(counts: np.ndarray, k: int, cand: int) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
+def _bitlen_one(x):
+    """Bit length of 0 <= x < 2^32 (the 16-bit table of `_bitlen`)."""
+    return _BITLEN16[x] if x < 65536 else 16 + _BITLEN16[x >> 16]
+
+
+@njit(cache=True, nogil=True)
 def _gap_contexts(n_gap, clustered, cand, out):
     """Gap context of each gap-coded id (token t's n_gap[t] of them consecutive, at ranks j = 0..n-1): j·r // n for
     r = 1, 4, 16 (cand % 3), times 8 plus bucket(n) if cand >= 3, plus EXTRA_CONTEXT for a clustered token's extra
@@ -300,12 +305,6 @@ def _to_models(ctx, lookup, first):
             return 1
         ctx[i] = first + lookup[c]
     return 0
-
-
-@njit(cache=True, nogil=True)
-def _bitlen_one(x):
-    """Bit length of 0 <= x < 2^32 (the 16-bit table of `_bitlen`)."""
-    return _BITLEN16[x] if x < 65536 else 16 + _BITLEN16[x >> 16]
 
 
 def _level_context(ids: np.ndarray, cnt: np.ndarray, cand: int) -> np.ndarray:
@@ -615,7 +614,7 @@ class _Plan:
 
     modes: np.ndarray  # [T]
     member: np.ndarray  # [M] bool, entry covered by a flag
-    flags: np.ndarray  # flat flags of clustered tokens over their cluster's candidates
+    flags: np.ndarray  # clustered tokens' flag-group symbols (FLAG_GROUP kept bits each), token after token
     flag_bucket: np.ndarray
     flag_len: np.ndarray
     flag_tok: np.ndarray
@@ -780,10 +779,11 @@ def _decode_stream(coders: rans.Decoder, model: ShardModel, name: str, per_seq: 
     context ids (None: the stream has one context)."""
     if ctx is None:
         ctx = np.zeros(int(per_seq.sum()), np.int64)
-    return coders_decode(coders, name, per_seq, model.model_of(name, ctx))
+    return _coders_decode(coders, name, per_seq, model.model_of(name, ctx))
 
 
-def coders_decode(coders: rans.Decoder, name: str, per_seq: np.ndarray, models: np.ndarray) -> np.ndarray:
+def _coders_decode(coders: rans.Decoder, name: str, per_seq: np.ndarray, models: np.ndarray) -> np.ndarray:
+    """`rans.Decoder.decode`, a chunk that runs out named as the stream's CorruptChunk."""
     try:
         return coders.decode(per_seq, models)
     except ValueError as e:
@@ -976,7 +976,7 @@ def decode_arrays(model: ShardModel, seq_entries: np.ndarray, chunk_offsets: np.
         n_syms = int(clusters.n_groups[cl].sum())
         flag_per_seq, flag_models = np.zeros(n, np.int64), np.empty(n_syms, np.int64)
         _flag_models(ct, cl, positions, clusters.group_offsets, clusters.n_groups, model.flag_models(), flag_per_seq, flag_models)
-        flags = coders_decode(coders, "flag", flag_per_seq, flag_models)
+        flags = _coders_decode(coders, "flag", flag_per_seq, flag_models)
         member_ids = np.empty(int(clusters.sizes[cl].sum()), np.int64)
         n_members = _members(flags, ct, cl, clusters.offsets, clusters.sizes, clusters.group_offsets, clusters.n_groups,
                              clusters.group_len, clusters.code_slot, clusters.ids, np.zeros(int(clusters.sizes.max()), np.uint8),
@@ -989,7 +989,7 @@ def decode_arrays(model: ShardModel, seq_entries: np.ndarray, chunk_offsets: np.
             raise codec.CorruptChunk("a token's flags keep more ids than its count")
     g_per_seq = n_gap.reshape(n, positions).sum(1)
     gap_models = model.model_of("gap", _gap_context(n_gap, modes > 0, st["gap"].cand), in_place=True)
-    gap_sym = coders_decode(coders, "gap", g_per_seq, gap_models)
+    gap_sym = _coders_decode(coders, "gap", g_per_seq, gap_models)
     mass = raws.join(_split_table(st["mass"].alphabet, MASS_TOP), mass_sym, per_tok)
     gaps = raws.join(_split_table(st["gap"].alphabet, GAP_TOP), gap_sym, g_per_seq)
     ids = np.empty(int(per_entry.sum()), np.int64)
@@ -998,7 +998,7 @@ def decode_arrays(model: ShardModel, seq_entries: np.ndarray, chunk_offsets: np.
         raise codec.CorruptChunk("a clustered token's extra id repeats a flagged one" if err == 1
                                  else f"a decoded id lies outside [0, {vocab_size})")
     lev_models = model.model_of("level", _level_context(ids, cnt, st["level"].cand), in_place=True)
-    lev_sym = coders_decode(coders, "level", per_entry, lev_models)
+    lev_sym = _coders_decode(coders, "level", per_entry, lev_models)
     levels = raws.join(_split_table(st["level"].alphabet, layout.level_top), lev_sym, per_entry)
     if not coders.finished():
         raise codec.CorruptChunk("an ANS stream does not end where its counts say")

@@ -98,7 +98,7 @@ def _decode(payload, ptr, end, state, bounds, model, cum, offset, coarse, out):
     """Symbols bounds[q]:bounds[q+1] from coder q, symbol i under model[i]; returns 1 if a coder runs out of words,
     else 0. ptr, end: each coder's byte position and chunk end in payload; state: its state (0: not started).
     The coders take turns, one symbol each: their state updates are independent, so the CPU overlaps them
-    (1.7x faster than one coder's symbols after another's). One loop, no helper function: numba's call, even
+    (on the tiny teacher's flags 4.2 instead of 7.3 ns a symbol; levels, cache-bound, gain little). One loop, no helper function: numba's call, even
     inlined, made a symbol 3-6x slower."""
     n_seq = bounds.size - 1
     nxt = bounds[:-1].copy()
@@ -146,7 +146,7 @@ def encode(sym: np.ndarray, model: np.ndarray, bounds: np.ndarray, tables: Table
     out_start = bounds + 2 * np.arange(len(bounds), dtype=np.int64)  # at most one word per symbol, plus two
     out = np.zeros(int(out_start[-1]), np.uint32)
     first = _encode(np.ascontiguousarray(sym, np.int64), np.ascontiguousarray(model, np.int64), bounds, tables.cum,
-                tables.offset, out, out_start)
+                    tables.offset, out, out_start)
     return [out[first[q] : out_start[q + 1]] for q in range(len(bounds) - 1)]
 
 
@@ -164,12 +164,13 @@ class Decoder:
         ValueError when a chunk runs out."""
         out = np.empty(len(model), np.int64)
         bounds = np.concatenate([[0], np.cumsum(per_seq)]).astype(np.int64)
-        if len(model) and _decode(self.payload, self.ptr, self.end, self.state, bounds, np.ascontiguousarray(model, np.int64),
-                                  self.tables.cum, self.tables.offset, self.tables.coarse, out):
+        if len(model) and _decode(self.payload, self.ptr, self.end, self.state, bounds,
+                                  np.ascontiguousarray(model, np.int64), self.tables.cum, self.tables.offset,
+                                  self.tables.coarse, out):
             raise ValueError("an ANS chunk ends before its symbols do")
         return out
 
     def finished(self) -> bool:
-        """Every coder back at the encoder's initial state with its whole chunk read (coders never used: empty chunk)."""
-        used = self.state != 0
-        return bool(np.all(self.state[used] == STATE_LOW) and np.array_equal(self.ptr, self.end))
+        """Every coder back at the encoder's initial state with its whole chunk read (a coder never used has not
+        read its two final words, so it is not finished: every sequence codes at least one symbol)."""
+        return bool(np.all(self.state == STATE_LOW) and np.array_equal(self.ptr, self.end))

@@ -120,9 +120,9 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
         raise DataError(f"logit store {path}: encoding {enc.get('name')!r} v{enc.get('version')} is not supported; "
                         f"expected one of {', '.join(codec.ENCODINGS)} v{codec.ENCODING_VERSION}")
     if enc.get("name") == "ctxans" and enc.get("model_format", 1) != codec.CTXANS_MODEL_FORMAT:
-        raise DataError(f"logit store {path}: ctxans format {enc.get('model_format', 1)} (written by an earlier pd-lightning, "
-                        f"whose coder was constriction's) is not read by this version, which reads format {codec.CTXANS_MODEL_FORMAT}; "
-                        "delete it and run `pdl logits generate` again")
+        raise DataError(f"logit store {path}: ctxans format {enc.get('model_format', 1)} (written by an earlier "
+                        "pd-lightning, whose coder was constriction's) is not read by this version, which reads format "
+                        f"{codec.CTXANS_MODEL_FORMAT}; delete it and run `pdl logits generate` again")
     if enc.get("version") == 1 and float(m["p"]) >= 1.0:
         # v1's top-1.0-k cut kept one entry on confident tokens (an fp32 top-1 log-probability of 0)
         raise DataError(f"logit store {path}: made at p=1 by an earlier version (encoding v1) whose top-1.0-k cut "
